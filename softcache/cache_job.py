@@ -71,7 +71,7 @@ def run_cache(config: CacheConfig) -> CacheResult:
     _log(config, f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
                  f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
 
-    model = load_model(source, device, dtype)
+    model = load_model(source, device, dtype, config.progress)
     vocab = output_vocab_size(model)
     if config.k > vocab:
         raise SoftcacheError(f"--k {config.k} is larger than the teacher's vocabulary ({vocab:,} ids)")

@@ -98,9 +98,13 @@ def load_tokenizer(source: TeacherSource):
     return tokenizer
 
 
-def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype):
-    """The teacher in eval mode on ``device``."""
+def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype, progress: bool = True):
+    """The teacher in eval mode on ``device``; ``progress=False`` silences transformers' loading bars."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
 
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **_from_pretrained_kwargs(source))

@@ -103,7 +103,14 @@ class StoreWriter:
         """Write shard ``index`` (arrays in on-disk dtypes) durably and record it as done."""
         first, count = self.layout.shard_bounds(index)
         self.layout.check_shard(arrays, count)
-        files = [describe_file(self.root, f) for f in self.format.write_shard(self.root, self.layout, index, arrays)]
+        try:
+            written = self.format.write_shard(self.root, self.layout, index, arrays)
+        except OSError as err:
+            raise StoreError(
+                f"could not write shard {index} of {self.root} ({err.strerror or err}); the shards written "
+                "so far are kept: fix the problem and rerun the same command to resume"
+            ) from err
+        files = [describe_file(self.root, f) for f in written]
         record = {
             "index": index,
             "first": first,

@@ -66,7 +66,6 @@ class ZarrFormat:
                 shards=(layout.shard_size, *row),
                 compressors=_codecs(self.codec),
                 fill_value=0,
-                config={"write_empty_chunks": True},
             )
         for path in sorted((root / GROUP).rglob("zarr.json")):
             fsync_path(path)
@@ -85,8 +84,10 @@ class ZarrFormat:
 
         first, count = layout.shard_bounds(index)
         group = zarr.open_group(root / GROUP, mode="r+")
-        for name in ARRAYS:
-            group[name][first : first + count] = arrays[name]
+        # Write every chunk, even all-zero ones, so a shard is always the same set of files.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for name in ARRAYS:
+                group[name][first : first + count] = arrays[name]
         files = self.shard_files(layout, index)
         for relative in files:
             fsync_path(root / relative)

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random Llama teacher with a tokenizer trained here, and small corpora.
+
+Nothing is downloaded: the tokenizer is trained on Python's own documentation text and the model
+is random-initialised from a LlamaConfig.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from softcache.config import CacheConfig
+from softcache.corpus import python_docs
+
+TINY_VOCAB = 384
+
+
+def train_tokenizer(directory: Path, vocab_size: int = TINY_VOCAB):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(python_docs()[:40], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def make_teacher(directory: Path, vocab_size: int = TINY_VOCAB, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(directory, vocab_size)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper logits than the default init, so top-k is not near-uniform
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as handle:
+        for text in python_docs()[40:60]:
+            handle.write(json.dumps({"text": text, "id": len(text)}) + "\n")
+    return path
+
+
+@pytest.fixture
+def cache_config(tiny_teacher, corpus_file, tmp_path):
+    """A factory of small, fast CacheConfigs; keyword arguments override fields."""
+
+    def build(**overrides) -> CacheConfig:
+        options = dict(teacher=str(tiny_teacher), data=str(corpus_file), out=str(tmp_path / "store"),
+                       seq_len=32, max_sequences=24, k=8, batch_size=4, shard_size=5, progress=False)
+        options.update(overrides)
+        return CacheConfig(**options)
+
+    return build
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every shard data file of a store, by relative path (manifest and tokenizer excluded)."""
+    skip = ("manifest.json", "tokenizer/", "progress/")
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}

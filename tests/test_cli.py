@@ -1,0 +1,129 @@
+"""The command line: happy paths and one-line errors for bad flags and files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from softcache.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def base_args(tiny_teacher, corpus_file):
+    return ["cache", "--teacher", tiny_teacher, "--data", corpus_file, "--seq-len", 32, "--max-sequences", 12,
+            "--k", 8, "--batch-size", 4, "--shard-size", 4, "--no-progress"]
+
+
+def test_cache_info_verify_convert(base_args, tmp_path):
+    store = tmp_path / "store"
+    result = run(*base_args, "--out", store)
+    assert result.exit_code == 0, result.output
+    assert "wrote 12 sequences (384 tokens)" in result.output and "bytes/token" in result.output
+
+    info = run("info", store)
+    assert info.exit_code == 0
+    for expected in ("state      complete", "top-8 log-probs", "vocab 384", "12 of 12 x 32 tokens", "3 of 3"):
+        assert expected in info.output
+    machine = json.loads(run("info", store, "--json").output)
+    assert machine["summary"]["sequences"] == 12 and machine["targets"]["k"] == 8
+
+    assert run("verify", store).exit_code == 0
+    converted = run("convert", store, tmp_path / "arrow", "--format", "arrow", "--no-progress")
+    assert converted.exit_code == 0 and "(equal)" in converted.output
+    assert run("verify", tmp_path / "arrow").exit_code == 0
+
+    shard = tmp_path / "arrow" / "shards" / "shard-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    (tmp_path / "arrow" / "shards" / "shard-00002.arrow").unlink()
+    broken = run("verify", tmp_path / "arrow")
+    assert broken.exit_code == 1
+    assert "shard 1: shards/shard-00001.arrow" in broken.output and "shard 2:" in broken.output
+
+    again = run(*base_args, "--out", store)
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):
+    from softcache.store.zarr_format import ZarrFormat
+
+    original = ZarrFormat.write_shard
+
+    def disk_full_at_second_shard(self, root, layout, index, arrays):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        return original(self, root, layout, index, arrays)
+
+    monkeypatch.setattr(ZarrFormat, "write_shard", disk_full_at_second_shard)
+    failed = run(*base_args, "--out", tmp_path / "s")
+    assert failed.exit_code == 1
+    assert failed.output.startswith("error: could not write shard 1") and "No space left on device" in failed.output
+    assert "rerun the same command to resume" in failed.output
+    monkeypatch.setattr(ZarrFormat, "write_shard", original)
+    info = run("info", tmp_path / "s")
+    assert info.exit_code == 0 and "INCOMPLETE: 1 of 3 shards written" in info.output
+    verify = run("verify", tmp_path / "s")
+    assert verify.exit_code == 1 and "incomplete" in verify.output
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"--k": 0}, "--k must be at least 1, got 0"),
+        ({"--seq-len": 1}, "--seq-len must be at least 2, got 1"),
+        ({"--temperature": 0}, "--temperature must be greater than 0"),
+        ({"--temperature": "nan"}, "--temperature must be greater than 0"),
+        ({"--batch-size": 0}, "--batch-size must be at least 1"),
+        ({"--shard-size": 0}, "--shard-size must be at least 1"),
+        ({"--max-sequences": 0}, "--max-sequences must be at least 1"),
+        ({"--device": "tpu"}, "--device must be auto, cpu, cuda or cuda:N"),
+        ({"--data": "missing.jsonl"}, "--data missing.jsonl does not exist"),
+        ({"--teacher": "./no-such-model"}, "--teacher ./no-such-model is not a directory"),
+        ({"--text-column": "body"}, "has no column 'body'"),
+        ({"--teacher": "builtin:gpt5"}, "unknown built-in teacher"),
+    ],
+)
+def test_bad_flags_give_one_line(base_args, tmp_path, change, message):
+    args = list(base_args) + ["--out", tmp_path / "s"]
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    result = run(*args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+
+
+def test_bad_paths_give_one_line(base_args, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in run(*base_args, "--out", tmp_path / "file").output
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    result = run(*base_args, "--out", tmp_path / "busy")
+    assert result.exit_code == 1 and "not empty and holds no softcache store" in result.output
+    for command in ("info", "verify"):
+        result = run(command, tmp_path / "busy")
+        assert result.exit_code == 1 and "is not a softcache store (no manifest.json)" in result.output
+    result = run("convert", tmp_path / "nowhere", tmp_path / "dest", "--format", "arrow")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert run(*base_args, "--out", tmp_path / "s", "--format", "parquet").exit_code == 2  # click's own usage error
+
+
+def test_python_dash_m_and_debug_traceback(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "softcache", "cache", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--teacher" in ok.stdout and "resumes" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "softcache", "info", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    debug = subprocess.run([sys.executable, "-m", "softcache", "--debug", "info", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
