@@ -91,23 +91,36 @@ def run_cache(config: CacheConfig) -> CacheResult:
     todo = sum(layout.shard_bounds(i)[1] for i in pending)
     bar = _progress(config, total=todo * config.seq_len)
     started = time.perf_counter()
-    with BackgroundWriter(writer) as background, torch.inference_mode():
-        for index in pending:
-            first, count = layout.shard_bounds(index)
-            # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
-            for lo in range(first, first + count, config.batch_size):
-                hi = min(lo + config.batch_size, first + count)
-                host_ids = corpus.input_ids[lo:hi]
-                ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
-                logits = model(input_ids=ids, use_cache=False).logits
-                target_ids, target_logprobs = to_storage(*topk_logprobs(logits, config.k, config.temperature))
-                del logits
-                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs)
-                bar.update(ids.numel())
+    cache_shards(model, corpus.input_ids, writer, config.k, config.temperature, config.batch_size, device,
+                 on_batch=bar.update)
     seconds = time.perf_counter() - started
     bar.close()
     manifest = writer.finish()
     return CacheResult(manifest, config.out, todo, seconds, already_complete=False)
+
+
+def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, k: int, temperature: float, batch_size: int,
+                 device: torch.device, on_batch=None) -> None:
+    """The teacher loop: forward, top-k on the device, hand off to the background writer.
+
+    Writes every pending shard of ``writer``. ``input_ids`` is the [num_sequences, seq_len] packed
+    corpus; ``on_batch(tokens)`` is called after each forward pass.
+    """
+    layout = writer.layout
+    with BackgroundWriter(writer) as background, torch.inference_mode():
+        for index in writer.pending:
+            first, count = layout.shard_bounds(index)
+            # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
+            for lo in range(first, first + count, batch_size):
+                hi = min(lo + batch_size, first + count)
+                host_ids = input_ids[lo:hi]
+                ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
+                logits = model(input_ids=ids, use_cache=False).logits
+                target_ids, target_logprobs = to_storage(*topk_logprobs(logits, k, temperature))
+                del logits
+                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs)
+                if on_batch is not None:
+                    on_batch(ids.numel())
 
 
 def _header(config: CacheConfig, layout: Layout, teacher: dict, tokenizer, vocab: int, corpus: dict) -> dict:
