@@ -82,6 +82,13 @@ class ArrowReader:
             views[name] = flat.reshape(batch.num_rows, *self.layout.row_shape(name))
         return views
 
+    def read_rows(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Global ``rows`` inside shard ``index`` (copied out of the mapped file)."""
+        if index not in self._shards:
+            self._shards[index] = self._open(index)
+        first, _ = self.layout.shard_bounds(index)
+        return {name: view[rows - first] for name, view in self._shards[index].items()}
+
     def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) (global sequence numbers, inside shard ``index``), zero-copy views."""
         if index not in self._shards:

@@ -20,19 +20,21 @@ from softcache.store.writer import StoreWriter
 _NOT_COPIED = ("format", "format_version", "softcache_version", "complete", "storage", "shards", "totals", "files")
 
 
-def convert_store(source: str | Path, dest: str | Path, format_name: str, on_shard=None) -> dict:
+def convert_store(source: str | Path, dest: str | Path, format_name: str, on_shard=None, codec: dict | None = None) -> dict:
     """Write the complete store ``source`` to ``dest`` in ``format_name``; return the new manifest.
 
+    ``codec`` picks the new store's compression (the format's default when None).
     Resumable like a teacher job: rerunning after an interruption continues after the last shard.
     """
     store = open_store(source)
     header = {key: value for key, value in store.manifest.items() if key not in _NOT_COPIED}
-    header["storage"] = storage_section(format_name, store.layout)
+    header["storage"] = storage_section(format_name, store.layout, codec)
     header["converted_from"] = {"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]}
     writer = StoreWriter.open(dest, header, out_flag="DEST")
     if writer.complete:
         return writer.header
-    writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
+    if store.tokenizer_path.is_dir():
+        writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
     for index in writer.pending:
         first, count = store.layout.shard_bounds(index)
         arrays = {name: np.ascontiguousarray(array) for name, array in store.read_raw(first, first + count).items()}

@@ -81,6 +81,28 @@ class Store:
             return self.layout.empty_shard(0)
         return {name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for name, arrays in pieces.items()}
 
+    def read_rows_raw(self, indices) -> dict[str, np.ndarray]:
+        """Sequences at ``indices`` (any order, repeats allowed) in on-disk dtypes, in that order.
+
+        Rows are grouped by shard and each shard is read once, so a batch drawn from a few shards
+        costs a few reads."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sequence index outside the store's {len(self)} sequences")
+        if self._reader is None:
+            self._reader = self.format.reader(self.root, self.layout)
+        out = {name: np.empty((len(indices), *self.layout.row_shape(name)), self.layout.dtype(name)) for name in ARRAYS}
+        slots = np.searchsorted(self._ends, indices, side="right")
+        for slot in np.unique(slots):
+            where = np.nonzero(slots == slot)[0]
+            shard = self.shards[slot]
+            rows = shard["first"] + indices[where] - (int(self._ends[slot]) - shard["count"])
+            unique, inverse = np.unique(rows, return_inverse=True)
+            part = self._reader.read_rows(shard["index"], unique)
+            for name in ARRAYS:
+                out[name][where] = part[name][inverse]
+        return out
+
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Sequences [start, stop): ``input_ids`` [n, L] int64, ``target_ids`` [n, L, k] int64,
         ``target_logprobs`` [n, L, k] float32 (natural-log probabilities over the full vocabulary)."""

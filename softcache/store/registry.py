@@ -20,6 +20,9 @@ class ShardReader(Protocol):
     def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
         """Global rows [start, stop) of shard ``index``, in on-disk dtypes."""
 
+    def read_rows(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Sorted unique global ``rows`` of shard ``index``, in on-disk dtypes."""
+
 
 class StoreFormat(Protocol):
     name: str
@@ -39,7 +42,7 @@ def make_format(storage: dict) -> StoreFormat:
     return FORMATS[storage["format"]](storage.get("codec"))
 
 
-def storage_section(format_name: str, layout: Layout) -> dict:
-    """The manifest's ``storage`` section for a new store in ``format_name``."""
-    fmt = FORMATS[format_name]()
+def storage_section(format_name: str, layout: Layout, codec: dict | None = None) -> dict:
+    """The manifest's ``storage`` section for a new store in ``format_name`` (default codec if None)."""
+    fmt = FORMATS[format_name](codec)
     return {**fmt.describe(layout), "ids": layout.id_dtype, "values": layout.value_dtype}

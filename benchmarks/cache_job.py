@@ -1,0 +1,209 @@
+"""Benchmark: the teacher job's cost over a bare teacher forward, and bytes per token.
+
+One process, one loaded teacher, the same packed batches. Each round runs, back to back:
+  bare   -- model(input_ids).logits for every batch, nothing kept;
+  zarr   -- the cache job's teacher loop (top-k, device-to-host, background writer) into a zarr store;
+  arrow  -- the same into an arrow store.
+Rounds are interleaved so that machine noise hits every mode alike; medians are reported, and
+each job's ratio to the bare forward of the same round.
+
+Then the zarr store's content is rewritten with other codecs (same data, checked by content digest)
+to compare bytes per token and read throughput, and the float16 value encoding is compared with the
+float32 top-k it came from.
+
+    python benchmarks/cache_job.py                # SmolLM2-135M-Instruct, CPU, ~6 minutes
+    python benchmarks/cache_job.py --rounds 5 --sequences 64
+
+Writes benchmarks/results/cache_job.md (and .json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softcache.cache_job import cache_shards
+from softcache.corpus import iter_documents, pack
+from softcache.store import Layout, StoreWriter, id_dtype_for, open_store
+from softcache.store.convert import convert_store
+from softcache.store.registry import storage_section
+from softcache.targets import topk_logprobs
+from softcache.teacher import load_model, load_tokenizer, output_vocab_size, resolve_source
+
+HERE = Path(__file__).parent
+CODECS = [
+    ("zarr", {"name": "none"}),
+    ("zarr", {"name": "zstd", "level": 1}),
+    ("zarr", {"name": "zstd", "level": 3}),
+    ("zarr", {"name": "zstd", "level": 9}),
+    ("zarr", {"name": "blosc", "cname": "zstd", "level": 3, "shuffle": "shuffle"}),
+    ("zarr", {"name": "blosc", "cname": "lz4", "level": 5, "shuffle": "shuffle"}),
+    ("arrow", None),
+]
+
+
+def header(layout: Layout, format_name: str) -> dict:
+    return {"storage": storage_section(format_name, layout), "layout": layout.to_dict(),
+            "targets": {"kind": "topk", "k": layout.k, "temperature": 1.0}, "teacher": {"name": "benchmark"},
+            "tokenizer": {}, "corpus": {}}
+
+
+def bare_forward(model, input_ids: np.ndarray, batch_size: int) -> None:
+    with torch.inference_mode():
+        for lo in range(0, len(input_ids), batch_size):
+            ids = torch.from_numpy(input_ids[lo:lo + batch_size].astype(np.int64))
+            model(input_ids=ids, use_cache=False).logits  # noqa: B018 -- the work being timed
+
+
+def cache_job(model, tokenizer, input_ids, out: Path, format_name: str, args) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    layout = Layout(len(input_ids), input_ids.shape[1], args.k, args.shard_size, id_dtype_for(output_vocab_size(model)))
+    writer = StoreWriter.open(out, header(layout, format_name))
+    writer.save_tokenizer(tokenizer.save_pretrained)
+    started = time.perf_counter()
+    cache_shards(model, input_ids, writer, args.k, 1.0, args.batch_size, torch.device("cpu"))
+    writer.finish()
+    return time.perf_counter() - started
+
+
+def read_throughput(root: Path, repeats: int = 3) -> float:
+    """Tokens per second of Store.read over the whole store (decoded to int64/float32)."""
+    times = []
+    for _ in range(repeats):
+        store = open_store(root)
+        started = time.perf_counter()
+        for first in range(0, len(store), 4):
+            store.read(first, min(first + 4, len(store)))
+        times.append(time.perf_counter() - started)
+    return store.layout.num_tokens / statistics.median(times)
+
+
+def float16_fidelity(model, input_ids, k: int) -> dict:
+    """KL(t_f32 || t_f16) over the k cached classes plus the tail bucket, per position."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.from_numpy(input_ids[:2].astype(np.int64))).logits
+    _, exact = topk_logprobs(logits, k)
+    decoded = exact.half().float()
+
+    def with_tail(logp):
+        p = logp.exp()
+        return torch.cat([p, (1 - p.sum(-1, keepdim=True)).clamp_min(1e-12)], dim=-1)
+
+    p, q = with_tail(exact), with_tail(decoded)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    return {"mean_kl": kl.mean().item(), "max_kl": kl.max().item(),
+            "max_abs_logprob_error": (exact - decoded).abs().max().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="builtin:smollm2")
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", default=str(HERE / "out"))
+    args = parser.parse_args()
+    work = Path(args.work)
+
+    source = resolve_source(args.teacher)
+    tokenizer = load_tokenizer(source)
+    input_ids = pack(iter_documents("builtin:python-docs"), tokenizer, args.seq_len, args.sequences).input_ids
+    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
+    tokens = input_ids.size
+    print(f"{args.teacher}: {tokens:,} tokens per pass, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
+
+    bare_forward(model, input_ids[: args.batch_size], args.batch_size)  # warm-up
+    seconds = {"bare": [], "zarr": [], "arrow": []}
+    for round_ in range(args.rounds):
+        started = time.perf_counter()
+        bare_forward(model, input_ids, args.batch_size)
+        seconds["bare"].append(time.perf_counter() - started)
+        for format_name in ("zarr", "arrow"):
+            seconds[format_name].append(cache_job(model, tokenizer, input_ids, work / f"job-{format_name}", format_name, args))
+        print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
+    ratios = {m: statistics.median(s / b for s, b in zip(seconds[m], seconds["bare"])) for m in ("zarr", "arrow")}
+
+    storage = []
+    for format_name, codec in CODECS:
+        out = work / f"codec-{format_name}-{json.dumps(codec, sort_keys=True) if codec else 'none'}"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        manifest = convert_store(work / "job-zarr", out, format_name, codec=codec)
+        write_seconds = time.perf_counter() - started
+        storage.append({"format": format_name, "codec": manifest["storage"]["codec"],
+                        "bytes_per_token": manifest["totals"]["bytes_per_token"],
+                        "write_tokens_per_s": tokens / write_seconds, "read_tokens_per_s": read_throughput(out)})
+        print(storage[-1], flush=True)
+
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}, Python {platform.python_version()}",
+        "teacher": args.teacher, "tokens_per_pass": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "k": args.k, "rounds": args.rounds, "seconds": seconds,
+        "median_seconds": {m: statistics.median(s) for m, s in seconds.items()},
+        "median_ratio_to_bare": ratios, "storage": storage,
+        "float16_fidelity": float16_fidelity(model, input_ids, args.k),
+    }
+    write_report(results)
+
+
+def _codec_name(codec: dict) -> str:
+    if codec["name"] == "blosc":
+        return f"blosc {codec['cname']}-{codec['level']} + byte shuffle"
+    return codec["name"] + (f"-{codec['level']}" if "level" in codec else "")
+
+
+def write_report(results: dict) -> None:
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "cache_job.json").write_text(json.dumps(results, indent=2) + "\n")
+    med = results["median_seconds"]
+    tokens = results["tokens_per_pass"]
+    lines = [
+        "# Teacher job vs bare teacher forward",
+        "",
+        f"Teacher {results['teacher']} on CPU ({results['machine']}); {tokens:,} tokens per pass "
+        f"(seq_len {results['seq_len']}, batch {results['batch_size']}, k {results['k']}), "
+        f"{results['rounds']} interleaved rounds, medians. Produced by `python benchmarks/cache_job.py`.",
+        "",
+        "| mode | median s / pass | tokens/s | ratio to bare forward (median of rounds) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| bare forward | {med['bare']:.2f} | {tokens / med['bare']:,.0f} | 1.000 |",
+    ]
+    for mode in ("zarr", "arrow"):
+        lines.append(f"| cache job, {mode} | {med[mode]:.2f} | {tokens / med[mode]:,.0f} | "
+                     f"{results['median_ratio_to_bare'][mode]:.3f} |")
+    lines += [
+        "",
+        "## Bytes per token and read throughput (same content, top-64)",
+        "",
+        "| format | codec | bytes/token | write tokens/s | read tokens/s (Store.read, decoded) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for row in results["storage"]:
+        lines.append(f"| {row['format']} | {_codec_name(row['codec'])} | {row['bytes_per_token']:.1f} | "
+                     f"{row['write_tokens_per_s']:,.0f} | {row['read_tokens_per_s']:,.0f} |")
+    fid = results["float16_fidelity"]
+    lines += [
+        "",
+        f"float16 values vs the float32 top-{results['k']} they encode (tail bucket included): mean KL "
+        f"{fid['mean_kl']:.2e} nats, max KL {fid['max_kl']:.2e}, max |log-prob error| {fid['max_abs_logprob_error']:.2e}.",
+        "",
+    ]
+    (out / "cache_job.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
