@@ -13,7 +13,7 @@ import sys
 import click
 
 from softcache import __version__
-from softcache.config import DTYPES, CacheConfig
+from softcache.config import DTYPES, CacheConfig, TrainConfig
 from softcache.errors import SoftcacheError
 
 
@@ -46,6 +46,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     softcache info    summarise a store
     softcache verify  recompute a store's checksums
     softcache convert rewrite a store in the other format
+    softcache train   distil a store into a student (no teacher in memory)
+    softcache eval    CE, perplexity, KL and top-1 agreement of a model on a store
     """
     ctx.obj = {"debug": debug}
 
@@ -145,7 +147,8 @@ def _summary(opened) -> dict:
 
 def _codec(storage: dict) -> str:
     codec = storage.get("codec", {"name": "none"})
-    return codec["name"] + (f"-{codec['level']}" if "level" in codec else "")
+    name = codec["name"] + (f"-{codec['cname']}" if "cname" in codec else "")
+    return name + (f"-{codec['level']}" if "level" in codec else "") + ("+shuffle" if codec.get("shuffle") else "")
 
 
 @main.command()
@@ -185,3 +188,94 @@ def convert(source: str, dest: str, format_: str, progress: bool) -> None:
     totals = manifest["totals"]
     click.echo(f"converted {source} -> {dest} ({format_}): {totals['sequences']:,} sequences, "
                f"{totals['bytes_per_token']:.1f} bytes/token, content sha256 {totals['content_sha256'][:16]} (equal)")
+
+
+@main.command()
+@click.option("--store", required=True, help="Store written by softcache cache (must be complete).")
+@click.option("--student", required=True, help="Student: a config.json of any Hugging Face causal LM (random init) "
+              "or a model directory (its weights are loaded when present).")
+@click.option("--out", required=True, help="Run directory: config.json, metrics.jsonl, checkpoints/, final/.")
+@click.option("--steps", type=int, default=None, help="Optimiser steps. With neither --steps nor --epochs: one epoch.")
+@click.option("--epochs", type=int, default=None, help="Passes over the training sequences.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Cosine decay ends at lr x this.")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [default: 5% of the steps].")
+@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay (matrices only).")
+@click.option("--clip-grad", type=float, default=1.0, show_default=True, help="Max gradient norm; 0 disables.")
+@click.option("--alpha", type=float, default=0.5, show_default=True,
+              help="loss = alpha x KD + (1 - alpha) x CE on the true next token.")
+@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "tvd"]), default="fkl", show_default=True,
+              help="KD divergence. fkl is exact on the cached ids plus tail; rkl, jsd, tvd approximate the teacher's "
+                   "tail by one bucket.")
+@click.option("--tail", type=click.Choice(["bucket", "renorm"]), default="bucket", show_default=True,
+              help="Mass outside the cached ids: one extra class on both sides (exact), or renormalise (biased).")
+@click.option("--temperature", type=float, default=None, help="Student temperature [default: the store's]; "
+              "the KD loss is scaled by T^2.")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="JSD mixing weight.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation, data order, everything random.")
+@click.option("--eval-store", default=None, help="Held-out store to evaluate on.")
+@click.option("--eval-fraction", type=float, default=0.0, show_default=True,
+              help="Or hold out this last fraction of --store's sequences for evaluation.")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: at the end).")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
+@click.option("--allow-tokenizer-mismatch", is_flag=True,
+              help="Train a student whose tokenizer differs from the store's (its vocab must still hold the ids).")
+@click.option("--num-workers", type=int, default=1, show_default=True, help="DataLoader workers reading the store.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
+@click.option("--chunk-tokens", type=int, default=256, show_default=True,
+              help="Positions per chunk of the loss (bounds its float32 memory).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def train(**options) -> None:
+    """Train a student on a store's cached teacher targets, with no teacher in memory.
+
+    Each optimiser step sums the KD loss (against the cached top-k with the chosen tail handling) and
+    the cross-entropy on the true next tokens over all micro-batches, and divides each by the number
+    of valid positions in the whole step. Checkpoints are atomic; --resume continues a killed run
+    exactly (on CPU, the same losses as an uninterrupted run). The final model in OUT/final loads with
+    AutoModelForCausalLM.from_pretrained and carries the store's tokenizer.
+
+    \b
+    Example:
+      softcache train --store runs/smol-top64 --student student.json --out runs/student-a \\
+          --steps 2000 --batch-size 8 --lr 1e-3 --alpha 0.5 --loss fkl --tail bucket
+    """
+    from softcache.train_job import run_train
+
+    result = run_train(TrainConfig(**options))
+    click.echo(result.summary())
+
+
+@main.command(name="eval")
+@click.option("--model", "model_path", required=True, help="A saved model directory (e.g. a run's final/).")
+@click.option("--store", required=True, help="Store to evaluate on (its true tokens and teacher targets).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per batch.")
+@click.option("--max-sequences", type=int, default=None, help="Evaluate on the first N sequences only.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def eval_(model_path: str, store: str, batch_size: int, max_sequences: int | None, device: str, as_json: bool) -> None:
+    """Cross-entropy and perplexity on the true tokens, forward KL to the cached teacher targets and
+    top-1 agreement with the teacher, for any saved model on any store."""
+    import torch
+
+    from softcache.evaluate import evaluate
+    from softcache.store import open_store
+    from softcache.student import build_student, check_compatible
+    from softcache.teacher import resolve_device
+
+    if batch_size < 1 or (max_sequences is not None and max_sequences < 1):
+        raise SoftcacheError("--batch-size and --max-sequences must be at least 1")
+    opened = open_store(store)
+    model = build_student(model_path, seed=0)
+    check_compatible(model, opened, model_path, allow_tokenizer_mismatch=False)
+    target = resolve_device(device)
+    metrics = evaluate(model.to(target), store, stop=max_sequences, batch_size=batch_size, device=target,
+                       temperature=opened.manifest["targets"]["temperature"],
+                       autocast_dtype=torch.bfloat16 if target.type == "cuda" else None)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        click.echo(f"ce {metrics['ce']:.4f}  perplexity {metrics['perplexity']:.2f}  kl {metrics['kl']:.4f}  "
+                   f"top1_agreement {metrics['top1_agreement']:.4f}  tokens {metrics['tokens']:,}")

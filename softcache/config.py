@@ -88,3 +88,121 @@ class CacheConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``softcache train`` needs; see ``softcache train --help`` for the user's view."""
+
+    store: str
+    """--store: a complete store written by ``softcache cache``."""
+    student: str
+    """--student: a config.json (random init) or a model directory (its weights, if any, are loaded)."""
+    out: str
+    """--out: the run directory (checkpoints, metrics.jsonl, config.json, final/)."""
+    steps: int | None = None
+    """--steps: optimiser steps; with neither --steps nor --epochs, one epoch."""
+    epochs: int | None = None
+    """--epochs: passes over the training sequences (the step count is derived)."""
+    batch_size: int = 8
+    """--batch-size: sequences per micro-batch (per rank)."""
+    grad_accum: int = 1
+    """--grad-accum: micro-batches per optimiser step."""
+    lr: float = 1e-3
+    """--lr: peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """--min-lr-ratio: the cosine schedule ends at lr x this."""
+    warmup_steps: int | None = None
+    """--warmup-steps: linear warm-up steps (default: 5% of the steps)."""
+    weight_decay: float = 0.1
+    """--weight-decay: AdamW weight decay (not applied to biases and norms)."""
+    clip_grad: float = 1.0
+    """--clip-grad: maximum gradient norm (0: no clipping)."""
+    alpha: float = 0.5
+    """--alpha: loss = alpha x KD + (1 - alpha) x CE."""
+    loss: str = "fkl"
+    """--loss: fkl, rkl, jsd or tvd."""
+    tail: str = "bucket"
+    """--tail: bucket or renorm (mass outside the cached ids)."""
+    temperature: float | None = None
+    """--temperature: student temperature (default: the store's)."""
+    beta: float = 0.5
+    """--beta: JSD mixing weight."""
+    seed: int = 0
+    """--seed: student initialisation, data order and every other random choice."""
+    eval_store: str | None = None
+    """--eval-store: a held-out store to evaluate on."""
+    eval_fraction: float = 0.0
+    """--eval-fraction: hold out the last fraction of the training store's sequences instead."""
+    eval_every: int = 0
+    """--eval-every: evaluate every N steps (0: only at the end)."""
+    checkpoint_every: int = 100
+    """--checkpoint-every: write a checkpoint every N steps (and at the end)."""
+    resume: bool = False
+    """--resume: continue from the newest checkpoint in --out."""
+    allow_tokenizer_mismatch: bool = False
+    """--allow-tokenizer-mismatch: train a student whose tokenizer differs from the store's."""
+    num_workers: int = 1
+    """--num-workers: DataLoader worker processes reading the store."""
+    device: str = "auto"
+    """--device: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."""
+    chunk_tokens: int = 256
+    """--chunk-tokens: positions per chunk of the loss computation."""
+    progress: bool = True
+    """--progress/--no-progress: progress bar on stderr."""
+
+    @property
+    def epochs_or_one(self) -> int:
+        return self.epochs or 1
+
+    def validate(self) -> None:
+        from softcache.losses import KINDS, TAILS
+
+        for flag, value in (("--store", self.store), ("--student", self.student), ("--out", self.out)):
+            if not value:
+                raise SoftcacheError(f"{flag} is required")
+        if self.steps is not None and self.epochs is not None:
+            raise SoftcacheError("give --steps or --epochs, not both")
+        for flag, value in (("--steps", self.steps), ("--epochs", self.epochs)):
+            if value is not None and value < 1:
+                raise SoftcacheError(f"{flag} must be at least 1, got {value}")
+        for flag, value in (("--batch-size", self.batch_size), ("--grad-accum", self.grad_accum),
+                            ("--checkpoint-every", self.checkpoint_every), ("--chunk-tokens", self.chunk_tokens)):
+            if value < 1:
+                raise SoftcacheError(f"{flag} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise SoftcacheError(f"--lr must be greater than 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SoftcacheError(f"--min-lr-ratio must be between 0 and 1, got {self.min_lr_ratio}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise SoftcacheError(f"--warmup-steps must be at least 0, got {self.warmup_steps}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise SoftcacheError("--weight-decay and --clip-grad must be at least 0")
+        if not 0 <= self.alpha <= 1:
+            raise SoftcacheError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        if self.loss not in KINDS:
+            raise SoftcacheError(f"--loss must be one of {', '.join(KINDS)}, got {self.loss!r}")
+        if self.tail not in TAILS:
+            raise SoftcacheError(f"--tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise SoftcacheError(f"--temperature must be greater than 0, got {self.temperature}")
+        if not 0 < self.beta < 1:
+            raise SoftcacheError(f"--beta must be between 0 and 1 (exclusive), got {self.beta}")
+        if not 0 <= self.eval_fraction < 1:
+            raise SoftcacheError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_store:
+            raise SoftcacheError("give --eval-store or --eval-fraction, not both")
+        if self.eval_every < 0 or self.num_workers < 0:
+            raise SoftcacheError("--eval-every and --num-workers must be at least 0")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise SoftcacheError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise SoftcacheError(f"--out {self.out} is a file; give a directory for the run")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Settings that may change when a run is resumed; every other field must match the saved run.
+RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "eval_every", "checkpoint_every", "device", "chunk_tokens")

@@ -1,0 +1,66 @@
+"""Training checkpoints: one file per checkpoint, written atomically, newest found by name.
+
+A checkpoint holds the model, optimiser and scheduler states, every RNG state and the reader state,
+so that a resumed run continues exactly where the checkpoint was taken. The newest ``keep`` files
+are kept.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softcache.errors import SoftcacheError
+from softcache.store.files import atomic_file, remove_temporaries
+
+DIRECTORY = "checkpoints"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and drop all but the newest ``keep``."""
+    directory = run_dir / DIRECTORY
+    path = directory / f"step-{step:09d}.pt"
+    with atomic_file(path) as handle:
+        torch.save(state, handle)
+    for old in sorted(directory.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` (crash leftovers are removed first), or None."""
+    directory = run_dir / DIRECTORY
+    if not directory.is_dir():
+        return None
+    remove_temporaries(directory)
+    found = sorted(directory.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def load(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged file raises many types
+        raise SoftcacheError(f"checkpoint {path} is damaged ({type(err).__name__}); delete it to resume from an "
+                             "older one") from err
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise SoftcacheError(f"checkpoint {path} is not a softcache checkpoint")
+    return state

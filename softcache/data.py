@@ -1,0 +1,181 @@
+"""Streaming a store into training: a deterministic order, a rank/worker partition, a small resume state.
+
+The order of an epoch is a pure function of (shard sizes, seed, epoch): shards are visited in a
+shuffled order, a few at a time (``window``), and the sequences of those shards are shuffled
+together. Reads therefore stay within a few shards at once, at the cost of batches mixing only
+``window`` shards. A global batch is ``batch_size x world_size`` consecutive entries of that order;
+rank r takes its slice of every global batch. The last global batch of an epoch is padded with
+masked-out rows, so every rank gets the same number of batches and every sequence is seen exactly
+once per epoch; losses are normalised by the global count of valid tokens, so padding weighs nothing.
+
+Batch ``c`` (counted from the start of training, across epochs) of a rank goes to DataLoader
+worker ``c % num_workers``; PyTorch's loader takes batches from its workers in turn, so the stream
+of batches is the same for any number of workers. The resume state is (seed, global batch size,
+batches consumed): restoring it restores the exact order, also on another number of ranks with the
+same global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from softcache.store import open_store
+
+
+def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4) -> np.ndarray:
+    """A permutation of range(sum(shard_sizes)) that keeps reads local to ``window`` shards at a time."""
+    rng = np.random.default_rng([seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)[:-1]]).astype(np.int64)
+    shards = rng.permutation(len(shard_sizes))
+    parts = []
+    for group in range(0, len(shards), window):
+        members = shards[group : group + window]
+        indices = np.concatenate([starts[s] + np.arange(shard_sizes[s]) for s in members])
+        parts.append(rng.permutation(indices))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def batches_per_epoch(num_sequences: int, global_batch: int) -> int:
+    return -(-num_sequences // global_batch)
+
+
+def rank_batch(order: np.ndarray, batch: int, batch_size: int, world_size: int, rank: int) -> np.ndarray:
+    """Sequence indices of batch ``batch`` of ``rank``; -1 marks a padding row."""
+    start = batch * batch_size * world_size + rank * batch_size
+    rows = np.full(batch_size, -1, dtype=np.int64)
+    taken = order[start : start + batch_size]
+    rows[: len(taken)] = taken
+    return rows
+
+
+@dataclass
+class ReaderState:
+    """Everything needed to continue a stream of batches exactly where it stopped."""
+
+    seed: int
+    global_batch: int
+    batches_consumed: int = 0
+    """Global batches already trained on (optimiser steps x gradient-accumulation steps)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def environment() -> tuple[int, int, int, int]:
+    """(rank, world size, worker id, workers): the one place that reads the process's environment."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank, world, worker, workers
+
+
+class StoreDataset(IterableDataset):
+    """Batches of a store's sequences as torch tensors, for ``DataLoader(dataset, batch_size=None)``.
+
+    Each item is a dict: ``input_ids`` [B, L] int64, ``target_ids`` [B, L, k] int64,
+    ``target_logprobs`` [B, L, k] float32, ``mask`` [B, L] bool (positions with a teacher target),
+    ``labels`` [B, L] int64 (the true next token, -100 where there is none: the last position of
+    each sequence and padding rows), and ``step`` (0-d int64: the global batch number, for resuming).
+
+    Args:
+        store: path of a complete store.
+        batch_size: sequences per batch on each rank.
+        seed: shuffle seed.
+        start, stop: use only sequences [start, stop) (e.g. to hold out the rest for evaluation).
+        epochs: stop after this many epochs (None: never stop).
+        start_batch: global batches to skip (from :class:`ReaderState`).
+        window: shards shuffled together.
+        shuffle: False reads in stored order (evaluation).
+    """
+
+    def __init__(self, store: str, batch_size: int, seed: int = 0, start: int = 0, stop: int | None = None,
+                 epochs: int | None = None, start_batch: int = 0, window: int = 4, shuffle: bool = True,
+                 world_size: int | None = None, rank: int | None = None):
+        super().__init__()
+        self.path = str(store)
+        opened = open_store(store)
+        stop = len(opened) if stop is None else min(stop, len(opened))
+        if not 0 <= start < stop:
+            raise ValueError(f"empty sequence range [{start}, {stop}) of a store with {len(opened)} sequences")
+        self.start = start
+        self.num_sequences = stop - start
+        self.shard_sizes = _clip([s["count"] for s in opened.shards], start, stop)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epochs = epochs
+        self.start_batch = start_batch
+        self.window = window
+        self.shuffle = shuffle
+        self._world = (rank, world_size)
+        self._store = None  # opened lazily, inside each DataLoader worker
+
+    def partition(self) -> tuple[int, int, int, int]:
+        rank, world, worker, workers = environment()
+        if self._world[1] is not None:
+            rank, world = self._world
+        return rank, world, worker, workers
+
+    def per_epoch(self, world_size: int) -> int:
+        return batches_per_epoch(self.num_sequences, self.batch_size * world_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Store sequence numbers of epoch ``epoch``, in training order."""
+        if not self.shuffle:
+            return np.arange(self.start, self.start + self.num_sequences, dtype=np.int64)
+        return self.start + epoch_order(self.shard_sizes, self.seed, epoch, self.window)
+
+    def __iter__(self):
+        rank, world, worker, workers = self.partition()
+        per_epoch = self.per_epoch(world)
+        step = self.start_batch
+        orders: dict[int, np.ndarray] = {}
+        while self.epochs is None or step < self.epochs * per_epoch:
+            if step % workers == worker:
+                epoch, batch = divmod(step, per_epoch)
+                if epoch not in orders:
+                    orders = {epoch: self.order(epoch)}
+                rows = rank_batch(orders[epoch], batch, self.batch_size, world, rank)
+                yield {**self.read(rows), "step": torch.tensor(step), "epoch": torch.tensor(epoch)}
+            step += 1
+
+    def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for sequence indices ``rows`` (-1: a padding row, all masked out)."""
+        if self._store is None:
+            self._store = open_store(self.path)
+        valid = rows >= 0
+        raw = self._store.read_rows_raw(rows[valid])
+        length, k = self._store.layout.seq_len, self._store.layout.k
+        n = len(rows)
+        input_ids = np.zeros((n, length), dtype=np.int64)
+        target_ids = np.zeros((n, length, k), dtype=np.int64)
+        target_logprobs = np.zeros((n, length, k), dtype=np.float32)
+        input_ids[valid] = raw["input_ids"]
+        target_ids[valid] = raw["target_ids"]
+        target_logprobs[valid] = raw["target_logprobs"]
+        mask = np.repeat(valid[:, None], length, axis=1)
+        labels = np.full((n, length), -100, dtype=np.int64)
+        labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], -100)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "target_ids": torch.from_numpy(target_ids),
+            "target_logprobs": torch.from_numpy(target_logprobs),
+            "mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(labels),
+        }
+
+
+def _clip(sizes: list[int], start: int, stop: int) -> list[int]:
+    """Sizes of the parts of consecutive shards that fall inside [start, stop)."""
+    clipped, first = [], 0
+    for size in sizes:
+        take = min(first + size, stop) - max(first, start)
+        if take > 0:
+            clipped.append(take)
+        first += size
+    return clipped

@@ -1,0 +1,306 @@
+"""Sparse distillation losses on cached teacher targets: pure tensor functions.
+
+Notation, per position: teacher t over a vocabulary of V ids, of which the store keeps k ids K
+with log-probabilities normalised over the full vocabulary; student logits z at temperature T,
+q = softmax(z / T). What happens to the mass outside K is a named choice, ``tail``:
+
+- ``"bucket"`` (default): one extra class holds the leftover mass on both sides, t_tail = 1 - sum_K t
+  (exact, because the cached values are normalised) and q_tail = 1 - sum_K q. Forward KL is then a
+  proper KL between two coarsened distributions; with k = V it equals dense KL exactly.
+- ``"renorm"``: both sides are renormalised over K. Biased (the student grows over-confident on
+  the head), offered because other tools do it.
+
+Forward KL is the reference loss. Reverse KL, JSD(beta) and TVD need the teacher's distribution
+outside K, which the store does not have: with the tail bucket they are computed on the coarsened
+(k + 1)-class distributions, which is finite and close but *not* the dense value.
+
+Every KD loss is multiplied by T^2 (Hinton et al.) so gradient scale does not change with T.
+
+Losses return per-position values or sums, never means: the trainer divides by the number of
+valid positions of the whole optimiser step (all micro-batches, all ranks). The student's
+log-normaliser is computed in float32 in chunks of positions, each chunk recomputed during
+backward (activation checkpointing), so no float32 copy of the [positions, V] logits outlives
+its chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("fkl", "rkl", "jsd", "tvd")
+TAILS = ("bucket", "renorm")
+_EMPTY = -1e30  # stands in for -inf at cached ids: finite, so no NaN appears in any gradient
+
+
+def _coarsened(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float):
+    """Teacher and student log-probabilities over K (+ the tail class), and whether a tail exists.
+
+    Returns (t_head [n, k], q_head [n, k], t_tail [n], q_tail [n], has_tail [n] bool, log-normaliser of
+    the student at T [n]); all log-probabilities, float32.
+    """
+    z = _at_least_float32(logits)
+    if temperature != 1.0:
+        z = z / temperature
+    z_head = z.gather(-1, target_ids)
+    # log-sum-exp of the ids outside K, computed directly: no cancellation in 1 - sum_K q.
+    rest = torch.logsumexp(z.scatter(-1, target_ids, _EMPTY), dim=-1)
+    head = torch.logsumexp(z_head, dim=-1)
+    log_normaliser = torch.logaddexp(rest, head)
+    q_head = z_head - log_normaliser[:, None]
+    q_tail = rest - log_normaliser
+    t_head = target_logprobs.to(z.dtype)
+    t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
+    # The tail class exists when K misses some ids and the teacher left mass there.
+    has_tail = (target_ids.shape[-1] < z.shape[-1]) & (t_mass < 0)
+    t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
+    return t_head, q_head, t_tail, q_tail, has_tail, log_normaliser
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision inputs; float64 stays float64 (used by the tests' references)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x|."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """sum over the last dim of p (log p - log q); zero where p is zero."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), 0.0).sum(-1)
+
+
+def sparse_kd(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    kind: str = "fkl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position distillation loss against cached top-k (or any sparse) teacher targets.
+
+    Args:
+        logits: [n, V] student logits, any float dtype (computed in float32).
+        target_ids: [n, k] int64 cached teacher ids, distinct within a row.
+        target_logprobs: [n, k] float teacher log-probabilities normalised over the full vocabulary.
+        kind: "fkl" KL(t||q), "rkl" KL(q||t), "jsd" beta KL(t||m) + (1-beta) KL(q||m) with
+            m = beta t + (1-beta) q, or "tvd" half the L1 distance.
+        tail: "bucket" or "renorm" (module docstring).
+        temperature: student logits are divided by it; the result is multiplied by its square.
+        beta: JSD mixing weight, 0 < beta < 1.
+
+    Returns:
+        [n] float32 losses (float64 for float64 logits) in nats (TVD: in probability units).
+    """
+    return _sparse_kd(logits, target_ids, target_logprobs, kind, tail, temperature, beta)[0]
+
+
+def _sparse_kd(logits, target_ids, target_logprobs, kind, tail, temperature, beta):
+    """:func:`sparse_kd` and the student's log-normaliser at T (reused for CE when T = 1)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown KD loss {kind!r}; choose from {KINDS}")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
+    t_head, q_head, t_tail, q_tail, has_tail, log_normaliser = _coarsened(logits, target_ids, target_logprobs,
+                                                                          temperature)
+    if tail == "renorm":
+        t_head = torch.log_softmax(t_head, dim=-1)
+        q_head = torch.log_softmax(q_head, dim=-1)
+        has_tail = torch.zeros_like(has_tail)
+    # The tail joins as a (k+1)-th class where it exists; elsewhere it is dropped (probability 0).
+    t_all = torch.cat([t_head, torch.where(has_tail, t_tail, -math.inf)[:, None]], dim=-1)
+    q_all = torch.cat([q_head, torch.where(has_tail, q_tail, _EMPTY)[:, None]], dim=-1)
+    if kind == "fkl":
+        loss = _kl(t_all, q_all)
+    elif kind == "rkl":
+        # t_tail is floored so that a student tail against a (numerically) empty teacher tail is finite.
+        loss = _kl(q_all, t_all.clamp_min(math.log(1e-12)))
+    elif kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"JSD beta must be in (0, 1), got {beta}")
+        m = torch.logaddexp(t_all + math.log(beta), q_all + math.log(1 - beta))
+        loss = beta * _kl(t_all, m) + (1 - beta) * _kl(q_all, m)
+    else:
+        loss = 0.5 * (t_all.exp() - q_all.exp()).abs().sum(-1)
+    return loss * temperature**2, log_normaliser
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of the true next token (T = 1).
+
+    Args:
+        logits: [n, V] student logits, any float dtype.
+        labels: [n] int64 token ids; -100 marks positions without a label (their loss is 0).
+
+    Returns:
+        [n] float32 losses in nats.
+    """
+    return _cross_entropy(logits, labels, torch.logsumexp(_at_least_float32(logits), dim=-1))
+
+
+def _cross_entropy(logits, labels, log_normaliser):
+    picked = logits.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1).to(log_normaliser.dtype)
+    return torch.where(labels >= 0, log_normaliser - picked, 0.0)
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str = "fkl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD and CE losses over a batch, computed in chunks of positions.
+
+    Forward KL (the default) runs fused with CE and an analytic gradient (:class:`_FusedForwardKL`):
+    about the cost of plain cross-entropy. The other divergences use autograd on each chunk with
+    activation checkpointing.
+
+    Args:
+        logits: [B, L, V] (or [n, V]) student logits.
+        target_ids: [B, L, k] int64; target_logprobs: [B, L, k] float.
+        mask: [B, L] bool, positions with a teacher target (False: padding; contributes 0).
+        labels: [B, L] int64 true next tokens, -100 where there is none.
+        kind, tail, temperature, beta: as in :func:`sparse_kd`.
+        chunk_tokens: positions per chunk; bounds the float32 working memory to chunk_tokens x V.
+
+    Returns:
+        (kd_sum, ce_sum): 0-d float32 sums over valid positions. Divide by the valid-position counts
+        of the whole optimiser step (``mask.sum()``, ``(labels >= 0).sum()`` over all micro-batches
+        and ranks).
+    """
+    vocab = logits.shape[-1]
+    flat = (logits.reshape(-1, vocab), target_ids.reshape(-1, target_ids.shape[-1]),
+            target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
+    if kind == "fkl":
+        if tail not in TAILS:
+            raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
+        return _FusedForwardKL.apply(*flat, tail, temperature, chunk_tokens)
+
+    def chunk_sums(z, ids, logprobs, valid, y):
+        kd, log_normaliser = _sparse_kd(z, ids, logprobs, kind, tail, temperature, beta)
+        if temperature != 1.0:
+            log_normaliser = torch.logsumexp(_at_least_float32(z), dim=-1)
+        return torch.where(valid, kd, 0.0).sum(), _cross_entropy(z, y, log_normaliser).sum()
+
+    kd_total = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+    ce_total = torch.zeros_like(kd_total)
+    for start in range(0, flat[0].shape[0], chunk_tokens):
+        pieces = [x[start : start + chunk_tokens] for x in flat]
+        if logits.requires_grad:
+            kd, ce = checkpoint(chunk_sums, *pieces, use_reentrant=False)
+        else:
+            kd, ce = chunk_sums(*pieces)
+        kd_total = kd_total + kd
+        ce_total = ce_total + ce
+    return kd_total, ce_total
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    """Forward KL (tail bucket or renorm) + CE sums with an analytic gradient, chunk by chunk.
+
+    Forward keeps only per-position statistics (O(n k)); backward recomputes the student's
+    probabilities chunk by chunk in one reused float32 buffer and writes the gradient straight into
+    a tensor shaped like the logits. Gradient with respect to s = z / T, per position, for the
+    bucket (t_K, t_tail; q the student; c = sum_K t + t_tail):
+        j in K:      T^2 (c q_j - t_j)
+        j not in K:  T^2 (c q_j - t_tail q_j / q_tail)
+    and for renorm (t', q' renormalised over K): T^2 (q'_j - t'_j) on K, 0 elsewhere. CE adds
+    p_j - [j = label] with p = softmax(z).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_ids, target_logprobs, kd_valid, labels, tail, temperature, chunk):
+        n, vocab = logits.shape
+        k = target_ids.shape[-1]
+        stats = torch.zeros(n, 3, dtype=torch.float32, device=logits.device)  # lse at T, lse outside K at T, lse at 1
+        kd_rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        ce_rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z, ids, y = logits[rows], target_ids[rows], labels[rows]
+            work = buffer[: z.shape[0]]
+            torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
+            s_head = work.gather(-1, ids)
+            picked = z.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1).float()
+            lse_1 = torch.logsumexp(z.float(), dim=-1) if temperature != 1.0 else None
+            work.scatter_(-1, ids, -math.inf)
+            rest = torch.logsumexp(work, dim=-1) if k < vocab else torch.full_like(s_head[:, 0], -math.inf)
+            lse = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
+            if lse_1 is None:
+                lse_1 = lse
+            t_head = target_logprobs[rows].float()
+            t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
+            q_head = s_head - lse[:, None]
+            if tail == "bucket":
+                has_tail = (k < vocab) & (t_mass < 0)
+                t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
+                kl_tail = torch.where(has_tail, t_tail.exp() * (t_tail - (rest - lse)), 0.0)
+                kd = _kl(t_head, q_head) + kl_tail
+            else:
+                kd = _kl(torch.log_softmax(t_head, dim=-1), torch.log_softmax(s_head, dim=-1))
+            kd_rows[rows] = torch.where(kd_valid[rows], kd, 0.0) * temperature**2
+            ce_rows[rows] = torch.where(y >= 0, lse_1 - picked, 0.0)
+            stats[rows, 0], stats[rows, 1], stats[rows, 2] = lse, rest, lse_1
+        ctx.save_for_backward(logits, target_ids, target_logprobs, kd_valid, labels, stats)
+        ctx.options = (tail, temperature, chunk)
+        return kd_rows.sum(), ce_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        logits, target_ids, target_logprobs, kd_valid, labels, stats = ctx.saved_tensors
+        tail, temperature, chunk = ctx.options
+        n, vocab = logits.shape
+        k = target_ids.shape[-1]
+        grad = torch.empty_like(logits)
+        buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z, ids, y = logits[rows], target_ids[rows], labels[rows]
+            lse, rest, lse_1 = stats[rows, 0], stats[rows, 1], stats[rows, 2]
+            w_kd = grad_kd * temperature * kd_valid[rows].float()  # d/dz = d/ds / T, times T^2
+            w_ce = grad_ce * (y >= 0).float()
+            work = buffer[: z.shape[0]]
+            torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
+            work.sub_(lse[:, None]).exp_()  # q at temperature T
+            q_head = work.gather(-1, ids)
+            t_head = target_logprobs[rows].float()
+            t_k = t_head.exp()
+            if tail == "bucket":
+                t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
+                has_tail = (k < vocab) & (t_mass < 0)
+                t_tail = torch.where(has_tail, -torch.expm1(t_mass), 0.0)
+                c = t_k.sum(-1) + t_tail
+                inverse_q_tail = torch.exp((lse - rest).clamp_max(80.0))
+                outside = w_kd * (c - t_tail * inverse_q_tail)
+                head = w_kd[:, None] * (c[:, None] * q_head - t_k)
+            else:
+                outside = torch.zeros_like(w_kd)
+                t_renorm = torch.softmax(t_head, dim=-1)
+                q_renorm = q_head / q_head.sum(-1, keepdim=True)
+                head = w_kd[:, None] * (q_renorm - t_renorm)
+            if temperature == 1.0:
+                # CE shares the softmax: every entry gets (outside + w_ce) q_j, K and labels corrected.
+                head = head + w_ce[:, None] * q_head
+                work.mul_((outside + w_ce)[:, None])
+            else:
+                p = torch.softmax(z.float(), dim=-1)
+                head = head + w_ce[:, None] * p.gather(-1, ids)
+                work.mul_(outside[:, None]).add_(p * w_ce[:, None])
+            work.scatter_(-1, ids, head)
+            work.scatter_add_(-1, y.clamp_min(0)[:, None], -w_ce[:, None])
+            grad[rows] = work
+        return grad, None, None, None, None, None, None, None

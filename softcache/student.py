@@ -1,0 +1,82 @@
+"""The student: building or loading it, checking it against a store, saving it for ``from_pretrained``.
+
+A student is any Hugging Face causal LM. It must be able to emit every id the store holds (its
+output vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the
+same way as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer``
+works on it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from softcache.errors import SoftcacheError
+from softcache.store import Store
+
+
+def build_student(spec: str, seed: int):
+    """A model from a config.json (random init, seeded) or a model directory (weights if present)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    if not path.exists():
+        raise SoftcacheError(f"--student {spec} does not exist (give a config.json or a model directory)")
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise SoftcacheError(f"--student {spec} has no config.json")
+    try:
+        settings = json.loads(config_file.read_text())
+        config = AutoConfig.for_model(**settings) if path.is_file() else AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        raise SoftcacheError(f"--student {spec}: not a usable model config ({str(err).splitlines()[0]})") from err
+    has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+    torch.manual_seed(seed)
+    try:
+        if has_weights:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, OSError) as err:
+        raise SoftcacheError(f"--student {spec}: could not build the model ({str(err).splitlines()[0]})") from err
+
+
+def output_vocab(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool) -> None:
+    """Refuse a student that cannot hold the store's ids, or tokenizes differently (unless allowed)."""
+    from softcache.teacher import tokenizer_fingerprint
+
+    needed = store.manifest["tokenizer"]["vocab_size"]
+    if output_vocab(model) < needed:
+        raise SoftcacheError(
+            f"--student {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
+            f"{needed:,}; give the student vocab_size >= {needed:,}"
+        )
+    directory = Path(student_spec)
+    if allow_tokenizer_mismatch or not directory.is_dir() or not (directory / "tokenizer_config.json").exists():
+        return
+    from transformers import AutoTokenizer
+
+    mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory))
+    if mine != store.manifest["tokenizer"]["fingerprint"]:
+        raise SoftcacheError(
+            f"--student {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
+            "mean other tokens (use a student with the teacher's tokenizer, or --allow-tokenizer-mismatch)"
+        )
+
+
+def save_student(model, store: Store, directory: Path) -> None:
+    """``save_pretrained`` plus the store's tokenizer, swapped into place atomically."""
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    if store.tokenizer_path.is_dir():
+        for item in store.tokenizer_path.iterdir():
+            shutil.copy2(item, staging / item.name)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)

@@ -1,0 +1,134 @@
+"""The streaming reader: order, partition, padding, workers, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from softcache.data import StoreDataset, batches_per_epoch, epoch_order, rank_batch
+from softcache.store import Layout
+
+from test_store import write_store
+
+
+def test_epoch_order_is_a_pure_permutation_local_to_shard_windows():
+    sizes = [5, 3, 7, 5, 4, 6]
+    a = epoch_order(sizes, seed=1, epoch=0, window=2)
+    assert sorted(a.tolist()) == list(range(30))
+    assert np.array_equal(a, epoch_order(sizes, seed=1, epoch=0, window=2))
+    assert not np.array_equal(a, epoch_order(sizes, seed=1, epoch=1, window=2))
+    assert not np.array_equal(a, epoch_order(sizes, seed=2, epoch=0, window=2))
+    # Reads stay local: greedily cut the order into stretches touching at most `window` shards;
+    # there are no more stretches than shard groups.
+    shard_of = np.repeat(np.arange(len(sizes)), sizes)
+    stretches, members = 1, set()
+    for index in a:
+        if len(members | {shard_of[index]}) > 2:
+            stretches, members = stretches + 1, set()
+        members.add(shard_of[index])
+    assert stretches <= 3
+    # window=1: each shard is read in one contiguous stretch.
+    runs = np.count_nonzero(np.diff(shard_of[epoch_order(sizes, seed=4, epoch=0, window=1)])) + 1
+    assert runs == len(sizes)
+
+
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 3), (3, 2), (4, 5)])
+def test_ranks_partition_every_sequence_exactly_once_with_equal_batch_counts(world, batch):
+    order = epoch_order([7, 7, 9], seed=0, epoch=3)
+    per_epoch = batches_per_epoch(len(order), batch * world)
+    seen = []
+    for rank in range(world):
+        rows = [rank_batch(order, b, batch, world, rank) for b in range(per_epoch)]
+        assert all(len(r) == batch for r in rows)
+        seen += [i for r in rows for i in r.tolist() if i >= 0]
+    assert sorted(seen) == list(range(23))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "store"
+    write_store(root, "zarr", Layout(num_sequences=23, seq_len=6, k=3, shard_size=5, id_dtype="uint16"), 500)
+    return root
+
+
+def stream(dataset, workers=0, limit=None):
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+def test_batches_have_the_promised_shapes_and_masks(store):
+    dataset = StoreDataset(str(store), batch_size=4, epochs=1)
+    batches = stream(dataset)
+    assert len(batches) == 6  # ceil(23 / 4)
+    first = batches[0]
+    assert first["input_ids"].shape == (4, 6) and first["input_ids"].dtype == torch.int64
+    assert first["target_ids"].shape == (4, 6, 3) and first["target_ids"].dtype == torch.int64
+    assert first["target_logprobs"].dtype == torch.float32 and first["mask"].dtype == torch.bool
+    assert torch.equal(first["labels"][:, :-1], first["input_ids"][:, 1:])
+    assert torch.all(first["labels"][:, -1] == -100)
+    last = batches[-1]
+    assert last["mask"][:3].all() and not last["mask"][3].any()  # 23 = 5 x 4 + 3: one padding row
+    assert torch.all(last["labels"][3] == -100)
+    total_valid = sum(int(b["mask"][:, 0].sum()) for b in batches)
+    assert total_valid == 23
+
+
+def test_rows_match_the_store(store):
+    from softcache import open_store
+
+    dataset = StoreDataset(str(store), batch_size=4, epochs=1, seed=5)
+    order = dataset.order(0)
+    batch = stream(dataset, limit=1)[0]
+    expected = open_store(store).read_rows_raw(order[:4])
+    assert torch.equal(batch["target_ids"], torch.from_numpy(expected["target_ids"].astype(np.int64)))
+    assert torch.equal(batch["target_logprobs"], torch.from_numpy(expected["target_logprobs"].astype(np.float32)))
+
+
+def _ids(batches):
+    return [b["input_ids"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_do_not_change_the_stream(store, workers):
+    reference = stream(StoreDataset(str(store), batch_size=4, epochs=2))
+    assert _ids(stream(StoreDataset(str(store), batch_size=4, epochs=2), workers=workers)) == _ids(reference)
+
+
+def test_resume_restores_the_exact_order(store):
+    reference = stream(StoreDataset(str(store), batch_size=3, epochs=3))
+    resumed = stream(StoreDataset(str(store), batch_size=3, epochs=3, start_batch=10))
+    assert _ids(resumed) == _ids(reference[10:])
+    assert [int(b["step"]) for b in resumed] == list(range(10, len(reference)))
+
+
+def test_epochs_reshuffle_and_cover_everything(store):
+    batches = stream(StoreDataset(str(store), batch_size=4, epochs=2))
+    per_epoch = 6
+    first = [row for b in batches[:per_epoch] for row, ok in zip(b["input_ids"].tolist(), b["mask"][:, 0]) if ok]
+    second = [row for b in batches[per_epoch:] for row, ok in zip(b["input_ids"].tolist(), b["mask"][:, 0]) if ok]
+    assert sorted(first) == sorted(second) and first != second
+    assert [int(b["epoch"]) for b in batches] == [0] * 6 + [1] * 6
+
+
+def test_two_ranks_split_a_global_batch(store):
+    both = [stream(StoreDataset(str(store), batch_size=2, epochs=1, world_size=2, rank=r)) for r in (0, 1)]
+    single = stream(StoreDataset(str(store), batch_size=4, epochs=1))
+    assert len(both[0]) == len(both[1]) == len(single)
+    for b0, b1, whole in zip(both[0], both[1], single):
+        assert torch.equal(torch.cat([b0["input_ids"], b1["input_ids"]]), whole["input_ids"])
+
+
+def test_sequence_range_holds_out_the_tail(store):
+    train = StoreDataset(str(store), batch_size=4, stop=18, epochs=1)
+    held = StoreDataset(str(store), batch_size=4, start=18, epochs=1, shuffle=False)
+    assert sorted(train.order(0).tolist()) == list(range(18))
+    assert held.order(0).tolist() == list(range(18, 23))
+    with pytest.raises(ValueError, match="empty sequence range"):
+        StoreDataset(str(store), batch_size=4, start=23)

@@ -1,0 +1,205 @@
+"""The student job end to end: tiny store, tiny student, a few CPU steps, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from softcache import SoftcacheError, StoreError
+from softcache.cache_job import run_cache
+from softcache.config import CacheConfig, TrainConfig
+from softcache.train_job import run_train
+
+from conftest import TINY_VOCAB, make_teacher
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory, corpus_file):
+    """A store written by a teacher whose files are deleted before any student trains."""
+    root = tmp_path_factory.mktemp("train")
+    teacher = make_teacher(root / "teacher", seed=1)
+    run_cache(CacheConfig(teacher=str(teacher), data=str(corpus_file), out=str(root / "store"), seq_len=32,
+                          max_sequences=40, k=8, batch_size=8, shard_size=8, progress=False))
+    shutil.rmtree(teacher)
+    return root / "store"
+
+
+def student_config(path, vocab=TINY_VOCAB):
+    path.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab, "hidden_size": 32,
+                                "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    return path
+
+
+@pytest.fixture
+def train_config(trained_store, tmp_path):
+    student = student_config(tmp_path / "student.json")
+
+    def build(**overrides) -> TrainConfig:
+        options = dict(store=str(trained_store), student=str(student), out=str(tmp_path / "run"), steps=6,
+                       batch_size=4, lr=5e-3, eval_fraction=0.2, checkpoint_every=2, num_workers=0, progress=False)
+        options.update(overrides)
+        return TrainConfig(**options)
+
+    return build
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_saves_a_loadable_student_without_the_teacher(train_config, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = train_config(steps=12, eval_every=6)
+    result = run_train(config)
+    run = tmp_path / "run"
+    lines = metrics(run)
+    assert [m["step"] for m in lines] == list(range(1, 13))
+    assert "eval" in lines[5] and "eval" in lines[11] and "eval" not in lines[0]
+    evaluation = lines[-1]["eval"]
+    assert set(evaluation) == {"ce", "perplexity", "kl", "top1_agreement", "tokens"}
+    assert evaluation["tokens"] == 8 * 31  # 20% of 40 sequences held out, 31 labelled positions each
+    assert lines[-1]["kd"] < lines[0]["kd"] and lines[-1]["ce"] < lines[0]["ce"]
+    assert result.final_eval == evaluation and "held-out CE" in result.summary()
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.vocab_size == TINY_VOCAB and len(tokenizer) == TINY_VOCAB
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["alpha"] == 0.5 and saved["store"]["content_sha256"]
+
+
+def _weights(run):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_losses(train_config, tmp_path, monkeypatch):
+    reference = train_config(out=str(tmp_path / "reference"), steps=7, checkpoint_every=3, grad_accum=2)
+    run_train(reference)
+
+    interrupted = train_config(out=str(tmp_path / "interrupted"), steps=7, checkpoint_every=3, grad_accum=2)
+    original_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def killed_during_step_5(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed_during_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(interrupted)
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    assert [m["step"] for m in metrics(tmp_path / "interrupted")] == [1, 2, 3, 4]
+
+    with pytest.raises(SoftcacheError, match="already holds a training run; pass --resume"):
+        run_train(interrupted)
+    interrupted.resume = True
+    result = run_train(interrupted)
+    assert result.steps == 4  # steps 4..7 after the step-3 checkpoint
+    ours, theirs = metrics(tmp_path / "interrupted"), metrics(tmp_path / "reference")
+    assert [m["step"] for m in ours] == list(range(1, 8))
+    for a, b in zip(ours, theirs):
+        assert (a["loss"], a["kd"], a["ce"], a["lr"]) == (b["loss"], b["kd"], b["ce"], b["lr"])
+    for name, tensor in _weights(tmp_path / "reference").items():
+        assert torch.equal(tensor, _weights(tmp_path / "interrupted")[name]), name
+
+
+def test_grad_accumulation_matches_one_big_batch(train_config, tmp_path):
+    run_train(train_config(out=str(tmp_path / "big"), steps=2, batch_size=8, grad_accum=1, eval_fraction=0.0))
+    run_train(train_config(out=str(tmp_path / "small"), steps=2, batch_size=2, grad_accum=4, eval_fraction=0.0))
+    big, small = metrics(tmp_path / "big"), metrics(tmp_path / "small")
+    for a, b in zip(big, small):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_losses_and_tails_all_train(train_config, tmp_path):
+    for loss, tail in [("rkl", "bucket"), ("jsd", "bucket"), ("tvd", "bucket"), ("fkl", "renorm")]:
+        out = tmp_path / f"{loss}-{tail}"
+        run_train(train_config(out=str(out), steps=2, loss=loss, tail=tail, temperature=2.0))
+        assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(out))
+
+
+def test_student_must_hold_the_store_ids(train_config, tmp_path):
+    small = student_config(tmp_path / "small.json", vocab=200)
+    with pytest.raises(SoftcacheError, match="has 200 output ids but the store's teacher uses 384"):
+        run_train(train_config(student=str(small)))
+    with pytest.raises(SoftcacheError, match="has 200 output ids"):
+        run_train(train_config(student=str(small), out=str(tmp_path / "r2"), allow_tokenizer_mismatch=True))
+
+
+def test_student_with_another_tokenizer_is_refused_unless_allowed(train_config, tmp_path):
+    other = make_teacher(tmp_path / "other", vocab_size=TINY_VOCAB + 16)  # a model dir with its own tokenizer
+    with pytest.raises(SoftcacheError, match="different tokenizer from the store's teacher"):
+        run_train(train_config(student=str(other)))
+    run_train(train_config(student=str(other), out=str(tmp_path / "allowed"), steps=1,
+                           allow_tokenizer_mismatch=True))
+
+
+def test_incomplete_store_and_changed_resume_are_refused(train_config, trained_store, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(trained_store, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(StoreError, match="incomplete"):
+        run_train(train_config(store=str(partial)))
+    run_train(train_config(steps=2))
+    with pytest.raises(SoftcacheError, match=r"--resume with changed settings \(lr: run has 0.005, now 0.01\)"):
+        run_train(train_config(steps=2, lr=1e-2, resume=True))
+
+
+def test_damaged_checkpoint_is_one_clear_error(train_config, tmp_path):
+    run_train(train_config(steps=2, checkpoint_every=1))
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(SoftcacheError, match="is damaged"):
+        run_train(train_config(steps=2, checkpoint_every=1, resume=True))
+
+
+def test_cli_train_then_eval(trained_store, tmp_path):
+    from click.testing import CliRunner
+
+    from softcache.cli import main
+
+    student = student_config(tmp_path / "s.json")
+    run = CliRunner().invoke(main, ["train", "--store", str(trained_store), "--student", str(student), "--out",
+                                    str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--num-workers", "0",
+                                    "--eval-fraction", "0.1", "--no-progress"])
+    assert run.exit_code == 0, run.output
+    assert "trained 3 steps" in run.output and "held-out CE" in run.output
+    evaluated = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run" / "final"), "--store",
+                                          str(trained_store), "--max-sequences", "8", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    numbers = json.loads(evaluated.output)
+    assert numbers["tokens"] == 8 * 31 and 0 <= numbers["top1_agreement"] <= 1
+    human = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run" / "final"), "--store",
+                                      str(trained_store), "--max-sequences", "4"])
+    assert human.exit_code == 0 and "perplexity" in human.output
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--alpha", "2"], "--alpha must be between 0 and 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "2", "--epochs", "1"], "give --steps or --epochs, not both"),
+    (["--lr", "0"], "--lr must be greater than 0"),
+    (["--eval-fraction", "1.5"], "--eval-fraction must be in [0, 1)"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be greater than 0"),
+])
+def test_cli_train_bad_flags(trained_store, tmp_path, flags, message):
+    from click.testing import CliRunner
+
+    from softcache.cli import main
+
+    student = student_config(tmp_path / "s.json")
+    result = CliRunner().invoke(main, ["train", "--store", str(trained_store), "--student", str(student), "--out",
+                                       str(tmp_path / "run"), "--no-progress", *flags])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output
+    assert not (tmp_path / "run").exists()
