@@ -96,9 +96,13 @@ def _ids(batches):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_workers_do_not_change_the_stream(store, workers):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_do_not_change_the_stream(store, workers, persistent):
     reference = stream(StoreDataset(str(store), batch_size=4, epochs=2))
-    assert _ids(stream(StoreDataset(str(store), batch_size=4, epochs=2), workers=workers)) == _ids(reference)
+    loader = DataLoader(StoreDataset(str(store), batch_size=4, epochs=2), batch_size=None, num_workers=workers,
+                        persistent_workers=persistent)
+    for _ in range(2 if persistent else 1):  # a persistent loader iterated twice gives the same stream
+        assert _ids(list(loader)) == _ids(reference)
 
 
 def test_resume_restores_the_exact_order(store):

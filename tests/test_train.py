@@ -203,3 +203,14 @@ def test_cli_train_bad_flags(trained_store, tmp_path, flags, message):
                                        str(tmp_path / "run"), "--no-progress", *flags])
     assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_epochs_and_a_separate_eval_store(train_config, trained_store, tmp_path):
+    held_out = tmp_path / "held-out"
+    shutil.copytree(trained_store, held_out)
+    result = run_train(train_config(steps=None, epochs=2, batch_size=8, grad_accum=2, eval_fraction=0.0,
+                                    eval_store=str(held_out)))
+    assert result.steps == 5  # 2 epochs x 5 batches of 8 (of 40 sequences) / 2 micro-batches per step
+    lines = metrics(tmp_path / "run")
+    assert [m["epoch"] for m in lines] == [0, 0, 1, 1, 1]  # a step's epoch is its last micro-batch's
+    assert lines[-1]["eval"]["tokens"] == 40 * 31
