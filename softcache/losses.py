@@ -35,28 +35,65 @@ TAILS = ("bucket", "renorm")
 _EMPTY = -1e30  # stands in for -inf at cached ids: finite, so no NaN appears in any gradient
 
 
-def _coarsened(logits: torch.Tensor, target_ids: torch.Tensor, target_logprobs: torch.Tensor, temperature: float):
-    """Teacher and student log-probabilities over K (+ the tail class), and whether a tail exists.
+def _student_head_and_rest(logits: torch.Tensor, target_ids: torch.Tensor, temperature: float):
+    """Student logits at T on K [n, k], and the log-sum-exp of those outside K [n] (autograd path).
 
-    Returns (t_head [n, k], q_head [n, k], t_tail [n], q_tail [n], has_tail [n] bool, log-normaliser of
-    the student at T [n]); all log-probabilities, float32.
+    The outside sum is taken directly over the other ids, so the student's tail mass has full
+    relative precision instead of coming from 1 - sum_K q.
     """
     z = _at_least_float32(logits)
     if temperature != 1.0:
         z = z / temperature
-    z_head = z.gather(-1, target_ids)
-    # log-sum-exp of the ids outside K, computed directly: no cancellation in 1 - sum_K q.
-    rest = torch.logsumexp(z.scatter(-1, target_ids, _EMPTY), dim=-1)
-    head = torch.logsumexp(z_head, dim=-1)
-    log_normaliser = torch.logaddexp(rest, head)
-    q_head = z_head - log_normaliser[:, None]
-    q_tail = rest - log_normaliser
-    t_head = target_logprobs.to(z.dtype)
-    t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
-    # The tail class exists when K misses some ids and the teacher left mass there.
-    has_tail = (target_ids.shape[-1] < z.shape[-1]) & (t_mass < 0)
+    return z.gather(-1, target_ids), torch.logsumexp(z.scatter(-1, target_ids, _EMPTY), dim=-1)
+
+
+def _teacher_mass(target_logprobs: torch.Tensor, vocab: int):
+    """log of the teacher's cached mass [n] (at most 0) and whether a tail class exists [n] bool:
+    when K misses some ids and the teacher left mass there."""
+    t_mass = torch.logsumexp(target_logprobs, dim=-1).clamp_max(0.0)
+    return t_mass, (target_logprobs.shape[-1] < vocab) & (t_mass < 0)
+
+
+def _coarsened(s_head: torch.Tensor, rest: torch.Tensor, target_logprobs: torch.Tensor, vocab: int):
+    """Teacher and student log-probabilities over K and the tail class.
+
+    Returns (t_head [n, k], q_head [n, k], t_tail [n], q_tail [n], has_tail [n] bool, the student's
+    log-normaliser at T [n]).
+    """
+    log_normaliser = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
+    t_head = target_logprobs.to(s_head.dtype)
+    t_mass, has_tail = _teacher_mass(t_head, vocab)
     t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
-    return t_head, q_head, t_tail, q_tail, has_tail, log_normaliser
+    return t_head, s_head - log_normaliser[:, None], t_tail, rest - log_normaliser, has_tail, log_normaliser
+
+
+def _divergence(kind, tail, beta, t_head, q_head, t_tail, q_tail, has_tail) -> torch.Tensor:
+    """Per-position divergence between the coarsened teacher and student (before the T^2 factor)."""
+    if tail == "renorm":
+        t_head = torch.log_softmax(t_head, dim=-1)
+        q_head = torch.log_softmax(q_head, dim=-1)
+        has_tail = torch.zeros_like(has_tail)
+    # The tail joins as a (k+1)-th class where it exists; elsewhere it is dropped (probability 0).
+    t_all = torch.cat([t_head, torch.where(has_tail, t_tail, -math.inf)[:, None]], dim=-1)
+    q_all = torch.cat([q_head, torch.where(has_tail, q_tail, _EMPTY)[:, None]], dim=-1)
+    if kind == "fkl":
+        return _kl(t_all, q_all)
+    if kind == "rkl":
+        # t_tail is floored so that a student tail against a (numerically) empty teacher tail is finite.
+        return _kl(q_all, t_all.clamp_min(math.log(1e-12)))
+    if kind == "jsd":
+        m = torch.logaddexp(t_all + math.log(beta), q_all + math.log(1 - beta))
+        return beta * _kl(t_all, m) + (1 - beta) * _kl(q_all, m)
+    return 0.5 * (t_all.exp() - q_all.exp()).abs().sum(-1)
+
+
+def _check_choices(kind: str, tail: str, beta: float) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown KD loss {kind!r}; choose from {KINDS}")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"JSD beta must be in (0, 1), got {beta}")
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -104,32 +141,10 @@ def sparse_kd(
 
 def _sparse_kd(logits, target_ids, target_logprobs, kind, tail, temperature, beta):
     """:func:`sparse_kd` and the student's log-normaliser at T (reused for CE when T = 1)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown KD loss {kind!r}; choose from {KINDS}")
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
-    t_head, q_head, t_tail, q_tail, has_tail, log_normaliser = _coarsened(logits, target_ids, target_logprobs,
-                                                                          temperature)
-    if tail == "renorm":
-        t_head = torch.log_softmax(t_head, dim=-1)
-        q_head = torch.log_softmax(q_head, dim=-1)
-        has_tail = torch.zeros_like(has_tail)
-    # The tail joins as a (k+1)-th class where it exists; elsewhere it is dropped (probability 0).
-    t_all = torch.cat([t_head, torch.where(has_tail, t_tail, -math.inf)[:, None]], dim=-1)
-    q_all = torch.cat([q_head, torch.where(has_tail, q_tail, _EMPTY)[:, None]], dim=-1)
-    if kind == "fkl":
-        loss = _kl(t_all, q_all)
-    elif kind == "rkl":
-        # t_tail is floored so that a student tail against a (numerically) empty teacher tail is finite.
-        loss = _kl(q_all, t_all.clamp_min(math.log(1e-12)))
-    elif kind == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"JSD beta must be in (0, 1), got {beta}")
-        m = torch.logaddexp(t_all + math.log(beta), q_all + math.log(1 - beta))
-        loss = beta * _kl(t_all, m) + (1 - beta) * _kl(q_all, m)
-    else:
-        loss = 0.5 * (t_all.exp() - q_all.exp()).abs().sum(-1)
-    return loss * temperature**2, log_normaliser
+    _check_choices(kind, tail, beta)
+    s_head, rest = _student_head_and_rest(logits, target_ids, temperature)
+    *coarse, log_normaliser = _coarsened(s_head, rest, target_logprobs, logits.shape[-1])
+    return _divergence(kind, tail, beta, *coarse) * temperature**2, log_normaliser
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -184,9 +199,8 @@ def distillation_loss(
     vocab = logits.shape[-1]
     flat = (logits.reshape(-1, vocab), target_ids.reshape(-1, target_ids.shape[-1]),
             target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
+    _check_choices(kind, tail, beta)
     if kind == "fkl":
-        if tail not in TAILS:
-            raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
         return _FusedForwardKL.apply(*flat, tail, temperature, chunk_tokens)
 
     def chunk_sums(z, ids, logprobs, valid, y):
@@ -206,6 +220,11 @@ def distillation_loss(
         kd_total = kd_total + kd
         ce_total = ce_total + ce
     return kd_total, ce_total
+
+
+def _scaled_into(work: torch.Tensor, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """work = z / T in float32, reusing ``work``'s memory."""
+    return torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
 
 
 class _FusedForwardKL(torch.autograd.Function):
@@ -232,26 +251,16 @@ class _FusedForwardKL(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             z, ids, y = logits[rows], target_ids[rows], labels[rows]
-            work = buffer[: z.shape[0]]
-            torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
+            work = _scaled_into(buffer[: z.shape[0]], z, temperature)
             s_head = work.gather(-1, ids)
             picked = z.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1).float()
             lse_1 = torch.logsumexp(z.float(), dim=-1) if temperature != 1.0 else None
             work.scatter_(-1, ids, -math.inf)
             rest = torch.logsumexp(work, dim=-1) if k < vocab else torch.full_like(s_head[:, 0], -math.inf)
-            lse = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
+            *coarse, lse = _coarsened(s_head, rest, target_logprobs[rows], vocab)
             if lse_1 is None:
                 lse_1 = lse
-            t_head = target_logprobs[rows].float()
-            t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
-            q_head = s_head - lse[:, None]
-            if tail == "bucket":
-                has_tail = (k < vocab) & (t_mass < 0)
-                t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
-                kl_tail = torch.where(has_tail, t_tail.exp() * (t_tail - (rest - lse)), 0.0)
-                kd = _kl(t_head, q_head) + kl_tail
-            else:
-                kd = _kl(torch.log_softmax(t_head, dim=-1), torch.log_softmax(s_head, dim=-1))
+            kd = _divergence("fkl", tail, 0.5, *coarse)
             kd_rows[rows] = torch.where(kd_valid[rows], kd, 0.0) * temperature**2
             ce_rows[rows] = torch.where(y >= 0, lse_1 - picked, 0.0)
             stats[rows, 0], stats[rows, 1], stats[rows, 2] = lse, rest, lse_1
@@ -273,15 +282,13 @@ class _FusedForwardKL(torch.autograd.Function):
             lse, rest, lse_1 = stats[rows, 0], stats[rows, 1], stats[rows, 2]
             w_kd = grad_kd * temperature * kd_valid[rows].float()  # d/dz = d/ds / T, times T^2
             w_ce = grad_ce * (y >= 0).float()
-            work = buffer[: z.shape[0]]
-            torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
+            work = _scaled_into(buffer[: z.shape[0]], z, temperature)
             work.sub_(lse[:, None]).exp_()  # q at temperature T
             q_head = work.gather(-1, ids)
             t_head = target_logprobs[rows].float()
             t_k = t_head.exp()
             if tail == "bucket":
-                t_mass = torch.logsumexp(t_head, dim=-1).clamp_max(0.0)
-                has_tail = (k < vocab) & (t_mass < 0)
+                t_mass, has_tail = _teacher_mass(t_head, vocab)
                 t_tail = torch.where(has_tail, -torch.expm1(t_mass), 0.0)
                 c = t_k.sum(-1) + t_tail
                 inverse_q_tail = torch.exp((lse - rest).clamp_max(80.0))
