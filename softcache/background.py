@@ -29,6 +29,7 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
         self._filled: dict[int, int] = {}
+        self._nll: dict[int, dict] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="softcache-writer", daemon=True)
 
@@ -42,19 +43,22 @@ class BackgroundWriter:
         if self._error is not None and exc is None:
             raise self._error
 
-    def submit(self, shard: int, first: int, input_ids: np.ndarray, target_ids: torch.Tensor, target_logprobs: torch.Tensor) -> None:
+    def submit(self, shard: int, first: int, input_ids: np.ndarray, target_ids: torch.Tensor,
+               target_logprobs: torch.Tensor, nll_sum: torch.Tensor, nll_count: int) -> None:
         """Queue one batch: rows starting at global sequence ``first`` of shard ``shard``.
 
-        ``target_ids`` (int32) and ``target_logprobs`` (float16) may live on an accelerator: they
+        ``target_ids`` (int32), ``target_logprobs`` (float16) and ``nll_sum`` (0-d: the teacher's
+        summed cross-entropy over ``nll_count`` labelled positions) may live on an accelerator: they
         are copied to pinned host memory without blocking, and the thread waits on that copy.
         """
         event = None
         if target_ids.device.type == "cuda":
             target_ids = _to_pinned(target_ids)
             target_logprobs = _to_pinned(target_logprobs)
+            nll_sum = _to_pinned(nll_sum)
             event = torch.cuda.Event()
             event.record()
-        self._put((shard, first, input_ids, target_ids, target_logprobs, event))
+        self._put((shard, first, input_ids, target_ids, target_logprobs, nll_sum, nll_count, event))
 
     def _put(self, item) -> None:
         while True:
@@ -76,7 +80,7 @@ class BackgroundWriter:
             except BaseException as err:  # surfaced in the teacher loop
                 self._error = err
 
-    def _store(self, shard, first, input_ids, target_ids, target_logprobs, event) -> None:
+    def _store(self, shard, first, input_ids, target_ids, target_logprobs, nll_sum, nll_count, event) -> None:
         if event is not None:
             event.synchronize()
         layout = self.writer.layout
@@ -84,14 +88,17 @@ class BackgroundWriter:
         if shard not in self._buffers:
             self._buffers[shard] = layout.empty_shard(count)
             self._filled[shard] = 0
+            self._nll[shard] = {"sum": 0.0, "count": 0}
         buffer = self._buffers[shard]
         rows = slice(first - shard_first, first - shard_first + len(input_ids))
         buffer["input_ids"][rows] = input_ids
         buffer["target_ids"][rows] = target_ids.numpy()
         buffer["target_logprobs"][rows] = target_logprobs.numpy()
         self._filled[shard] += len(input_ids)
+        self._nll[shard]["sum"] += float(nll_sum)
+        self._nll[shard]["count"] += nll_count
         if self._filled[shard] == count:
-            record = self.writer.write_shard(shard, self._buffers.pop(shard))
+            record = self.writer.write_shard(shard, self._buffers.pop(shard), teacher_nll=self._nll.pop(shard))
             del self._filled[shard]
             if self.on_shard is not None:
                 self.on_shard(record)

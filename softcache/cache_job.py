@@ -19,7 +19,7 @@ from softcache.corpus import iter_documents, pack
 from softcache.errors import SoftcacheError
 from softcache.store import Layout, StoreWriter, id_dtype_for
 from softcache.store.registry import storage_section
-from softcache.targets import to_storage, topk_logprobs
+from softcache.targets import extract_targets, to_storage
 from softcache.teacher import (
     identity,
     load_model,
@@ -103,6 +103,9 @@ def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, k: int, temp
                  device: torch.device, on_batch=None) -> None:
     """The teacher loop: forward, top-k on the device, hand off to the background writer.
 
+    Besides the targets, each shard records the teacher's summed cross-entropy on the true next
+    tokens (``teacher_nll``), so a store knows its teacher's loss on its own corpus.
+
     Writes every pending shard of ``writer``. ``input_ids`` is the [num_sequences, seq_len] packed
     corpus; ``on_batch(tokens)`` is called after each forward pass.
     """
@@ -115,10 +118,13 @@ def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, k: int, temp
                 hi = min(lo + batch_size, first + count)
                 host_ids = input_ids[lo:hi]
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
+                labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
                 logits = model(input_ids=ids, use_cache=False).logits
-                target_ids, target_logprobs = to_storage(*topk_logprobs(logits, k, temperature))
+                targets = extract_targets(logits, k, temperature, labels)
                 del logits
-                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs)
+                target_ids, target_logprobs = to_storage(targets.ids, targets.logprobs)
+                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs,
+                                  -targets.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 if on_batch is not None:
                     on_batch(ids.numel())
 
@@ -145,7 +151,7 @@ def _header(config: CacheConfig, layout: Layout, teacher: dict, tokenizer, vocab
             "directory": "tokenizer",
         },
         "corpus": {**corpus, "text_column": None if config.data.startswith("builtin:") else config.text_column,
-                   "split": None if config.data.startswith("builtin:") else config.split},
+                   "split": config.split},
         "config": config.to_dict(),
     }
 

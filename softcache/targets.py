@@ -7,16 +7,37 @@ position on the teacher's device, so it is written for speed: no [positions, V] 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FLOAT16_MIN = float(torch.finfo(torch.float16).min)
 
 
-@torch.inference_mode()
+class Targets(NamedTuple):
+    ids: torch.Tensor
+    """[..., k] int64 vocabulary ids."""
+    logprobs: torch.Tensor
+    """[..., k] float32 log-probabilities (natural log), each row sorted descending."""
+    label_logprobs: torch.Tensor | None
+    """[...] float32 log-probability at temperature 1 of each position's label (0 where the label is
+    -100), or None when no labels were given."""
+
+
 def topk_logprobs(
     logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_rows: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities of ``softmax(logits / temperature)``, sorted descending.
+    """``(ids, logprobs)`` of :func:`extract_targets`: the top-k of ``log_softmax(logits / T)``."""
+    targets = extract_targets(logits, k, temperature, chunk_rows=chunk_rows)
+    return targets.ids, targets.logprobs
+
+
+@torch.inference_mode()
+def extract_targets(
+    logits: torch.Tensor, k: int, temperature: float = 1.0, labels: torch.Tensor | None = None, chunk_rows: int = 64
+) -> Targets:
+    """Top-k log-probabilities of ``softmax(logits / temperature)``, sorted descending, and optionally
+    the teacher's log-probability of the true next token (its cross-entropy, at temperature 1).
 
     Equal to ``log_softmax(logits / temperature).topk(k)`` but cheaper: the top-k is taken on the
     logits themselves (the order is the same) and the log-normaliser reuses the row maximum that
@@ -27,19 +48,19 @@ def topk_logprobs(
         logits: [..., V] teacher logits, any float dtype.
         k: entries to keep per position, 1 <= k <= V.
         temperature: divides the logits before normalising.
+        labels: [...] int64 true next tokens (-100: none), or None.
         chunk_rows: positions handled at once (bounds the float32 working memory to chunk_rows x V).
-
-    Returns:
-        ids: [..., k] int64 vocabulary ids.
-        logprobs: [..., k] float32 log-probabilities (natural log), each row sorted descending.
     """
     vocab = logits.shape[-1]
     assert 1 <= k <= vocab, f"k={k} outside 1..{vocab}"
     flat = logits.reshape(-1, vocab)
-    ids = torch.empty(flat.shape[0], k, dtype=torch.int64, device=logits.device)
-    values = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
-    work = torch.empty(min(chunk_rows, flat.shape[0]), vocab, dtype=torch.float32, device=logits.device)
-    for start in range(0, flat.shape[0], chunk_rows):
+    n = flat.shape[0]
+    ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
+    values = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    label_values = None if labels is None else torch.zeros(n, dtype=torch.float32, device=logits.device)
+    work = torch.empty(min(chunk_rows, n), vocab, dtype=torch.float32, device=logits.device)
+    for start in range(0, n, chunk_rows):
         rows = flat[start : start + chunk_rows].float()
         top = rows.topk(k, dim=-1, sorted=True)
         peak = top.values[:, :1]
@@ -49,8 +70,15 @@ def topk_logprobs(
         log_normaliser = shifted.exp_().sum(-1, keepdim=True).log_()
         values[start : start + chunk_rows] = (top.values - peak) / temperature - log_normaliser
         ids[start : start + chunk_rows] = top.indices
+        if flat_labels is not None:
+            y = flat_labels[start : start + chunk_rows]
+            lse_1 = peak + log_normaliser if temperature == 1.0 else torch.logsumexp(rows, dim=-1, keepdim=True)
+            picked = rows.gather(-1, y.clamp_min(0)[:, None]) - lse_1
+            label_values[start : start + chunk_rows] = torch.where(y >= 0, picked.squeeze(-1), 0.0)
     shape = (*logits.shape[:-1], k)
-    return ids.reshape(shape), values.reshape(shape)
+    label_shape = logits.shape[:-1]
+    return Targets(ids.reshape(shape), values.reshape(shape),
+                   None if label_values is None else label_values.reshape(label_shape))
 
 
 def to_storage(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

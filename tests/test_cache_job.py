@@ -33,6 +33,10 @@ def test_stored_targets_equal_teacher_topk(cache_config, tiny_teacher, format_na
     # float16 rounding: relative error 2**-11 of the value
     np.testing.assert_allclose(data["target_logprobs"], reference.values.numpy(), rtol=2**-10, atol=1e-3)
     assert store.manifest["targets"]["temperature"] == 0.7
+    # The teacher's own cross-entropy on the corpus (temperature 1, positions with a next token).
+    ids = torch.from_numpy(data["input_ids"])
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert store.manifest["totals"]["teacher_ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert store.manifest["storage"]["ids"] == "uint16"
     assert store.verify() == []
 
@@ -66,10 +70,10 @@ def test_resume_after_interruption_is_byte_identical(cache_config, tmp_path, mon
     interrupted = cache_config(out=str(tmp_path / "interrupted"))
     original = StoreWriter.write_shard
 
-    def crash_on_third_shard(self, index, arrays):
+    def crash_on_third_shard(self, index, arrays, **stats):
         if index == 2:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, index, arrays)
+        return original(self, index, arrays, **stats)
 
     monkeypatch.setattr(StoreWriter, "write_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):

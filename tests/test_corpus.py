@@ -49,9 +49,15 @@ def test_pack_refuses_a_corpus_shorter_than_one_sequence():
         pack(iter([]), CharTokenizer(), seq_len=4)
 
 
-def test_builtin_corpus_ships_with_python():
-    docs = list(iter_documents("builtin:python-docs"))
-    assert docs == python_docs() and len(docs) > 50 and sum(map(len, docs)) > 300_000
+def test_builtin_corpus_ships_with_python_and_splits_deterministically():
+    everything = list(iter_documents("builtin:python-docs", split="all"))
+    assert everything == python_docs() and len(everything) > 50 and sum(map(len, everything)) > 300_000
+    train = list(iter_documents("builtin:python-docs"))  # the default split is train
+    heldout = list(iter_documents("builtin:python-docs", split="heldout"))
+    assert len(train) + len(heldout) == len(everything) and not set(train) & set(heldout)
+    assert heldout == everything[9::10]
+    with pytest.raises(SoftcacheError, match="--split dev: builtin:python-docs has the splits train, heldout, all"):
+        list(iter_documents("builtin:python-docs", split="dev"))
     with pytest.raises(SoftcacheError, match="unknown built-in corpus"):
         list(iter_documents("builtin:nope"))
 

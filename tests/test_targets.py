@@ -45,3 +45,20 @@ def test_to_storage_narrows_and_clamps():
     assert stored_ids.dtype == torch.int32 and stored_values.dtype == torch.float16
     assert stored_values[0, 1].item() == FLOAT16_MIN
     assert math.isfinite(stored_values.float().exp().sum().item())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_label_logprobs_are_the_teachers_cross_entropy_at_temperature_one(temperature):
+    from softcache.targets import extract_targets
+
+    torch.manual_seed(3)
+    logits = torch.randn(2, 9, 60) * 3
+    labels = torch.randint(0, 60, (2, 9))
+    labels[:, -1] = -100
+    targets = extract_targets(logits, k=4, temperature=temperature, labels=labels, chunk_rows=5)
+    reference = -torch.nn.functional.cross_entropy(logits.reshape(-1, 60), labels.reshape(-1), reduction="none",
+                                                   ignore_index=-100).reshape(2, 9)
+    torch.testing.assert_close(targets.label_logprobs, reference)
+    assert torch.all(targets.label_logprobs[:, -1] == 0)
+    ids, values = topk_logprobs(logits, k=4, temperature=temperature)
+    assert torch.equal(targets.ids, ids) and torch.equal(targets.logprobs, values)

@@ -38,7 +38,7 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
     for index in writer.pending:
         first, count = store.layout.shard_bounds(index)
         arrays = {name: np.ascontiguousarray(array) for name, array in store.read_raw(first, first + count).items()}
-        writer.write_shard(index, arrays)
+        writer.write_shard(index, arrays, teacher_nll=store.shards[index].get("teacher_nll"))
         if on_shard is not None:
             on_shard(index)
     manifest = writer.finish()

@@ -99,8 +99,11 @@ class StoreWriter:
         except (IndexError, KeyError, TypeError, OSError):
             return False
 
-    def write_shard(self, index: int, arrays: dict[str, np.ndarray]) -> dict:
-        """Write shard ``index`` (arrays in on-disk dtypes) durably and record it as done."""
+    def write_shard(self, index: int, arrays: dict[str, np.ndarray], teacher_nll: dict | None = None) -> dict:
+        """Write shard ``index`` (arrays in on-disk dtypes) durably and record it as done.
+
+        ``teacher_nll`` ({"sum", "count"}: the teacher's summed cross-entropy on the shard's true next
+        tokens) is kept in the shard's record when given."""
         first, count = self.layout.shard_bounds(index)
         self.layout.check_shard(arrays, count)
         try:
@@ -119,6 +122,8 @@ class StoreWriter:
             "content_sha256": content_sha256(arrays, ARRAYS),
             "files": files,
         }
+        if teacher_nll is not None:
+            record["teacher_nll"] = teacher_nll
         write_json(self.root / progress_name(index), record)
         self.done[index] = record
         return record
@@ -155,6 +160,7 @@ class StoreWriter:
                 "data_bytes": data_bytes,
                 "bytes_per_token": data_bytes / self.layout.num_tokens,
                 "content_sha256": store_content_digest(shards),
+                **teacher_cross_entropy(shards),
             },
             "files": extra,
             "shards": shards,
@@ -163,6 +169,14 @@ class StoreWriter:
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
+
+
+def teacher_cross_entropy(shards: list[dict]) -> dict:
+    """{"teacher_ce": mean nats per labelled position} when every shard recorded the teacher's loss."""
+    if not shards or any("teacher_nll" not in s for s in shards):
+        return {}
+    count = sum(s["teacher_nll"]["count"] for s in shards)
+    return {"teacher_ce": sum(s["teacher_nll"]["sum"] for s in shards) / max(count, 1)}
 
 
 def store_content_digest(shards: list[dict]) -> str:
