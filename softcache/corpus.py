@@ -62,7 +62,7 @@ BUILTIN_SPLITS = ("train", "heldout", "all")
 def python_docs(split: str = "all") -> list[str]:
     """The built-in corpus: Python's documentation topics (``pydoc_data.topics``), sorted by topic.
 
-    Split deterministically: every tenth topic (positions 9, 19, ...) is ``heldout``, the rest
+    Split deterministically: every fifth topic (positions 4, 9, 14, ...) is ``heldout``, the rest
     ``train``; ``all`` is every topic.
     """
     from pydoc_data.topics import topics
@@ -70,7 +70,7 @@ def python_docs(split: str = "all") -> list[str]:
     documents = [topics[name] for name in sorted(topics)]
     if split == "all":
         return documents
-    return [doc for i, doc in enumerate(documents) if (i % 10 == 9) == (split == "heldout")]
+    return [doc for i, doc in enumerate(documents) if (i % 5 == 4) == (split == "heldout")]
 
 
 def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:

@@ -1,10 +1,13 @@
 """Evaluating a student against a store: cross-entropy and perplexity on the true tokens, forward KL
-to the cached teacher targets (tail bucket, at the store's temperature), and top-1 agreement with
-the teacher. Every metric is a sum over valid positions divided by their count."""
+to the cached teacher targets (tail bucket, at the store's temperature), top-1 agreement with the
+teacher, and expected calibration error of the student's top-1 prediction of the true token (15
+equal-width confidence bins). Every metric is a sum over valid positions divided by their count."""
 
 from __future__ import annotations
 
 import math
+
+ECE_BINS = 15
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,23 +23,40 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     """Metrics of ``model`` on sequences [start, stop) of ``store`` (in stored order).
 
     Returns a dict: ``ce`` (nats per token), ``perplexity``, ``kl`` (nats per position), ``top1_agreement``
-    (fraction of positions where the student's most likely token is the teacher's), ``tokens``.
+    (fraction of positions where the student's most likely token is the teacher's), ``ece`` (expected
+    calibration error: sum over bins of |accuracy - confidence| weighted by the bin's share), ``tokens``.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
     dataset = StoreDataset(store, batch_size, start=start, stop=stop, epochs=1, shuffle=False, world_size=1, rank=0)
     sums = torch.zeros(5, dtype=torch.float64)  # ce, ce count, kl, kd count, agreements
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # positions, confidence sum, correct sum
     for batch in DataLoader(dataset, batch_size=None, num_workers=0):
         batch = {name: value.to(device) for name, value in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids=batch["input_ids"]).logits
         kl, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
                                    batch["labels"], "fkl", "bucket", temperature, chunk_tokens=chunk_tokens)
-        agree = ((logits.argmax(-1) == batch["target_ids"][..., 0]) & batch["mask"]).sum()
+        top = logits.float().softmax(-1).max(-1)
+        agree = ((top.indices == batch["target_ids"][..., 0]) & batch["mask"]).sum()
         sums += torch.stack([ce, (batch["labels"] >= 0).sum(), kl, batch["mask"].sum(), agree]).double().cpu()
+        labelled = batch["labels"] >= 0
+        bins += calibration_bins(top.values[labelled], top.indices[labelled] == batch["labels"][labelled])
     model.train(was_training)
     ce, ce_count, kl, kd_count, agree = sums.tolist()
     ce_mean = ce / max(ce_count, 1)
+    ece = float((bins[1] - bins[2]).abs().sum() / bins[0].sum().clamp_min(1))  # sum_b n_b/N |conf_b - acc_b|
     return {"ce": ce_mean, "perplexity": math.exp(min(ce_mean, 700)), "kl": kl / max(kd_count, 1),
-            "top1_agreement": agree / max(kd_count, 1), "tokens": int(ce_count)}
+            "top1_agreement": agree / max(kd_count, 1), "ece": ece, "tokens": int(ce_count)}
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """[3, ECE_BINS] float64: per equal-width confidence bin, the count, the summed confidence and
+    the number correct. ``confidence`` [n] in [0, 1]; ``correct`` [n] bool."""
+    confidence = confidence.double().cpu()
+    which = (confidence * ECE_BINS).long().clamp(0, ECE_BINS - 1)
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)
+    for row, values in enumerate((torch.ones_like(confidence), confidence, correct.double().cpu())):
+        bins[row].index_add_(0, which, values)
+    return bins

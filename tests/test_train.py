@@ -61,7 +61,8 @@ def test_train_saves_a_loadable_student_without_the_teacher(train_config, tmp_pa
     assert [m["step"] for m in lines] == list(range(1, 13))
     assert "eval" in lines[5] and "eval" in lines[11] and "eval" not in lines[0]
     evaluation = lines[-1]["eval"]
-    assert set(evaluation) == {"ce", "perplexity", "kl", "top1_agreement", "tokens"}
+    assert set(evaluation) == {"ce", "perplexity", "kl", "top1_agreement", "ece", "tokens"}
+    assert 0 <= evaluation["ece"] <= 1
     assert evaluation["tokens"] == 8 * 31  # 20% of 40 sequences held out, 31 labelled positions each
     assert lines[-1]["kd"] < lines[0]["kd"] and lines[-1]["ce"] < lines[0]["ce"]
     assert result.final_eval == evaluation and "held-out CE" in result.summary()
@@ -214,3 +215,12 @@ def test_epochs_and_a_separate_eval_store(train_config, trained_store, tmp_path)
     lines = metrics(tmp_path / "run")
     assert [m["epoch"] for m in lines] == [0, 0, 1, 1, 1]  # a step's epoch is its last micro-batch's
     assert lines[-1]["eval"]["tokens"] == 40 * 31
+
+
+def test_calibration_bins_give_the_hand_computed_ece():
+    from softcache.evaluate import calibration_bins
+
+    bins = calibration_bins(torch.tensor([0.95, 0.95, 0.05]), torch.tensor([True, False, False]))
+    assert bins[0, 14] == 2 and bins[0, 0] == 1
+    ece = float((bins[1] - bins[2]).abs().sum() / bins[0].sum())
+    assert ece == pytest.approx((abs(1.9 - 1) + 0.05) / 3)

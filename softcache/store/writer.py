@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ class StoreWriter:
         self.done[index] = record
         return record
 
-    def save_tokenizer(self, save: callable) -> None:
+    def save_tokenizer(self, save: Callable[[Path], object]) -> None:
         """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""
         final = self.root / TOKENIZER_DIR
         staging = self.root / f"{TOKENIZER_DIR}.tmp-{os.getpid()}"

@@ -1,0 +1,23 @@
+"""The demo end to end on the tiny teacher: two stores, two students, a report; a rerun reuses them."""
+
+from __future__ import annotations
+
+from softcache.demo import DemoConfig, run_demo
+
+
+def test_demo_runs_and_reruns(tiny_teacher, tmp_path, capsys):
+    config = DemoConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher), seq_len=128, steps=2, batch_size=2,
+                        progress=False)
+    result = run_demo(config)
+    names = [row["model"] for row in result.rows]
+    assert names[0].startswith("teacher") and names[1] == "student, cross-entropy only"
+    assert names[2] == "student, distilled from the store"
+    assert all(row["ce"] > 0 for row in result.rows)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| student, distilled from the store |" in report and "bytes per token" in report
+    for part in ("store-train", "store-heldout", "student-ce/final", "student-kd/final"):
+        assert (tmp_path / "demo" / part).exists(), part
+    mtime = (tmp_path / "demo" / "student-kd" / "final" / "config.json").stat().st_mtime
+    again = run_demo(config)  # reuses the stores and both students
+    assert [row["ce"] for row in again.rows] == [row["ce"] for row in result.rows]
+    assert (tmp_path / "demo" / "student-kd" / "final" / "config.json").stat().st_mtime == mtime
