@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -216,17 +217,21 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     names = list(rows)
+    values = [rows[n]["ce"] for n in names]
     fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.barh(names, [rows[n]["ce"] for n in names], color=["#999999"] + ["#4477aa"] * (len(names) - 2) + ["#cc6677"])
-    ax.axvline(results["teacher_heldout_ce"], color="black", linestyle="--", label="teacher")
-    low = min(min(r["ce"] for r in rows.values()), results["teacher_heldout_ce"])
-    ax.set_xlim(low - 0.3, max(r["ce"] for r in rows.values()) + 0.1)
+    ax.barh(names, values, color=["#999999"] + ["#4477aa"] * (len(names) - 2) + ["#cc6677"])
+    for y, value in enumerate(values):
+        ax.text(value + 0.005, y, f"{value:.3f}", va="center", fontsize=9)
+    ax.set_xlim(min(values) - 0.15, max(values) + 0.08)
     ax.invert_yaxis()
     ax.set_xlabel("held-out cross-entropy (nats/token), lower is better")
-    ax.legend(loc="lower right")
+    ax.set_title(f"Students after {results['steps']} steps (teacher: {results['teacher_heldout_ce']:.3f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 2 and sys.argv[1] == "--report-only":  # redraw from results/quality.json
+        write_report(json.loads((HERE / "results" / "quality.json").read_text()))
+    else:
+        main()
