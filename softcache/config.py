@@ -142,6 +142,8 @@ class TrainConfig:
     """--resume: continue from the newest checkpoint in --out."""
     allow_tokenizer_mismatch: bool = False
     """--allow-tokenizer-mismatch: train a student whose tokenizer differs from the store's."""
+    allow_incomplete: bool = False
+    """--allow-incomplete: train on the finished shards of a store whose teacher job has not finished."""
     num_workers: int = 1
     """--num-workers: DataLoader worker processes reading the store."""
     device: str = "auto"

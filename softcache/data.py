@@ -92,14 +92,16 @@ class StoreDataset(IterableDataset):
         start_batch: global batches to skip (from :class:`ReaderState`).
         window: shards shuffled together.
         shuffle: False reads in stored order (evaluation).
+        allow_incomplete: read the finished shards of a store whose teacher job has not finished.
     """
 
     def __init__(self, store: str, batch_size: int, seed: int = 0, start: int = 0, stop: int | None = None,
                  epochs: int | None = None, start_batch: int = 0, window: int = 4, shuffle: bool = True,
-                 world_size: int | None = None, rank: int | None = None):
+                 world_size: int | None = None, rank: int | None = None, allow_incomplete: bool = False):
         super().__init__()
         self.path = str(store)
-        opened = open_store(store)
+        self.allow_incomplete = allow_incomplete
+        opened = open_store(store, allow_incomplete=allow_incomplete)
         stop = len(opened) if stop is None else min(stop, len(opened))
         if not 0 <= start < stop:
             raise ValueError(f"empty sequence range [{start}, {stop}) of a store with {len(opened)} sequences")
@@ -147,7 +149,7 @@ class StoreDataset(IterableDataset):
     def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors for sequence indices ``rows`` (-1: a padding row, all masked out)."""
         if self._store is None:
-            self._store = open_store(self.path)
+            self._store = open_store(self.path, allow_incomplete=self.allow_incomplete)
         valid = rows >= 0
         raw = self._store.read_rows_raw(rows[valid])
         length, k = self._store.layout.seq_len, self._store.layout.k

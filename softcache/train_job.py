@@ -56,14 +56,14 @@ def run_train(config: TrainConfig) -> TrainResult:
     config.validate()
     out = Path(config.out)
     device = resolve_device(config.device)
-    store = open_store(config.store)
+    store = open_store(config.store, allow_incomplete=config.allow_incomplete)
+    if not store.complete:
+        _log(config, f"note: {config.store} is incomplete; training on its {len(store):,} finished sequences")
     store_temperature = store.manifest["targets"]["temperature"]
     temperature = config.temperature or store_temperature
     if temperature != store_temperature:
         _log(config, f"note: the store was written at temperature {store_temperature:g}; the student uses "
                      f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
-    _prepare_run_dir(out, config, store)
-
     train_stop, evaluation = _split(config, len(store))
     if config.eval_store:
         _check_eval_store(config.eval_store, store)
@@ -71,6 +71,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     np.random.seed(config.seed)
     model = build_student(config.student, config.seed)
     check_compatible(model, store, config.student, config.allow_tokenizer_mismatch)
+    _prepare_run_dir(out, config, store)  # only once every check has passed: a refused run leaves nothing
     model.to(device).train()
     optimizer = adamw(model, config.lr, config.weight_decay)
     per_epoch = batches_per_epoch(train_stop, config.batch_size)
@@ -94,7 +95,7 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     reader = ReaderState(config.seed, config.batch_size * config.grad_accum, start_step * config.grad_accum)
     dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=train_stop,
-                           start_batch=reader.batches_consumed)
+                           start_batch=reader.batches_consumed, allow_incomplete=config.allow_incomplete)
     loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
@@ -157,8 +158,7 @@ def run_train(config: TrainConfig) -> TrainResult:
 def _prepare_run_dir(out: Path, config: TrainConfig, store) -> None:
     """Create the run directory and save the resolved configuration; refuse to mix two runs."""
     saved_path = out / RUN_CONFIG
-    wanted = {"config": config.to_dict(), "store": {"path": str(store.root),
-              "content_sha256": store.manifest["totals"]["content_sha256"]}}
+    wanted = {"config": config.to_dict(), "store": {"path": str(store.root), "content_sha256": _content_digest(store)}}
     if saved_path.exists():
         if not config.resume:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
@@ -176,6 +176,13 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store) -> None:
         raise SoftcacheError(f"--out {out} is not empty and holds no training run; give a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     write_json(saved_path, wanted)
+
+
+def _content_digest(store) -> str:
+    """The store's content digest; for an unfinished store, that of its finished shards."""
+    from softcache.store.writer import store_content_digest
+
+    return store.manifest["totals"]["content_sha256"] if store.complete else store_content_digest(store.shards)
 
 
 def _split(config: TrainConfig, n: int) -> tuple[int, tuple | None]:

@@ -132,6 +132,7 @@ def test_student_must_hold_the_store_ids(train_config, tmp_path):
     small = student_config(tmp_path / "small.json", vocab=200)
     with pytest.raises(SoftcacheError, match="has 200 output ids but the store's teacher uses 384"):
         run_train(train_config(student=str(small)))
+    assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
     with pytest.raises(SoftcacheError, match="has 200 output ids"):
         run_train(train_config(student=str(small), out=str(tmp_path / "r2"), allow_tokenizer_mismatch=True))
 
@@ -149,8 +150,15 @@ def test_incomplete_store_and_changed_resume_are_refused(train_config, trained_s
     shutil.copytree(trained_store, partial)
     manifest = json.loads((partial / "manifest.json").read_text())
     (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
-    with pytest.raises(StoreError, match="incomplete"):
+    with pytest.raises(StoreError, match="incomplete.*--allow-incomplete"):
         run_train(train_config(store=str(partial)))
+    # On purpose: the finished shards (here the progress records of the shards in the table).
+    (partial / "progress").mkdir()
+    for shard in manifest["shards"][:3]:
+        (partial / "progress" / f"shard-{shard['index']:05d}.json").write_text(json.dumps(shard))
+    run_train(train_config(store=str(partial), out=str(tmp_path / "partial-run"), allow_incomplete=True, steps=2,
+                           eval_fraction=0.0))
+    assert len(metrics(tmp_path / "partial-run")) == 2
     run_train(train_config(steps=2))
     with pytest.raises(SoftcacheError, match=r"--resume with changed settings \(lr: run has 0.005, now 0.01\)"):
         run_train(train_config(steps=2, lr=1e-2, resume=True))

@@ -37,7 +37,7 @@ class Store:
                     f"{self.root} is incomplete: its teacher job has not finished "
                     f"({len(records)} of {self.layout.num_shards} shards written); rerun the same "
                     "softcache cache command to finish it, or read the finished part on purpose "
-                    "(allow_incomplete=True, --allow-incomplete)"
+                    "(softcache train --allow-incomplete; open_store(..., allow_incomplete=True))"
                 )
             self.shards = [records[i] for i in sorted(records)]
         self._ends = np.cumsum([s["count"] for s in self.shards], dtype=np.int64)
