@@ -42,7 +42,8 @@ def extract_targets(
     Equal to ``log_softmax(logits / temperature).topk(k)`` but cheaper: the top-k is taken on the
     logits themselves (the order is the same) and the log-normaliser reuses the row maximum that
     top-k already found, so each chunk is read twice and nothing of size V is kept. Chunks are
-    small so that the second read comes from cache. ``logits`` is not modified.
+    small so that the second read comes from cache. ``logits`` is not modified. Runs under
+    ``torch.inference_mode``: clone the outputs before using them in autograd (e.g. online KD).
 
     Args:
         logits: [..., V] teacher logits, any float dtype.
