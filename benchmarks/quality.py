@@ -40,7 +40,9 @@ from softcache.data import StoreDataset
 from softcache.demo import STUDENT
 from softcache.evaluate import evaluate
 from softcache.optim import adamw, warmup_cosine
-from softcache.store import StoreWriter, open_store
+from softcache.store import Layout, StoreWriter, open_store
+from softcache.store.registry import storage_section
+from softcache.store.writer import derived_header
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
@@ -53,11 +55,11 @@ def truncate_store(source: Path, dest: Path, k: int) -> None:
     if (dest / "manifest.json").exists():
         return
     store = open_store(source)
-    skip = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
-    header = {key: value for key, value in store.manifest.items() if key not in skip}
-    header["layout"] = {**header["layout"], "k": k}
-    header["targets"] = {**header["targets"], "k": k, "derived_from": f"the first {k} entries of a top-"
-                                                                        f"{store.layout.k} store"}
+    layout = Layout.from_dict({**store.manifest["layout"], "k": k})
+    header = derived_header(store.manifest, layout=layout.to_dict(),
+                            storage=storage_section(store.manifest["storage"]["format"], layout),
+                            targets={**store.manifest["targets"], "k": k,
+                                     "derived_from": f"the first {k} entries of a top-{store.layout.k} store"})
     writer = StoreWriter.open(dest, header)
     writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
     for index in writer.pending:

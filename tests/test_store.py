@@ -143,10 +143,12 @@ def test_verify_names_flipped_byte_and_missing_shard(tmp_path, format_name):
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
     (tmp_path / "s" / store.shards[2]["files"][0]["path"]).unlink()
+    (tmp_path / "s" / "tokenizer" / "tokenizer.json").write_text('{"changed": true}')
     problems = store.verify()
-    assert len(problems) == 2
+    assert len(problems) == 3
     assert problems[0].startswith("shard 1:") and "sha256" in problems[0]
     assert problems[1].startswith("shard 2:") and "missing" in problems[1]
+    assert problems[2].startswith("tokenizer/tokenizer.json has")
 
 
 @pytest.mark.parametrize("source_format,dest_format", [("zarr", "arrow"), ("arrow", "zarr")])

@@ -15,10 +15,7 @@ import numpy as np
 from softcache.errors import StoreError
 from softcache.store.reader import open_store
 from softcache.store.registry import storage_section
-from softcache.store.writer import StoreWriter
-
-_NOT_COPIED = ("format", "format_version", "softcache_version", "complete", "storage", "shards", "totals", "files")
-
+from softcache.store.writer import StoreWriter, derived_header
 
 def convert_store(source: str | Path, dest: str | Path, format_name: str, on_shard=None, codec: dict | None = None) -> dict:
     """Write the complete store ``source`` to ``dest`` in ``format_name``; return the new manifest.
@@ -27,9 +24,11 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
     Resumable like a teacher job: rerunning after an interruption continues after the last shard.
     """
     store = open_store(source)
-    header = {key: value for key, value in store.manifest.items() if key not in _NOT_COPIED}
-    header["storage"] = storage_section(format_name, store.layout, codec)
-    header["converted_from"] = {"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]}
+    header = derived_header(
+        store.manifest,
+        storage=storage_section(format_name, store.layout, codec),
+        converted_from={"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]},
+    )
     writer = StoreWriter.open(dest, header, out_flag="DEST")
     if writer.complete:
         return writer.header

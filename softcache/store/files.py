@@ -69,6 +69,19 @@ def describe_file(root: Path, relative: str) -> dict:
     return {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def check_file(root: Path, entry: dict) -> str | None:
+    """What is wrong with the file a shard-table ``entry`` describes, or None when it is intact."""
+    path = root / entry["path"]
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"has {size} bytes, expected {entry['bytes']}"
+    if sha256_file(path) != entry["sha256"]:
+        return "fails its sha256 checksum"
+    return None
+
+
 def content_sha256(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> str:
     """sha256 of arrays' little-endian bytes in ``names`` order: equal data, equal digest, any format."""
     digest = hashlib.sha256()

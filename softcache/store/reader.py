@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
-from softcache.store.files import sha256_file
+from softcache.store.files import check_file
 from softcache.store.layout import ARRAYS, Layout
 from softcache.store.manifest import TOKENIZER_DIR, read_manifest, read_progress
 from softcache.store.registry import make_format
@@ -116,26 +116,14 @@ class Store:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
         for shard in self.shards:
             for entry in shard["files"]:
-                problem = _check_file(self.root, entry)
+                problem = check_file(self.root, entry)
                 if problem:
                     problems.append(f"shard {shard['index']}: {entry['path']} {problem}")
         for entry in self.manifest.get("files", []):
-            problem = _check_file(self.root, entry)
+            problem = check_file(self.root, entry)
             if problem:
                 problems.append(f"{entry['path']} {problem}")
         return problems
-
-
-def _check_file(root: Path, entry: dict) -> str | None:
-    path = root / entry["path"]
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"has {size} bytes, expected {entry['bytes']}"
-    if sha256_file(path) != entry["sha256"]:
-        return "fails its sha256 checksum"
-    return None
 
 
 def open_store(root: str | Path, allow_incomplete: bool = False) -> Store:

@@ -17,7 +17,7 @@ import numpy as np
 
 from softcache import __version__
 from softcache.errors import StoreError
-from softcache.store.files import content_sha256, describe_file, remove_temporaries, sha256_file, write_json
+from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
 from softcache.store.layout import ARRAYS, Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
@@ -93,10 +93,7 @@ class StoreWriter:
             first, count = self.layout.shard_bounds(index)
             if (record["first"], record["count"]) != (first, count):
                 return False
-            return all(
-                (self.root / f["path"]).is_file() and sha256_file(self.root / f["path"]) == f["sha256"]
-                for f in record["files"]
-            )
+            return all(check_file(self.root, f) is None for f in record["files"])
         except (IndexError, KeyError, TypeError, OSError):
             return False
 
@@ -170,6 +167,14 @@ class StoreWriter:
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
+
+
+BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
+
+
+def derived_header(manifest: dict, **changes) -> dict:
+    """A header for a new store with ``manifest``'s description, minus what a writer fills in itself."""
+    return {**{key: value for key, value in manifest.items() if key not in BOOKKEEPING}, **changes}
 
 
 def teacher_cross_entropy(shards: list[dict]) -> dict:
