@@ -151,22 +151,21 @@ class StoreDataset(IterableDataset):
         if self._store is None:
             self._store = open_store(self.path, allow_incomplete=self.allow_incomplete)
         valid = rows >= 0
-        raw = self._store.read_rows_raw(rows[valid])
-        length, k = self._store.layout.seq_len, self._store.layout.k
-        n = len(rows)
-        input_ids = np.zeros((n, length), dtype=np.int64)
-        target_ids = np.zeros((n, length, k), dtype=np.int64)
-        target_logprobs = np.zeros((n, length, k), dtype=np.float32)
-        input_ids[valid] = raw["input_ids"]
-        target_ids[valid] = raw["target_ids"]
-        target_logprobs[valid] = raw["target_logprobs"]
+        arrays = self._store.read_rows(rows[valid])  # int64 ids, float32 values, gathered in one copy
+        if not valid.all():  # padding rows (the end of an epoch): zeros, masked out below
+            padded = {name: np.zeros((len(rows), *a.shape[1:]), a.dtype) for name, a in arrays.items()}
+            for name, array in arrays.items():
+                padded[name][valid] = array
+            arrays = padded
+        input_ids = arrays["input_ids"]
+        length = input_ids.shape[1]
         mask = np.repeat(valid[:, None], length, axis=1)
-        labels = np.full((n, length), -100, dtype=np.int64)
+        labels = np.full((len(rows), length), -100, dtype=np.int64)
         labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], -100)
         return {
             "input_ids": torch.from_numpy(input_ids),
-            "target_ids": torch.from_numpy(target_ids),
-            "target_logprobs": torch.from_numpy(target_logprobs),
+            "target_ids": torch.from_numpy(arrays["target_ids"]),
+            "target_logprobs": torch.from_numpy(arrays["target_logprobs"]),
             "mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(labels),
         }

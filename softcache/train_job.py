@@ -109,7 +109,8 @@ def run_train(config: TrainConfig) -> TrainResult:
             step_started = time.perf_counter()
             micro = [next(batches) for _ in range(config.grad_accum)]
             # One averaging rule: sums over the whole step, divided by the step's valid-position counts.
-            kd_count = sum(b["mask"].sum() for b in micro).clamp_min(1).to(device)
+            tokens = int(sum(b["mask"].sum() for b in micro))
+            kd_count = torch.tensor(max(tokens, 1), device=device)
             ce_count = sum((b["labels"] >= 0).sum() for b in micro).clamp_min(1).to(device)
             kd_total = ce_total = 0.0
             for batch in micro:
@@ -129,7 +130,6 @@ def run_train(config: TrainConfig) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
 
             kd_mean, ce_mean = (kd_total / kd_count).item(), (ce_total / ce_count).item()
-            tokens = int(sum(b["mask"].sum() for b in micro))
             record = {"step": step + 1, "epoch": int(micro[-1]["epoch"]),
                       "loss": config.alpha * kd_mean + (1 - config.alpha) * ce_mean, "kd": kd_mean, "ce": ce_mean,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": tokens,

@@ -81,8 +81,13 @@ class Store:
             return self.layout.empty_shard(0)
         return {name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for name, arrays in pieces.items()}
 
-    def read_rows_raw(self, indices) -> dict[str, np.ndarray]:
-        """Sequences at ``indices`` (any order, repeats allowed) in on-disk dtypes, in that order.
+    def read_rows(self, indices) -> dict[str, np.ndarray]:
+        """Sequences at ``indices`` (any order), in :meth:`read`'s dtypes, converted while gathered."""
+        return self.read_rows_raw(indices, dtypes=_RETURN_DTYPES)
+
+    def read_rows_raw(self, indices, dtypes: dict | None = None) -> dict[str, np.ndarray]:
+        """Sequences at ``indices`` (any order, repeats allowed) in on-disk dtypes (or ``dtypes``), in
+        that order.
 
         Rows are grouped by shard and each shard is read once, so a batch drawn from a few shards
         costs a few reads."""
@@ -91,7 +96,8 @@ class Store:
             raise IndexError(f"sequence index outside the store's {len(self)} sequences")
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout)
-        out = {name: np.empty((len(indices), *self.layout.row_shape(name)), self.layout.dtype(name)) for name in ARRAYS}
+        out = {name: np.empty((len(indices), *self.layout.row_shape(name)),
+                              (dtypes or {}).get(name, self.layout.dtype(name))) for name in ARRAYS}
         slots = np.searchsorted(self._ends, indices, side="right")
         for slot in np.unique(slots):
             where = np.nonzero(slots == slot)[0]
