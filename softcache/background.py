@@ -1,9 +1,9 @@
-"""A background shard writer, so that the teacher never waits on the disk.
+"""A background shard writer, so that the teacher never waits on encoding or the disk.
 
-The teacher loop hands each batch's narrowed targets to :class:`BackgroundWriter` and goes on with
-the next forward pass. A single thread copies the batch into its shard's host buffer (waiting on
-the device-to-host copy first) and, once a shard is full, writes it through the
-:class:`~softcache.store.StoreWriter`. The queue is bounded, so a slow disk slows the teacher
+The teacher loop hands each batch's targets to :class:`BackgroundWriter` and goes on with the
+next forward pass. A single thread copies the batch to the host (waiting on the device-to-host
+copy first), encodes it into the store's columns and, once a shard is complete, writes it through
+the :class:`~softcache.store.StoreWriter`. The queue is bounded, so a slow disk slows the teacher
 instead of filling memory; an error in the thread is raised in the teacher loop at the next submit.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from softcache.store import StoreWriter
+from softcache.store.encoding import concat, encode
 
 _STOP = object()
 
@@ -27,7 +28,7 @@ class BackgroundWriter:
         self.writer = writer
         self.on_shard = on_shard
         self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._parts: dict[int, list[tuple[int, dict]]] = {}
         self._filled: dict[int, int] = {}
         self._nll: dict[int, dict] = {}
         self._error: BaseException | None = None
@@ -43,22 +44,22 @@ class BackgroundWriter:
         if self._error is not None and exc is None:
             raise self._error
 
-    def submit(self, shard: int, first: int, input_ids: np.ndarray, target_ids: torch.Tensor,
-               target_logprobs: torch.Tensor, nll_sum: torch.Tensor, nll_count: int) -> None:
+    def submit(self, shard: int, first: int, input_ids: np.ndarray, targets: dict[str, torch.Tensor | None],
+               nll_sum: torch.Tensor, nll_count: int) -> None:
         """Queue one batch: rows starting at global sequence ``first`` of shard ``shard``.
 
-        ``target_ids`` (int32), ``target_logprobs`` (float16) and ``nll_sum`` (0-d: the teacher's
-        summed cross-entropy over ``nll_count`` labelled positions) may live on an accelerator: they
-        are copied to pinned host memory without blocking, and the thread waits on that copy.
+        ``targets`` holds the arguments of :func:`softcache.store.encoding.encode` as tensors
+        (``ids``, ``values``, ``lengths``; None where absent); with ``nll_sum`` (0-d: the teacher's
+        summed cross-entropy over ``nll_count`` labelled positions) they may live on an accelerator:
+        they are copied to pinned host memory without blocking, and the thread waits on that copy.
         """
         event = None
-        if target_ids.device.type == "cuda":
-            target_ids = _to_pinned(target_ids)
-            target_logprobs = _to_pinned(target_logprobs)
+        if any(t is not None and t.device.type == "cuda" for t in targets.values()):
+            targets = {name: None if t is None else _to_pinned(t) for name, t in targets.items()}
             nll_sum = _to_pinned(nll_sum)
             event = torch.cuda.Event()
             event.record()
-        self._put((shard, first, input_ids, target_ids, target_logprobs, nll_sum, nll_count, event))
+        self._put((shard, first, input_ids, targets, nll_sum, nll_count, event))
 
     def _put(self, item) -> None:
         while True:
@@ -80,25 +81,20 @@ class BackgroundWriter:
             except BaseException as err:  # surfaced in the teacher loop
                 self._error = err
 
-    def _store(self, shard, first, input_ids, target_ids, target_logprobs, nll_sum, nll_count, event) -> None:
+    def _store(self, shard, first, input_ids, targets, nll_sum, nll_count, event) -> None:
         if event is not None:
             event.synchronize()
-        layout = self.writer.layout
-        shard_first, count = layout.shard_bounds(shard)
-        if shard not in self._buffers:
-            self._buffers[shard] = layout.empty_shard(count)
-            self._filled[shard] = 0
-            self._nll[shard] = {"sum": 0.0, "count": 0}
-        buffer = self._buffers[shard]
-        rows = slice(first - shard_first, first - shard_first + len(input_ids))
-        buffer["input_ids"][rows] = input_ids
-        buffer["target_ids"][rows] = target_ids.numpy()
-        buffer["target_logprobs"][rows] = target_logprobs.numpy()
-        self._filled[shard] += len(input_ids)
-        self._nll[shard]["sum"] += float(nll_sum)
-        self._nll[shard]["count"] += nll_count
+        _, count = self.writer.layout.shard_bounds(shard)
+        arrays = {name: None if t is None else t.numpy() for name, t in targets.items()}
+        part = encode(self.writer.encoding, input_ids, **arrays)
+        self._parts.setdefault(shard, []).append((first, part))
+        self._filled[shard] = self._filled.get(shard, 0) + len(input_ids)
+        nll = self._nll.setdefault(shard, {"sum": 0.0, "count": 0})
+        nll["sum"] += float(nll_sum)
+        nll["count"] += nll_count
         if self._filled[shard] == count:
-            record = self.writer.write_shard(shard, self._buffers.pop(shard), teacher_nll=self._nll.pop(shard))
+            columns = concat([p for _, p in sorted(self._parts.pop(shard), key=lambda item: item[0])])
+            record = self.writer.write_shard(shard, columns, teacher_nll=self._nll.pop(shard))
             del self._filled[shard]
             if self.on_shard is not None:
                 self.on_shard(record)

@@ -17,9 +17,9 @@ from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
 from softcache.corpus import iter_documents, pack
 from softcache.errors import SoftcacheError
-from softcache.store import Layout, StoreWriter, id_dtype_for
+from softcache.store import Encoding, Layout, StoreWriter
 from softcache.store.registry import storage_section
-from softcache.targets import extract_targets, to_storage
+from softcache.targets import extract_targets, sampled_targets, sequence_seed, topp_targets
 from softcache.teacher import (
     identity,
     load_model,
@@ -73,13 +73,14 @@ def run_cache(config: CacheConfig) -> CacheResult:
 
     model = load_model(source, device, dtype, config.progress)
     vocab = output_vocab_size(model)
-    if config.k > vocab:
+    if config.targets != "sampled" and config.k > vocab:
         raise SoftcacheError(f"--k {config.k} is larger than the teacher's vocabulary ({vocab:,} ids)")
     if (limit := max_positions(model)) is not None and config.seq_len > limit:
         raise SoftcacheError(f"--seq-len {config.seq_len} exceeds the teacher's {limit:,} positions")
 
-    layout = Layout(len(corpus.input_ids), config.seq_len, config.k, config.shard_size, id_dtype_for(vocab))
-    header = _header(config, layout, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
+    layout = Layout(len(corpus.input_ids), config.seq_len, config.shard_size)
+    encoding = config.encoding(vocab)
+    header = _header(config, layout, encoding, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
     writer = StoreWriter.open(config.out, header)
     if writer.complete:
         return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
@@ -91,57 +92,70 @@ def run_cache(config: CacheConfig) -> CacheResult:
     todo = sum(layout.shard_bounds(i)[1] for i in pending)
     bar = _progress(config, total=todo * config.seq_len)
     started = time.perf_counter()
-    cache_shards(model, corpus.input_ids, writer, config.k, config.temperature, config.batch_size, device,
-                 on_batch=bar.update)
+    cache_shards(model, corpus.input_ids, writer, config, device, on_batch=bar.update)
     seconds = time.perf_counter() - started
     bar.close()
     manifest = writer.finish()
     return CacheResult(manifest, config.out, todo, seconds, already_complete=False)
 
 
-def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, k: int, temperature: float, batch_size: int,
-                 device: torch.device, on_batch=None) -> None:
-    """The teacher loop: forward, top-k on the device, hand off to the background writer.
+def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, config: CacheConfig, device: torch.device,
+                 on_batch=None) -> None:
+    """The teacher loop: forward, targets on the device, hand off to the background writer.
 
     Besides the targets, each shard records the teacher's summed cross-entropy on the true next
     tokens (``teacher_nll``), so a store knows its teacher's loss on its own corpus.
 
     Writes every pending shard of ``writer``. ``input_ids`` is the [num_sequences, seq_len] packed
-    corpus; ``on_batch(tokens)`` is called after each forward pass.
+    corpus; ``config`` gives the targets (kind, k, top_p, samples, seed, temperature) and the batch
+    size; ``on_batch(tokens)`` is called after each forward pass.
     """
     layout = writer.layout
     with BackgroundWriter(writer) as background, torch.inference_mode():
         for index in writer.pending:
             first, count = layout.shard_bounds(index)
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
-            for lo in range(first, first + count, batch_size):
-                hi = min(lo + batch_size, first + count)
+            for lo in range(first, first + count, config.batch_size):
+                hi = min(lo + config.batch_size, first + count)
                 host_ids = input_ids[lo:hi]
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
                 labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
                 logits = model(input_ids=ids, use_cache=False).logits
-                targets = extract_targets(logits, k, temperature, labels)
+                targets = extract(logits, labels, config, first_sequence=lo)
                 del logits
-                target_ids, target_logprobs = to_storage(targets.ids, targets.logprobs)
-                background.submit(index, lo, host_ids.astype(layout.id_dtype), target_ids, target_logprobs,
+                background.submit(index, lo, host_ids, _for_storage(targets),
                                   -targets.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 if on_batch is not None:
                     on_batch(ids.numel())
 
 
-def _header(config: CacheConfig, layout: Layout, teacher: dict, tokenizer, vocab: int, corpus: dict) -> dict:
+def extract(logits: torch.Tensor, labels: torch.Tensor, config: CacheConfig, first_sequence: int):
+    """The targets ``config`` asks for, of a batch whose first row is global sequence ``first_sequence``."""
+    if config.targets == "sampled":
+        seeds = [sequence_seed(config.seed, first_sequence + b) for b in range(logits.shape[0])]
+        return sampled_targets(logits, config.samples, seeds, config.temperature, labels)
+    if config.targets == "topp":
+        return topp_targets(logits, config.k, config.top_p, config.temperature, labels)
+    return extract_targets(logits, config.k, config.temperature, labels)
+
+
+def _for_storage(targets) -> dict:
+    """Narrow on the device before the copy to the host: int32 ids and counts, float32 log-probs."""
+    return {
+        "ids": targets.ids.to(torch.int32),
+        "values": targets.counts.to(torch.int32) if targets.counts is not None else targets.logprobs,
+        "lengths": None if targets.lengths is None else targets.lengths.to(torch.int32),
+    }
+
+
+def _header(config: CacheConfig, layout: Layout, encoding: Encoding, teacher: dict, tokenizer, vocab: int,
+            corpus: dict) -> dict:
     """Every manifest section except the shard table; the identity sections decide resumes."""
     return {
-        "storage": storage_section(config.format, layout),
+        "storage": storage_section(config.format, layout, encoding),
         "layout": layout.to_dict(),
-        "targets": {
-            "kind": "topk",
-            "k": config.k,
-            "temperature": config.temperature,
-            "values": "natural-log probabilities normalised over the full vocabulary, sorted descending",
-            "tail": "1 - sum(exp(target_logprobs)) is the teacher's probability mass outside the cached ids",
-            "position": "entry i of a sequence is the teacher's distribution over the token after token i",
-        },
+        "encoding": encoding.to_dict(),
+        "targets": targets_section(config),
         "teacher": teacher,
         "tokenizer": {
             "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -154,6 +168,19 @@ def _header(config: CacheConfig, layout: Layout, teacher: dict, tokenizer, vocab
                    "split": config.split},
         "config": config.to_dict(),
     }
+
+
+def targets_section(config: CacheConfig) -> dict:
+    """What the targets mean: the manifest's ``targets`` section."""
+    section = {"kind": config.targets, "temperature": config.temperature,
+               "position": "entry i of a sequence is the teacher's distribution over the token after token i"}
+    if config.targets == "sampled":
+        return {**section, "samples": config.samples, "seed": config.seed,
+                "values": "count / samples estimates the teacher's probability without bias; no tail",
+                "tail": "none"}
+    section.update({"k": config.k} if config.targets == "topk" else {"k": config.k, "top_p": config.top_p})
+    return {**section, "values": "natural-log probabilities normalised over the full vocabulary",
+            "tail": "bucket: 1 - sum(exp(target_logprobs)) is the teacher's probability mass outside the stored ids"}
 
 
 def _log(config: CacheConfig, message: str) -> None:

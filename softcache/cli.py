@@ -62,7 +62,20 @@ def main(ctx: click.Context, debug: bool) -> None:
               "settings is resumed; a finished one is left alone.")
 @click.option("--format", "format_", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True,
               help="zarr: compressed Zarr v3 shards. arrow: uncompressed Arrow IPC, read zero-copy.")
-@click.option("--k", type=int, default=64, show_default=True, help="Top-k log-probabilities cached per position.")
+@click.option("--targets", type=click.Choice(["topk", "topp", "sampled"]), default="topk", show_default=True,
+              help="topk: the --k most probable ids. topp: the fewest most probable ids reaching --top-p, at most "
+                   "--k. sampled: --samples draws from the teacher, stored as unique ids with counts (unbiased).")
+@click.option("--k", type=int, default=64, show_default=True, help="Ids per position (topk), or at most (topp).")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Mass a topp position keeps.")
+@click.option("--samples", type=int, default=50, show_default=True, help="Draws per position (sampled).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sampling seed; a sequence's draws depend only on it and the sequence's number.")
+@click.option("--ids", type=click.Choice(["plain", "delta", "bitpack"]), default=None,
+              help="Id code: plain (uint16/int32), delta (sorted, gaps; compresses best), bitpack "
+                   "(ceil(log2 V) bits; for vocabularies above 65,536) [default: delta].")
+@click.option("--values", type=click.Choice(["float16", "log8", "counts"]), default=None,
+              help="Value code: float16 log-probs, or log8 (1 byte, tail kept exact; mean KL to float32 "
+                   "~1e-4 nats) [default: log8]; sampled targets always store counts.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Teacher logits are divided by this before normalising over the full vocabulary.")
 @click.option("--seq-len", type=int, default=1024, show_default=True,
@@ -84,10 +97,12 @@ def cache(format_: str, **options) -> None:
     """Run a teacher over a corpus once and write its top-k next-token log-probabilities to a
     sharded, checksummed store.
 
-    For every position i of every packed sequence the store holds the teacher's k most likely next
-    tokens (ids) and their log-probabilities normalised over the full vocabulary, so the mass
-    outside the k ids is known exactly. Interrupt it at any time: the same command resumes after
-    the last complete shard and produces the same shard files as an uninterrupted run.
+    For every position i of every packed sequence the store holds the teacher's distribution over the
+    next token in compact form (--targets): by default its k most likely ids with log-probabilities
+    normalised over the full vocabulary, so the mass outside them is known exactly; or top-p ids; or
+    unbiased sampled ids with counts. The store records how it is coded; training reads it back with
+    no settings to copy. Interrupt it at any time: the same command resumes after the last complete
+    shard and produces the same shard files as an uninterrupted run.
 
     \b
     Example:
@@ -123,8 +138,8 @@ def info(store: str, as_json: bool) -> None:
         ("teacher", f"{teacher['name']}" + (f" [{teacher['gguf_file']}]" if teacher.get("gguf_file") else "")
          + f" ({teacher['architecture']}, {teacher['parameters']:,} parameters, {teacher['dtype']})"),
         ("tokenizer", f"vocab {m['tokenizer']['vocab_size']:,}, fingerprint {m['tokenizer']['fingerprint'][:16]}"),
-        ("targets", f"top-{targets['k']} log-probs at temperature {targets['temperature']:g} "
-                    f"(ids {m['storage']['ids']}, values {m['storage']['values']}, codec {_codec(m['storage'])})"),
+        ("targets", f"{_describe_targets(targets)} at temperature {targets['temperature']:g} "
+                    f"(ids {m['encoding']['ids']}, values {m['encoding']['values']}, codec {_codec(m['storage'])})"),
         ("sequences", f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x {opened.layout.seq_len} tokens "
                       f"= {summary['tokens']:,} tokens"),
         ("shards", f"{len(opened.shards)} of {opened.layout.num_shards} ({opened.layout.shard_size} sequences each)"),
@@ -148,6 +163,14 @@ def _summary(opened) -> dict:
     tokens = sequences * opened.layout.seq_len
     return {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
             "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
+
+
+def _describe_targets(targets: dict) -> str:
+    if targets["kind"] == "sampled":
+        return f"{targets['samples']} sampled draws (unique ids with counts, seed {targets['seed']})"
+    if targets["kind"] == "topp":
+        return f"top-p {targets['top_p']:g} (at most {targets['k']} ids) log-probs"
+    return f"top-{targets['k']} log-probs"
 
 
 def _codec(storage: dict) -> str:
@@ -214,8 +237,9 @@ def convert(source: str, dest: str, format_: str, progress: bool) -> None:
 @click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "tvd"]), default="fkl", show_default=True,
               help="KD divergence. fkl is exact on the cached ids plus tail; rkl, jsd, tvd approximate the teacher's "
                    "tail by one bucket.")
-@click.option("--tail", type=click.Choice(["bucket", "renorm"]), default="bucket", show_default=True,
-              help="Mass outside the cached ids: one extra class on both sides (exact), or renormalise (biased).")
+@click.option("--tail", type=click.Choice(["bucket", "renorm", "none"]), default=None,
+              help="Mass outside the cached ids: one extra class on both sides (exact), renormalise (biased), or "
+                   "none [default: the store's: bucket for topk/topp, none for sampled targets, which sum to 1].")
 @click.option("--temperature", type=float, default=None, help="Student temperature [default: the store's]; "
               "the KD loss is scaled by T^2.")
 @click.option("--beta", type=float, default=0.5, show_default=True, help="JSD mixing weight.")
@@ -238,7 +262,7 @@ def convert(source: str, dest: str, format_: str, progress: bool) -> None:
 def train(**options) -> None:
     """Train a student on a store's cached teacher targets, with no teacher in memory.
 
-    Each optimiser step sums the KD loss (against the cached top-k with the chosen tail handling) and
+    Each optimiser step sums the KD loss (against the cached targets, with the store's tail handling) and
     the cross-entropy on the true next tokens over all micro-batches, and divides each by the number
     of valid positions in the whole step. Checkpoints are atomic; --resume continues a killed run
     exactly (on CPU, the same losses as an uninterrupted run). The final model in OUT/final loads with

@@ -15,6 +15,9 @@ from softcache.errors import SoftcacheError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Default codes, chosen by measurement (benchmarks/results/encodings.md).
+DEFAULT_IDS = "delta"
+DEFAULT_VALUES = "log8"
 
 
 @dataclass
@@ -39,8 +42,20 @@ class CacheConfig:
     """--seq-len: tokens per packed sequence."""
     max_sequences: int | None = None
     """--max-sequences: keep only the first N packed sequences (None: all)."""
+    targets: str = "topk"
+    """--targets: topk, topp (top-p-k) or sampled (unbiased draws with counts)."""
     k: int = 64
-    """--k: cached entries per position (top-k log-probabilities)."""
+    """--k: entries per position (topk), or at most (topp)."""
+    top_p: float = 0.95
+    """--top-p: probability mass a topp position keeps (then at most --k ids)."""
+    samples: int = 50
+    """--samples: draws per position for sampled targets."""
+    seed: int = 0
+    """--seed: sampling seed; a sequence's draws depend only on it and the sequence's number."""
+    ids: str | None = None
+    """--ids: id code, plain, delta or bitpack (default: DEFAULT_IDS)."""
+    values: str | None = None
+    """--values: value code, float16 or log8 (topk/topp; default DEFAULT_VALUES); counts for sampled."""
     temperature: float = 1.0
     """--temperature: the teacher's logits are divided by this before normalising."""
     batch_size: int = 8
@@ -70,8 +85,22 @@ class CacheConfig:
             raise SoftcacheError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise SoftcacheError(f"--max-sequences must be at least 1, got {self.max_sequences}")
+        from softcache.store.encoding import ID_CODES, KINDS
+
+        if self.targets not in KINDS:
+            raise SoftcacheError(f"--targets must be one of {', '.join(KINDS)}, got {self.targets!r}")
         if self.k < 1:
             raise SoftcacheError(f"--k must be at least 1, got {self.k}")
+        if not 0 < self.top_p <= 1:
+            raise SoftcacheError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.samples < 1:
+            raise SoftcacheError(f"--samples must be at least 1, got {self.samples}")
+        if self.ids is not None and self.ids not in ID_CODES:
+            raise SoftcacheError(f"--ids must be one of {', '.join(ID_CODES)}, got {self.ids!r}")
+        allowed = ("counts",) if self.targets == "sampled" else ("float16", "log8")
+        if self.values is not None and self.values not in allowed:
+            raise SoftcacheError(f"--values for --targets {self.targets} must be one of {', '.join(allowed)}, "
+                                 f"got {self.values!r}")
         if not self.temperature > 0:  # also rejects NaN
             raise SoftcacheError(f"--temperature must be greater than 0, got {self.temperature}")
         if self.batch_size < 1:
@@ -85,6 +114,15 @@ class CacheConfig:
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the store")
+
+    def encoding(self, vocab_size: int):
+        """The store's :class:`~softcache.store.encoding.Encoding` for a teacher with ``vocab_size`` ids."""
+        from softcache.store.encoding import Encoding
+
+        if self.targets == "sampled":
+            return Encoding("sampled", min(self.samples, vocab_size), vocab_size, self.ids or DEFAULT_IDS,
+                            "counts", self.samples)
+        return Encoding(self.targets, self.k, vocab_size, self.ids or DEFAULT_IDS, self.values or DEFAULT_VALUES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,8 +160,9 @@ class TrainConfig:
     """--alpha: loss = alpha x KD + (1 - alpha) x CE."""
     loss: str = "fkl"
     """--loss: fkl, rkl, jsd or tvd."""
-    tail: str = "bucket"
-    """--tail: bucket or renorm (mass outside the cached ids)."""
+    tail: str | None = None
+    """--tail: bucket, renorm or none (mass outside the cached ids); default: the store's (bucket for
+    top-k/top-p targets, none for sampled)."""
     temperature: float | None = None
     """--temperature: student temperature (default: the store's)."""
     beta: float = 0.5
@@ -184,7 +223,7 @@ class TrainConfig:
             raise SoftcacheError(f"--alpha must be between 0 and 1, got {self.alpha}")
         if self.loss not in KINDS:
             raise SoftcacheError(f"--loss must be one of {', '.join(KINDS)}, got {self.loss!r}")
-        if self.tail not in TAILS:
+        if self.tail is not None and self.tail not in TAILS:
             raise SoftcacheError(f"--tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise SoftcacheError(f"--temperature must be greater than 0, got {self.temperature}")

@@ -79,7 +79,8 @@ class StoreDataset(IterableDataset):
     """Batches of a store's sequences as torch tensors, for ``DataLoader(dataset, batch_size=None)``.
 
     Each item is a dict: ``input_ids`` [B, L] int64, ``target_ids`` [B, L, k] int64,
-    ``target_logprobs`` [B, L, k] float32, ``mask`` [B, L] bool (positions with a teacher target),
+    ``target_logprobs`` [B, L, k] float32 (padded where a position has fewer than k entries: see
+    softcache.store.encoding), ``mask`` [B, L] bool (positions with a teacher target),
     ``labels`` [B, L] int64 (the true next token, -100 where there is none: the last position of
     each sequence and padding rows), and ``step`` (0-d int64: the global batch number, for resuming).
 
@@ -152,8 +153,9 @@ class StoreDataset(IterableDataset):
             self._store = open_store(self.path, allow_incomplete=self.allow_incomplete)
         valid = rows >= 0
         arrays = self._store.read_rows(rows[valid])  # int64 ids, float32 values, gathered in one copy
-        if not valid.all():  # padding rows (the end of an epoch): zeros, masked out below
+        if not valid.all():  # padding rows (the end of an epoch): a point mass on id 0, masked out below
             padded = {name: np.zeros((len(rows), *a.shape[1:]), a.dtype) for name, a in arrays.items()}
+            padded["target_logprobs"][..., 1:] = -np.inf
             for name, array in arrays.items():
                 padded[name][valid] = array
             arrays = padded

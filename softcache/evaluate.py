@@ -1,6 +1,7 @@
 """Evaluating a student against a store: cross-entropy and perplexity on the true tokens, forward KL
-to the cached teacher targets (tail bucket, at the store's temperature), top-1 agreement with the
-teacher, and expected calibration error of the student's top-1 prediction of the true token (15
+to the cached teacher targets (at the store's temperature; tail bucket for top-k/top-p stores; for
+a sampled store, KL to the sampled estimate count / N, which is noisier than KL to the teacher),
+top-1 agreement with the teacher's most probable stored id, and expected calibration error of the student's top-1 prediction of the true token (15
 equal-width confidence bins). Every metric is a sum over valid positions divided by their count."""
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ from softcache.losses import distillation_loss
 @torch.no_grad()
 def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_size: int = 8,
              device: torch.device | str = "cpu", temperature: float = 1.0, chunk_tokens: int = 256,
-             autocast_dtype: torch.dtype | None = None) -> dict:
+             autocast_dtype: torch.dtype | None = None, tail: str | None = None) -> dict:
     """Metrics of ``model`` on sequences [start, stop) of ``store`` (in stored order).
 
     Returns a dict: ``ce`` (nats per token), ``perplexity``, ``kl`` (nats per position), ``top1_agreement``
     (fraction of positions where the student's most likely token is the teacher's), ``ece`` (expected
     calibration error: sum over bins of |accuracy - confidence| weighted by the bin's share), ``tokens``.
+    ``tail``: how KL treats the mass outside the stored ids (default: the store's own, see
+    :func:`softcache.losses.store_tail`).
     """
+    from softcache.losses import store_tail
+    from softcache.store import open_store
+
+    tail = tail or store_tail(open_store(store).manifest)
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -37,9 +44,10 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids=batch["input_ids"]).logits
         kl, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
-                                   batch["labels"], "fkl", "bucket", temperature, chunk_tokens=chunk_tokens)
+                                   batch["labels"], "fkl", tail, temperature, chunk_tokens=chunk_tokens)
         top = logits.float().softmax(-1).max(-1)
-        agree = ((top.indices == batch["target_ids"][..., 0]) & batch["mask"]).sum()
+        teacher_top = batch["target_ids"].gather(-1, batch["target_logprobs"].argmax(-1, keepdim=True)).squeeze(-1)
+        agree = ((top.indices == teacher_top) & batch["mask"]).sum()
         sums += torch.stack([ce, (batch["labels"] >= 0).sum(), kl, batch["mask"].sum(), agree]).double().cpu()
         labelled = batch["labels"] >= 0
         bins += calibration_bins(top.values[labelled], top.indices[labelled] == batch["labels"][labelled])

@@ -9,6 +9,11 @@ q = softmax(z / T). What happens to the mass outside K is a named choice, ``tail
   proper KL between two coarsened distributions; with k = V it equals dense KL exactly.
 - ``"renorm"``: both sides are renormalised over K. Biased (the student grows over-confident on
   the head), offered because other tools do it.
+- ``"none"``: no tail class: the loss is sum_K t (log t - log q). Exact for targets that sum to 1,
+  i.e. sampled targets (count / N), whose estimate of the teacher is unbiased.
+
+Rows may be padded (softcache.store.encoding): a padding entry has log-probability -inf and
+repeats the id of slot 0. Padding adds nothing to any loss or gradient.
 
 Forward KL is the reference loss. Reverse KL, JSD(beta) and TVD need the teacher's distribution
 outside K, which the store does not have: with the tail bucket they are computed on the coarsened
@@ -31,7 +36,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 KINDS = ("fkl", "rkl", "jsd", "tvd")
-TAILS = ("bucket", "renorm")
+TAILS = ("bucket", "renorm", "none")
 _EMPTY = -1e30  # stands in for -inf at cached ids: finite, so no NaN appears in any gradient
 
 
@@ -60,8 +65,9 @@ def _coarsened(s_head: torch.Tensor, rest: torch.Tensor, target_logprobs: torch.
     Returns (t_head [n, k], q_head [n, k], t_tail [n], q_tail [n], has_tail [n] bool, the student's
     log-normaliser at T [n]).
     """
-    log_normaliser = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
     t_head = target_logprobs.to(s_head.dtype)
+    s_head = torch.where(t_head > -math.inf, s_head, _EMPTY)  # padding repeats slot 0's id: count it once
+    log_normaliser = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
     t_mass, has_tail = _teacher_mass(t_head, vocab)
     t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
     return t_head, s_head - log_normaliser[:, None], t_tail, rest - log_normaliser, has_tail, log_normaliser
@@ -72,6 +78,7 @@ def _divergence(kind, tail, beta, t_head, q_head, t_tail, q_tail, has_tail) -> t
     if tail == "renorm":
         t_head = torch.log_softmax(t_head, dim=-1)
         q_head = torch.log_softmax(q_head, dim=-1)
+    if tail != "bucket":
         has_tail = torch.zeros_like(has_tail)
     # The tail joins as a (k+1)-th class where it exists; elsewhere it is dropped (probability 0).
     t_all = torch.cat([t_head, torch.where(has_tail, t_tail, -math.inf)[:, None]], dim=-1)
@@ -85,6 +92,11 @@ def _divergence(kind, tail, beta, t_head, q_head, t_tail, q_tail, has_tail) -> t
         m = torch.logaddexp(t_all + math.log(beta), q_all + math.log(1 - beta))
         return beta * _kl(t_all, m) + (1 - beta) * _kl(q_all, m)
     return 0.5 * (t_all.exp() - q_all.exp()).abs().sum(-1)
+
+
+def store_tail(manifest: dict) -> str:
+    """The tail handling a store's targets call for: "none" for sampled targets, else "bucket"."""
+    return "none" if manifest["targets"]["kind"] == "sampled" else "bucket"
 
 
 def _check_choices(kind: str, tail: str, beta: float) -> None:
@@ -125,11 +137,12 @@ def sparse_kd(
 
     Args:
         logits: [n, V] student logits, any float dtype (computed in float32).
-        target_ids: [n, k] int64 cached teacher ids, distinct within a row.
-        target_logprobs: [n, k] float teacher log-probabilities normalised over the full vocabulary.
+        target_ids: [n, k] int64 cached teacher ids, distinct within a row except padding.
+        target_logprobs: [n, k] float teacher log-probabilities normalised over the full vocabulary
+            (-inf: padding).
         kind: "fkl" KL(t||q), "rkl" KL(q||t), "jsd" beta KL(t||m) + (1-beta) KL(q||m) with
             m = beta t + (1-beta) q, or "tvd" half the L1 distance.
-        tail: "bucket" or "renorm" (module docstring).
+        tail: "bucket", "renorm" or "none" (module docstring).
         temperature: student logits are divided by it; the result is multiplied by its square.
         beta: JSD mixing weight, 0 < beta < 1.
 
@@ -287,9 +300,9 @@ class _FusedForwardKL(torch.autograd.Function):
             q_head = work.gather(-1, ids)
             t_head = target_logprobs[rows].float()
             t_k = t_head.exp()
-            if tail == "bucket":
+            if tail != "renorm":
                 t_mass, has_tail = _teacher_mass(t_head, vocab)
-                t_tail = torch.where(has_tail, -torch.expm1(t_mass), 0.0)
+                t_tail = torch.where(has_tail & (tail == "bucket"), -torch.expm1(t_mass), 0.0)
                 c = t_k.sum(-1) + t_tail
                 inverse_q_tail = torch.exp((lse - rest).clamp_max(80.0))
                 outside = w_kd * (c - t_tail * inverse_q_tail)
@@ -297,7 +310,8 @@ class _FusedForwardKL(torch.autograd.Function):
             else:
                 outside = torch.zeros_like(w_kd)
                 t_renorm = torch.softmax(t_head, dim=-1)
-                q_renorm = q_head / q_head.sum(-1, keepdim=True)
+                q_present = torch.where(t_head > -math.inf, q_head, 0.0)
+                q_renorm = q_present / q_present.sum(-1, keepdim=True)
                 head = w_kd[:, None] * (q_renorm - t_renorm)
             if temperature == 1.0:
                 # CE shares the softmax: every entry gets (outside + w_ce) q_j, K and labels corrected.
@@ -307,6 +321,7 @@ class _FusedForwardKL(torch.autograd.Function):
                 p = torch.softmax(z.float(), dim=-1)
                 head = head + w_ce[:, None] * p.gather(-1, ids)
                 work.mul_(outside[:, None]).add_(p * w_ce[:, None])
+            head = torch.where(t_head > -math.inf, head, head[:, :1])  # padding: the same write as slot 0
             work.scatter_(-1, ids, head)
             work.scatter_add_(-1, y.clamp_min(0)[:, None], -w_ce[:, None])
             grad[rows] = work

@@ -1,27 +1,35 @@
-"""Target extraction: the teacher's logits to cached top-k log-probabilities, on the teacher's device.
+"""Target extraction: the teacher's logits to sparse targets, on the teacher's device.
 
-Values are log-probabilities normalised over the *full* vocabulary at the store's temperature,
-so the tail mass ``1 - sum(exp(values))`` of every position is exact. This runs once per teacher
-position on the teacher's device, so it is written for speed: no [positions, V] temporary.
+Three kinds (see softcache.store.encoding): top-k and top-p log-probabilities, normalised over the
+*full* vocabulary at the store's temperature so that the tail mass ``1 - sum(exp(values))`` of
+every position is exact, and sampled ids with draw counts. This runs once per teacher position on
+the teacher's device, so it is written for speed: no [positions, V] temporary outlives a chunk.
+
+Targets are padded to a fixed width: a position with fewer entries repeats its slot-0 id in the
+padding, with log-probability -inf (count 0).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
-
-FLOAT16_MIN = float(torch.finfo(torch.float16).min)
 
 
 class Targets(NamedTuple):
     ids: torch.Tensor
     """[..., k] int64 vocabulary ids."""
     logprobs: torch.Tensor
-    """[..., k] float32 log-probabilities (natural log), each row sorted descending."""
+    """[..., k] float32 log-probabilities (natural log); -inf in padding. Top-k and top-p rows are
+    sorted descending; sampled rows are in ascending id order."""
     label_logprobs: torch.Tensor | None
     """[...] float32 log-probability at temperature 1 of each position's label (0 where the label is
     -100), or None when no labels were given."""
+    lengths: torch.Tensor | None = None
+    """[...] int64 real entries per position (None: all k)."""
+    counts: torch.Tensor | None = None
+    """[..., k] int64 draw counts (sampled targets only; 0 in padding)."""
 
 
 def topk_logprobs(
@@ -82,10 +90,74 @@ def extract_targets(
                    None if label_values is None else label_values.reshape(label_shape))
 
 
-def to_storage(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Narrow targets on their device before the copy to the host: int32 ids, float16 values.
+@torch.inference_mode()
+def topp_targets(logits: torch.Tensor, k: int, p: float, temperature: float = 1.0,
+                 labels: torch.Tensor | None = None, chunk_rows: int = 64) -> Targets:
+    """Top-p-k targets: per position, the smallest set of most probable ids whose probability
+    reaches ``p``, at most ``k`` of them (at least 1). Padded to k as described in the module."""
+    top = extract_targets(logits, k, temperature, labels, chunk_rows)
+    before = torch.cumsum(top.logprobs.exp(), dim=-1) - top.logprobs.exp()  # mass of the better entries
+    lengths = (before < p).sum(-1).clamp(1, k)
+    padding = torch.arange(k, device=logits.device) >= lengths[..., None]
+    ids = torch.where(padding, top.ids[..., :1], top.ids)
+    logprobs = top.logprobs.masked_fill(padding, -math.inf)
+    return Targets(ids, logprobs, top.label_logprobs, lengths)
 
-    float16 has a better mantissa than bfloat16 for log-probabilities in [-30, 0]; values below
-    float16's range are clamped to its minimum (-65504) so that ``exp`` gives 0, never NaN.
+
+@torch.inference_mode()
+def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temperature: float = 1.0,
+                    labels: torch.Tensor | None = None, chunk_rows: int = 64) -> Targets:
+    """Sampled targets: ``samples`` draws with replacement from ``softmax(logits / temperature)``
+    per position, kept as unique ids (ascending) with counts; ``logprobs`` is log(count / samples).
+
+    The draws of sequence b come from a generator seeded with ``seeds[b]`` and consumed in chunks of
+    ``chunk_rows`` positions from the sequence's start, so a sequence gets the same draws whatever
+    the batch it is in (on the same kind of device).
+
+    Args:
+        logits: [B, L, V] teacher logits.
+        samples: draws per position (N).
+        seeds: one seed per sequence.
     """
-    return ids.to(torch.int32), logprobs.clamp_min(FLOAT16_MIN).to(torch.float16)
+    batch, length, vocab = logits.shape
+    width = min(samples, vocab)
+    ids = torch.empty(batch, length, width, dtype=torch.int64, device=logits.device)
+    counts = torch.empty_like(ids)
+    label_values = None if labels is None else torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
+    for b in range(batch):
+        generator = torch.Generator(device=logits.device).manual_seed(seeds[b])
+        for start in range(0, length, chunk_rows):
+            rows = logits[b, start : start + chunk_rows].float()
+            probs = torch.softmax(rows / temperature if temperature != 1.0 else rows, dim=-1)
+            draws = torch.multinomial(probs, samples, replacement=True, generator=generator).sort(-1).values
+            chunk_ids, chunk_counts = _unique_rows(draws, width)
+            ids[b, start : start + chunk_rows] = chunk_ids
+            counts[b, start : start + chunk_rows] = chunk_counts
+            if label_values is not None:
+                y = labels[b, start : start + chunk_rows]
+                picked = rows.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
+                label_values[b, start : start + chunk_rows] = torch.where(y >= 0, picked, 0.0)
+    lengths = (counts > 0).sum(-1)
+    logprobs = torch.log(counts.float() / samples)  # -inf in padding
+    return Targets(ids, logprobs, label_values, lengths, counts)
+
+
+def _unique_rows(sorted_draws: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique values of each sorted row and their counts, left-aligned in ``width`` slots; padding
+    repeats the row's first id with count 0."""
+    n, samples = sorted_draws.shape
+    starts = torch.ones_like(sorted_draws, dtype=torch.bool)
+    starts[:, 1:] = sorted_draws[:, 1:] != sorted_draws[:, :-1]
+    slot = starts.cumsum(-1) - 1
+    counts = torch.zeros(n, samples, dtype=torch.int64, device=sorted_draws.device)
+    counts.scatter_add_(1, slot, torch.ones_like(slot))
+    ids = sorted_draws[:, :1].repeat(1, samples)
+    ids.scatter_(1, slot, sorted_draws)  # every write to a slot carries the same id
+    return ids[:, :width], counts[:, :width]
+
+
+def sequence_seed(seed: int, sequence: int) -> int:
+    """The sampling seed of global sequence ``sequence`` in a store written with ``--seed seed``."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, sequence]).generate_state(1, np.uint64)[0] >> 1)

@@ -24,7 +24,7 @@ from softcache.config import RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
-from softcache.losses import distillation_loss
+from softcache.losses import distillation_loss, store_tail
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
 from softcache.store.files import write_json
@@ -64,6 +64,10 @@ def run_train(config: TrainConfig) -> TrainResult:
     if temperature != store_temperature:
         _log(config, f"note: the store was written at temperature {store_temperature:g}; the student uses "
                      f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
+    tail = config.tail or store_tail(store.manifest)
+    if store.manifest["targets"]["kind"] == "sampled" and tail != "none":
+        _log(config, f"note: --tail {tail} on sampled targets: they sum to 1, so there is no tail and "
+                     "every choice gives the same loss up to rounding")
     train_stop, evaluation = _split(config, len(store))
     if config.eval_store:
         _check_eval_store(config.eval_store, store)
@@ -118,7 +122,7 @@ def run_train(config: TrainConfig) -> TrainResult:
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     logits = model(input_ids=batch["input_ids"]).logits
                 kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
-                                           batch["labels"], config.loss, config.tail, temperature, config.beta,
+                                           batch["labels"], config.loss, tail, temperature, config.beta,
                                            config.chunk_tokens)
                 loss = config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count
                 loss.backward()

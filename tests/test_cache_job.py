@@ -15,30 +15,89 @@ from softcache.store import StoreWriter
 from conftest import store_files
 
 
-@pytest.mark.parametrize("format_name", ["zarr", "arrow"])
-def test_stored_targets_equal_teacher_topk(cache_config, tiny_teacher, format_name):
+def teacher_logits(teacher, input_ids: np.ndarray) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    config = cache_config(format=format_name, temperature=0.7)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    with torch.inference_mode():
+        return model(input_ids=torch.from_numpy(input_ids)).logits.float()
+
+
+def by_id(ids: np.ndarray, values: np.ndarray):
+    order = np.argsort(ids, axis=-1, kind="stable")
+    return np.take_along_axis(ids, order, -1), np.take_along_axis(values, order, -1)
+
+
+@pytest.mark.parametrize("format_name,ids,values", [("zarr", "plain", "float16"), ("arrow", "plain", "float16"),
+                                                    ("zarr", None, None), ("arrow", "bitpack", "log8")])
+def test_stored_targets_equal_teacher_topk(cache_config, tiny_teacher, format_name, ids, values):
+    config = cache_config(format=format_name, temperature=0.7, ids=ids, values=values)
     result = run_cache(config)
     store = open_store(config.out)
     assert len(store) == 24 and store.complete
     assert result.manifest["layout"]["num_sequences"] == 24
+    assert result.manifest["encoding"]["ids"] == (ids or "delta")
     data = store.read(0, len(store))
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    with torch.inference_mode():
-        logits = model(input_ids=torch.from_numpy(data["input_ids"])).logits
-    reference = torch.log_softmax(logits.float() / 0.7, dim=-1).topk(8, dim=-1)
-    np.testing.assert_array_equal(data["target_ids"], reference.indices.numpy())
-    # float16 rounding: relative error 2**-11 of the value
-    np.testing.assert_allclose(data["target_logprobs"], reference.values.numpy(), rtol=2**-10, atol=1e-3)
+    logits = teacher_logits(tiny_teacher, data["input_ids"])
+    reference = torch.log_softmax(logits / 0.7, dim=-1).topk(8, dim=-1)
+    if ids == "plain":  # stored in the teacher's order
+        np.testing.assert_array_equal(data["target_ids"], reference.indices.numpy())
+    stored_ids, stored_values = by_id(data["target_ids"], data["target_logprobs"])
+    want_ids, want_values = by_id(reference.indices.numpy(), reference.values.numpy())
+    np.testing.assert_array_equal(stored_ids, want_ids)
+    if values in ("log8", None):  # 1-byte codes (the default): within half a step, plus the renormalising shift
+        assert np.abs(stored_values - want_values).max() < 0.1
+    else:  # float16 rounding: relative error 2**-11 of the value
+        np.testing.assert_allclose(stored_values, want_values, rtol=2**-10, atol=1e-3)
     assert store.manifest["targets"]["temperature"] == 0.7
     # The teacher's own cross-entropy on the corpus (temperature 1, positions with a next token).
     ids = torch.from_numpy(data["input_ids"])
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     assert store.manifest["totals"]["teacher_ce"] == pytest.approx(ce.item(), rel=1e-5)
-    assert store.manifest["storage"]["ids"] == "uint16"
+    assert store.manifest["encoding"]["dtypes"]["input_ids"] == "uint16"
     assert store.verify() == []
+
+
+def test_topp_store_keeps_the_mass_it_promises(cache_config, tiny_teacher):
+    config = cache_config(targets="topp", top_p=0.5, k=8)
+    run_cache(config)
+    store = open_store(config.out)
+    data = store.read(0, len(store))
+    real = data["target_logprobs"] > -np.inf
+    assert real[..., 0].all() and (real.sum(-1) < 8).any()
+    head = np.exp(data["target_logprobs"].astype(np.float64)).sum(-1)
+    truncated = real.sum(-1) < 8  # a position cut before k ids reaches p (up to the 1-byte code's error)
+    assert (head[truncated] > 0.5 - 1e-2).all()
+    logits = teacher_logits(tiny_teacher, data["input_ids"])
+    top = torch.softmax(logits, dim=-1).topk(8, dim=-1)
+    for position in zip(*np.nonzero(truncated)[:2]):
+        n = int(real[position].sum())
+        assert sorted(data["target_ids"][position][:n].tolist()) == sorted(top.indices[position][:n].tolist())
+
+
+def test_sampled_store_is_unbiased_and_independent_of_the_batch_size(cache_config, tiny_teacher, tmp_path):
+    a = cache_config(targets="sampled", samples=40, seed=3, out=str(tmp_path / "a"))
+    b = cache_config(targets="sampled", samples=40, seed=3, batch_size=3, out=str(tmp_path / "b"))
+    run_cache(a)
+    run_cache(b)
+    store_a, store_b = open_store(a.out), open_store(b.out)
+    assert store_a.manifest["totals"]["content_sha256"] == store_b.manifest["totals"]["content_sha256"]
+    assert store_a.manifest["targets"]["kind"] == "sampled" and store_a.manifest["encoding"]["values"] == "counts"
+    data = store_a.read(0, len(store_a))
+    probs = np.exp(data["target_logprobs"].astype(np.float64))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs * 40, np.rint(probs * 40), atol=1e-4)  # counts / 40
+    # Averaged over all positions, the draws' frequencies match the teacher's probabilities.
+    teacher = torch.softmax(teacher_logits(tiny_teacher, data["input_ids"]), dim=-1).double().numpy()
+    estimate = np.zeros_like(teacher)
+    np.put_along_axis(estimate, data["target_ids"], 0.0, -1)
+    flat_estimate = estimate.reshape(-1, estimate.shape[-1])
+    np.add.at(flat_estimate, (np.repeat(np.arange(len(flat_estimate)), data["target_ids"].shape[-1]),
+                              data["target_ids"].reshape(-1)), probs.reshape(-1))
+    assert np.abs(flat_estimate.mean(0) - teacher.reshape(flat_estimate.shape).mean(0)).max() < 0.01
+    c = cache_config(targets="sampled", samples=40, seed=4, out=str(tmp_path / "c"))
+    run_cache(c)
+    assert open_store(c.out).manifest["totals"]["content_sha256"] != store_a.manifest["totals"]["content_sha256"]
 
 
 def test_manifest_describes_the_store(cache_config):
@@ -48,7 +107,7 @@ def test_manifest_describes_the_store(cache_config):
     run_cache(config)
     store = open_store(config.out)
     m = store.manifest
-    assert m["format_version"] == 1 and m["softcache_version"]
+    assert m["format_version"] == 2 and m["softcache_version"]
     assert m["teacher"]["config_sha256"] and m["teacher"]["dtype"] == "float32"
     assert m["tokenizer"]["vocab_size"] == 384 and len(m["tokenizer"]["fingerprint"]) == 64
     assert m["corpus"]["fingerprint"] and m["corpus"]["documents"] > 0

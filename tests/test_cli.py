@@ -58,10 +58,10 @@ def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):
 
     original = ZarrFormat.write_shard
 
-    def disk_full_at_second_shard(self, root, layout, index, arrays):
+    def disk_full_at_second_shard(self, root, layout, encoding, index, columns):
         if index == 1:
             raise OSError(28, "No space left on device")
-        return original(self, root, layout, index, arrays)
+        return original(self, root, layout, encoding, index, columns)
 
     monkeypatch.setattr(ZarrFormat, "write_shard", disk_full_at_second_shard)
     failed = run(*base_args, "--out", tmp_path / "s")

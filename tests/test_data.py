@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache.data import StoreDataset, batches_per_epoch, epoch_order, rank_batch
-from softcache.store import Layout
+from softcache.store import Encoding, Layout
 
 from test_store import write_store
 
@@ -49,7 +49,8 @@ def test_ranks_partition_every_sequence_exactly_once_with_equal_batch_counts(wor
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "store"
-    write_store(root, "zarr", Layout(num_sequences=23, seq_len=6, k=3, shard_size=5, id_dtype="uint16"), 500)
+    layout = Layout(num_sequences=23, seq_len=6, shard_size=5)
+    write_store(root, "zarr", layout, Encoding("topp", 3, 500, "delta", "log8"))  # variable lengths, padded
     return root
 
 
@@ -76,6 +77,8 @@ def test_batches_have_the_promised_shapes_and_masks(store):
     last = batches[-1]
     assert last["mask"][:3].all() and not last["mask"][3].any()  # 23 = 5 x 4 + 3: one padding row
     assert torch.all(last["labels"][3] == -100)
+    # A padding row is a point mass (slot 0 only), so no loss can see NaN.
+    assert torch.all(last["target_logprobs"][3, :, 0] == 0) and torch.all(last["target_logprobs"][3, :, 1:] == -torch.inf)
     total_valid = sum(int(b["mask"][:, 0].sum()) for b in batches)
     assert total_valid == 23
 
@@ -86,9 +89,10 @@ def test_rows_match_the_store(store):
     dataset = StoreDataset(str(store), batch_size=4, epochs=1, seed=5)
     order = dataset.order(0)
     batch = stream(dataset, limit=1)[0]
-    expected = open_store(store).read_rows_raw(order[:4])
-    assert torch.equal(batch["target_ids"], torch.from_numpy(expected["target_ids"].astype(np.int64)))
-    assert torch.equal(batch["target_logprobs"], torch.from_numpy(expected["target_logprobs"].astype(np.float32)))
+    expected = open_store(store).read_rows(order[:4])
+    assert torch.equal(batch["target_ids"], torch.from_numpy(expected["target_ids"]))
+    assert torch.equal(batch["target_logprobs"], torch.from_numpy(expected["target_logprobs"]))
+    assert (batch["target_logprobs"] == -torch.inf).any()  # some positions keep fewer than k ids
 
 
 def _ids(batches):

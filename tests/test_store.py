@@ -8,66 +8,82 @@ import numpy as np
 import pytest
 
 from softcache import StoreError, open_store
-from softcache.store import FORMATS, Layout, StoreWriter, id_dtype_for
+from softcache.store import FORMATS, Encoding, Layout, StoreWriter, id_dtype_for
 from softcache.store.convert import convert_store
+from softcache.store.encoding import encode
 from softcache.store.registry import storage_section
 
 
-def header(layout: Layout, format_name: str, teacher: str = "synthetic") -> dict:
+def make(num_sequences: int, seq_len: int, k: int, shard_size: int, vocab: int = 500, **codes):
+    """(Layout, Encoding) of a synthetic top-k store."""
+    return Layout(num_sequences, seq_len, shard_size), Encoding("topk", k, vocab, **codes)
+
+
+def header(layout: Layout, encoding: Encoding, format_name: str, teacher: str = "synthetic") -> dict:
     return {
-        "storage": storage_section(format_name, layout),
+        "storage": storage_section(format_name, layout, encoding),
         "layout": layout.to_dict(),
-        "targets": {"kind": "topk", "k": layout.k, "temperature": 1.0},
+        "encoding": encoding.to_dict(),
+        "targets": {"kind": encoding.kind, "k": encoding.k, "temperature": 1.0},
         "teacher": {"name": teacher},
-        "tokenizer": {"fingerprint": "0" * 64, "vocab_size": 70000},
+        "tokenizer": {"fingerprint": "0" * 64, "vocab_size": encoding.vocab_size},
         "corpus": {"source": "synthetic", "fingerprint": "1" * 64},
     }
 
 
-def random_shard(layout: Layout, index: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed * 1000 + index)
-    _, count = layout.shard_bounds(index)
-    logits = rng.normal(size=(count, layout.seq_len, layout.k)).astype(np.float32)
-    values = -np.sort(np.abs(logits), axis=-1)
-    return {
-        "input_ids": rng.integers(0, vocab, (count, layout.seq_len)).astype(layout.id_dtype),
-        "target_ids": rng.integers(0, vocab, (count, layout.seq_len, layout.k)).astype(layout.id_dtype),
-        "target_logprobs": values.astype(np.float16),
-    }
+def random_targets(count: int, seq_len: int, encoding: Encoding, seed: int) -> dict[str, np.ndarray]:
+    """Padded decoded-form targets: distinct ids, sorted log-probs that leave a tail, lengths."""
+    rng = np.random.default_rng(seed)
+    k, vocab = encoding.k, encoding.vocab_size
+    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(count * seq_len)]).reshape(count, seq_len, k)
+    values = np.log(rng.dirichlet(np.ones(k + 1), size=(count, seq_len))[..., :k]).astype(np.float32)
+    values = -np.sort(-values, axis=-1)
+    lengths = None if encoding.fixed_length else rng.integers(1, k + 1, (count, seq_len))
+    if lengths is not None:
+        padding = np.arange(k) >= lengths[..., None]
+        ids = np.where(padding, ids[..., :1], ids)
+        values = np.where(padding, -np.inf, values).astype(np.float32)
+    return {"input_ids": rng.integers(0, vocab, (count, seq_len)), "ids": ids, "values": values, "lengths": lengths}
 
 
-def write_store(root, format_name: str, layout: Layout, vocab: int, finish: bool = True, shards=None):
-    writer = StoreWriter.open(root, header(layout, format_name))
+def write_store(root, format_name: str, layout: Layout, encoding: Encoding, finish: bool = True, shards=None):
+    """Write random shards; return the decoded-form targets of each shard written."""
+    writer = StoreWriter.open(root, header(layout, encoding, format_name))
     writer.save_tokenizer(lambda d: (d.mkdir(), (d / "tokenizer.json").write_text("{}")))
     written = {}
     for index in shards if shards is not None else writer.pending:
-        written[index] = random_shard(layout, index, vocab)
-        writer.write_shard(index, written[index])
+        _, count = layout.shard_bounds(index)
+        written[index] = random_targets(count, layout.seq_len, encoding, seed=index)
+        writer.write_shard(index, encode(encoding, **written[index]))
     if finish:
         writer.finish()
     return written
 
 
+def joined(written: dict, name: str) -> np.ndarray:
+    return np.concatenate([written[i][name] for i in sorted(written)])
+
+
 @pytest.mark.parametrize("format_name", sorted(FORMATS))
 @pytest.mark.parametrize("vocab", [300, 65536, 70000, 140000])
 def test_roundtrip(tmp_path, format_name, vocab):
-    layout = Layout(num_sequences=11, seq_len=6, k=4, shard_size=4, id_dtype=id_dtype_for(vocab))
-    written = write_store(tmp_path / "s", format_name, layout, vocab)
-    expected = {name: np.concatenate([written[i][name] for i in range(layout.num_shards)]) for name in written[0]}
-    # Ids at the ends of the vocabulary survive.
-    assert layout.id_dtype == ("uint16" if vocab <= 65536 else "int32")
+    layout, encoding = make(11, 6, 4, 4, vocab, ids="plain", values="float16")
+    written = write_store(tmp_path / "s", format_name, layout, encoding)
+    assert encoding.dtype("target_ids") == ("uint16" if vocab <= 65536 else "int32")
     store = open_store(tmp_path / "s")
     assert len(store) == 11 and store.complete
     full = store.read(0, 11)
     assert full["input_ids"].dtype == np.int64 and full["target_ids"].dtype == np.int64
     assert full["target_logprobs"].dtype == np.float32
-    np.testing.assert_array_equal(full["target_ids"], expected["target_ids"])
-    np.testing.assert_array_equal(full["input_ids"], expected["input_ids"])
-    np.testing.assert_array_equal(full["target_logprobs"], expected["target_logprobs"].astype(np.float32))
-    # Ranges inside one shard and across shard boundaries.
+    np.testing.assert_array_equal(full["target_ids"], joined(written, "ids"))
+    np.testing.assert_array_equal(full["input_ids"], joined(written, "input_ids"))
+    np.testing.assert_array_equal(full["target_logprobs"], joined(written, "values").astype(np.float16).astype(np.float32))
+    # Ranges inside one shard and across shard boundaries; rows in any order, with repeats.
     for start, stop in [(0, 1), (3, 9), (8, 11), (5, 5)]:
         part = store.read(start, stop)
-        np.testing.assert_array_equal(part["target_ids"], expected["target_ids"][start:stop])
+        np.testing.assert_array_equal(part["target_ids"], joined(written, "ids")[start:stop])
+    rows = [9, 0, 4, 4, 10, 1]
+    np.testing.assert_array_equal(store.read_rows(rows)["target_ids"], joined(written, "ids")[rows])
     with pytest.raises(IndexError):
         store.read(10, 12)
     assert store.verify() == []
@@ -75,67 +91,68 @@ def test_roundtrip(tmp_path, format_name, vocab):
 
 def test_extreme_ids_roundtrip(tmp_path):
     for vocab in (65536, 131073):
-        layout = Layout(num_sequences=2, seq_len=3, k=2, shard_size=2, id_dtype=id_dtype_for(vocab))
-        writer = StoreWriter.open(tmp_path / str(vocab), header(layout, "zarr"))
-        arrays = layout.empty_shard(2)
-        arrays["target_ids"][0, 0] = [0, vocab - 1]
-        arrays["input_ids"][1, 2] = vocab - 1
-        writer.write_shard(0, arrays)
-        writer.finish()
-        read = open_store(tmp_path / str(vocab)).read(0, 2)
-        assert read["target_ids"][0, 0].tolist() == [0, vocab - 1]
-        assert read["input_ids"][1, 2] == vocab - 1
+        for ids_code in ("plain", "delta", "bitpack"):
+            layout, encoding = make(2, 3, 2, 2, vocab, ids=ids_code)
+            writer = StoreWriter.open(tmp_path / f"{vocab}-{ids_code}", header(layout, encoding, "zarr"))
+            targets = random_targets(2, 3, encoding, seed=0)
+            targets["ids"][0, 0] = [0, vocab - 1]
+            targets["input_ids"][1, 2] = vocab - 1
+            writer.write_shard(0, encode(encoding, **targets))
+            writer.finish()
+            read = open_store(tmp_path / f"{vocab}-{ids_code}").read(0, 2)
+            assert sorted(read["target_ids"][0, 0].tolist()) == [0, vocab - 1]
+            assert read["input_ids"][1, 2] == vocab - 1
 
 
 @pytest.mark.parametrize("format_name", sorted(FORMATS))
 def test_incomplete_store_is_refused_unless_asked(tmp_path, format_name):
-    layout = Layout(num_sequences=10, seq_len=4, k=3, shard_size=3, id_dtype="uint16")
-    written = write_store(tmp_path / "s", format_name, layout, 500, finish=False, shards=[0, 1])
+    layout, encoding = make(10, 4, 3, 3)
+    written = write_store(tmp_path / "s", format_name, layout, encoding, finish=False, shards=[0, 1])
     with pytest.raises(StoreError, match="incomplete.*2 of 4 shards"):
         open_store(tmp_path / "s")
     store = open_store(tmp_path / "s", allow_incomplete=True)
     assert len(store) == 6 and not store.complete
-    np.testing.assert_array_equal(store.read(0, 6)["target_ids"][3:], written[1]["target_ids"])
+    np.testing.assert_array_equal(store.read(0, 6)["target_ids"][3:], written[1]["ids"])
     assert any("incomplete" in p for p in store.verify())
 
 
 def test_resume_skips_written_shards_and_rewrites_damaged_ones(tmp_path):
-    layout = Layout(num_sequences=10, seq_len=4, k=3, shard_size=3, id_dtype="uint16")
-    write_store(tmp_path / "s", "arrow", layout, 500, finish=False, shards=[0, 1, 2])
+    layout, encoding = make(10, 4, 3, 3)
+    write_store(tmp_path / "s", "arrow", layout, encoding, finish=False, shards=[0, 1, 2])
     (tmp_path / "s" / "shards" / "shard-00001.arrow").write_bytes(b"truncated")
     (tmp_path / "s" / "shards" / "shard-00003.arrow.tmp-999").write_bytes(b"left by a crash")
-    writer = StoreWriter.open(tmp_path / "s", header(layout, "arrow"))
+    writer = StoreWriter.open(tmp_path / "s", header(layout, encoding, "arrow"))
     assert writer.pending == [1, 3]
     assert not (tmp_path / "s" / "shards" / "shard-00003.arrow.tmp-999").exists()
 
 
 def test_different_identity_is_refused_with_the_differences(tmp_path):
-    layout = Layout(num_sequences=4, seq_len=4, k=3, shard_size=2, id_dtype="uint16")
-    write_store(tmp_path / "s", "zarr", layout, 500)
-    other = Layout(num_sequences=4, seq_len=4, k=5, shard_size=2, id_dtype="uint16")
-    with pytest.raises(StoreError, match=r"different store .*layout\.k: store has 3, this run 5"):
-        StoreWriter.open(tmp_path / "s", header(other, "zarr"))
+    layout, encoding = make(4, 4, 3, 2)
+    write_store(tmp_path / "s", "zarr", layout, encoding)
+    _, other = make(4, 4, 5, 2)
+    with pytest.raises(StoreError, match=r"different store .*encoding\.k: store has 3, this run 5"):
+        StoreWriter.open(tmp_path / "s", header(layout, other, "zarr"))
     with pytest.raises(StoreError, match=r"teacher\.name: store has \"synthetic\", this run \"other\""):
-        StoreWriter.open(tmp_path / "s", header(layout, "zarr", teacher="other"))
+        StoreWriter.open(tmp_path / "s", header(layout, encoding, "zarr", teacher="other"))
     # The same identity on a complete store: nothing left to do.
-    assert StoreWriter.open(tmp_path / "s", header(layout, "zarr")).complete
+    assert StoreWriter.open(tmp_path / "s", header(layout, encoding, "zarr")).complete
 
 
 def test_out_must_be_empty_directory_or_store(tmp_path):
-    layout = Layout(num_sequences=4, seq_len=4, k=3, shard_size=2, id_dtype="uint16")
+    layout, encoding = make(4, 4, 3, 2)
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="is a file"):
-        StoreWriter.open(tmp_path / "file", header(layout, "zarr"))
+        StoreWriter.open(tmp_path / "file", header(layout, encoding, "zarr"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty and holds no softcache store"):
-        StoreWriter.open(tmp_path / "busy", header(layout, "zarr"))
+        StoreWriter.open(tmp_path / "busy", header(layout, encoding, "zarr"))
 
 
 @pytest.mark.parametrize("format_name", sorted(FORMATS))
 def test_verify_names_flipped_byte_and_missing_shard(tmp_path, format_name):
-    layout = Layout(num_sequences=9, seq_len=5, k=4, shard_size=3, id_dtype="uint16")
-    write_store(tmp_path / "s", format_name, layout, 500)
+    layout, encoding = make(9, 5, 4, 3)
+    write_store(tmp_path / "s", format_name, layout, encoding)
     store = open_store(tmp_path / "s")
     assert store.verify() == []
     flipped = tmp_path / "s" / store.shards[1]["files"][-1]["path"]
@@ -153,8 +170,8 @@ def test_verify_names_flipped_byte_and_missing_shard(tmp_path, format_name):
 
 @pytest.mark.parametrize("source_format,dest_format", [("zarr", "arrow"), ("arrow", "zarr")])
 def test_convert_roundtrip(tmp_path, source_format, dest_format):
-    layout = Layout(num_sequences=7, seq_len=5, k=4, shard_size=3, id_dtype="int32")
-    write_store(tmp_path / "a", source_format, layout, 100000)
+    layout, encoding = make(7, 5, 4, 3, 100000, ids="bitpack")
+    write_store(tmp_path / "a", source_format, layout, encoding)
     convert_store(tmp_path / "a", tmp_path / "b", dest_format)
     convert_store(tmp_path / "b", tmp_path / "c", source_format)
     a, b, c = (open_store(tmp_path / n) for n in "abc")
@@ -167,12 +184,15 @@ def test_convert_roundtrip(tmp_path, source_format, dest_format):
 
 
 def test_manifest_problems_are_one_clear_error(tmp_path):
-    layout = Layout(num_sequences=4, seq_len=4, k=3, shard_size=2, id_dtype="uint16")
-    write_store(tmp_path / "s", "zarr", layout, 500)
+    layout, encoding = make(4, 4, 3, 2)
+    write_store(tmp_path / "s", "zarr", layout, encoding)
     manifest_path = tmp_path / "s" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(StoreError, match="format version 99, newer than"):
+        open_store(tmp_path / "s")
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(StoreError, match="format version 1, from an older softcache"):
         open_store(tmp_path / "s")
     manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "layout"}))
     with pytest.raises(StoreError, match="lacks required fields: layout"):

@@ -73,6 +73,24 @@ def test_train_saves_a_loadable_student_without_the_teacher(train_config, tmp_pa
     assert saved["config"]["alpha"] == 0.5 and saved["store"]["content_sha256"]
 
 
+@pytest.mark.parametrize("targets", ["topp", "sampled"])
+def test_every_target_kind_trains_end_to_end(tmp_path_factory, corpus_file, tmp_path, targets):
+    """No target settings are copied by hand: the student reads the kind and its loss from the store."""
+    root = tmp_path_factory.mktemp(targets)
+    teacher = make_teacher(root / "teacher", seed=1)
+    run_cache(CacheConfig(teacher=str(teacher), data=str(corpus_file), out=str(root / "store"), seq_len=32,
+                          max_sequences=24, k=8, targets=targets, top_p=0.8, samples=12, batch_size=8,
+                          shard_size=8, progress=False))
+    config = TrainConfig(store=str(root / "store"), student=str(student_config(tmp_path / "student.json")),
+                         out=str(tmp_path / "run"), steps=16, batch_size=4, lr=5e-3, eval_fraction=0.2,
+                         num_workers=0, progress=False)
+    result = run_train(config)
+    kd = torch.tensor([m["kd"] for m in metrics(tmp_path / "run")])
+    assert torch.isfinite(kd).all()
+    assert kd[-4:].mean() < kd[:4].mean(), kd
+    assert result.final_eval["kl"] >= 0 and 0 <= result.final_eval["top1_agreement"] <= 1
+
+
 def _weights(run):
     from transformers import AutoModelForCausalLM
 

@@ -1,9 +1,9 @@
 """Arrow IPC format: one uncompressed IPC file per shard, read zero-copy through a memory map.
 
-Each file holds one record batch with one row per sequence and three fixed-size-list columns
-(``input_ids`` of seq_len ids, ``target_ids`` and ``target_logprobs`` of seq_len * k entries).
-Uncompressed IPC costs disk bytes but lets readers view the data in place with no decode step;
-compressed IPC would decompress onto the heap, which is what the zarr format is for.
+Each file holds one record batch with one row per sequence: the fixed columns as fixed-size lists of
+seq_len values, the ragged ones as large lists (each sequence's entries). Uncompressed IPC costs
+disk bytes but lets readers view the data in place with no decode step; compressed IPC would
+decompress onto the heap, which is what the zarr format is for.
 """
 
 from __future__ import annotations
@@ -13,85 +13,81 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from softcache.store.encoding import Encoding
 from softcache.store.files import atomic_file
-from softcache.store.layout import ARRAYS, Layout
+from softcache.store.layout import Layout
 
 SHARD_DIR = "shards"
 
 
-def _schema(layout: Layout) -> pa.Schema:
+def _schema(layout: Layout, encoding: Encoding) -> pa.Schema:
     fields = []
-    for name in ARRAYS:
-        width = int(np.prod(layout.row_shape(name)))
-        fields.append(pa.field(name, pa.list_(pa.from_numpy_dtype(layout.dtype(name)), width), nullable=False))
+    for name in encoding.columns:
+        item = pa.from_numpy_dtype(encoding.dtype(name))
+        kind = pa.large_list(item) if name not in encoding.fixed_columns else pa.list_(item, layout.seq_len)
+        fields.append(pa.field(name, kind, nullable=False))
     return pa.schema(fields)
 
 
 class ArrowFormat:
     name = "arrow"
-    suffix = ".arrow"
 
     def __init__(self, codec: dict | None = None):
         if codec not in (None, {"name": "none"}):
             raise ValueError(f"the arrow format stores uncompressed IPC files, not {codec!r}")
         self.codec = {"name": "none"}
 
-    def describe(self, layout: Layout) -> dict:
+    def describe(self, layout: Layout, encoding: Encoding) -> dict:
         return {"format": self.name, "codec": self.codec, "ipc": "one uncompressed record batch per shard file"}
 
-    def prepare(self, root: Path, layout: Layout) -> None:
+    def prepare(self, root: Path, layout: Layout, encoding: Encoding) -> None:
         (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
 
-    def shard_files(self, layout: Layout, index: int) -> list[str]:
-        return [f"{SHARD_DIR}/shard-{index:05d}.arrow"]
+    @staticmethod
+    def shard_file(index: int) -> str:
+        return f"{SHARD_DIR}/shard-{index:05d}.arrow"
 
-    def write_shard(self, root: Path, layout: Layout, index: int, arrays: dict[str, np.ndarray]) -> list[str]:
+    def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]:
         """Write shard ``index`` durably (temporary name, fsync, rename) and return its files."""
-        _, count = layout.shard_bounds(index)
-        columns = [
-            pa.FixedSizeListArray.from_arrays(pa.array(arrays[name].reshape(-1)), arrays[name][0].size)
-            for name in ARRAYS
-        ]
-        batch = pa.record_batch(columns, schema=_schema(layout))
-        assert batch.num_rows == count
-        (relative,) = self.shard_files(layout, index)
+        arrays = []
+        for name in encoding.columns:
+            value = columns[name]
+            if isinstance(value, tuple):
+                flat, offsets = value
+                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat)))
+            else:
+                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), layout.seq_len))
+        batch = pa.record_batch(arrays, schema=_schema(layout, encoding))
+        relative = self.shard_file(index)
         with atomic_file(root / relative) as handle:
             with pa.ipc.new_file(handle, batch.schema) as writer:
                 writer.write_batch(batch)
         return [relative]
 
-    def reader(self, root: Path, layout: Layout) -> ArrowReader:
-        return ArrowReader(root, layout, self)
+    def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ArrowReader:
+        return ArrowReader(root, layout, encoding)
 
 
 class ArrowReader:
-    """Memory-maps shard files on first use; returned arrays are views of the mapped file."""
+    """Memory-maps shard files on first use; the columns it returns are views of the mapped files."""
 
-    def __init__(self, root: Path, layout: Layout, fmt: ArrowFormat):
+    def __init__(self, root: Path, layout: Layout, encoding: Encoding):
         self.root = root
         self.layout = layout
-        self.format = fmt
-        self._shards: dict[int, dict[str, np.ndarray]] = {}
+        self.encoding = encoding
+        self._shards: dict[int, dict] = {}
 
-    def _open(self, index: int) -> dict[str, np.ndarray]:
-        (relative,) = self.format.shard_files(self.layout, index)
-        batch = pa.ipc.open_file(pa.memory_map(str(self.root / relative))).get_batch(0)
-        views = {}
-        for name in ARRAYS:
-            flat = batch.column(name).values.to_numpy(zero_copy_only=True)
-            views[name] = flat.reshape(batch.num_rows, *self.layout.row_shape(name))
-        return views
-
-    def read_rows(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Global ``rows`` inside shard ``index`` (copied out of the mapped file)."""
+    def load(self, index: int) -> dict:
         if index not in self._shards:
-            self._shards[index] = self._open(index)
-        first, _ = self.layout.shard_bounds(index)
-        return {name: view[rows - first] for name, view in self._shards[index].items()}
-
-    def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) (global sequence numbers, inside shard ``index``), zero-copy views."""
-        if index not in self._shards:
-            self._shards[index] = self._open(index)
-        first, _ = self.layout.shard_bounds(index)
-        return {name: view[start - first : stop - first] for name, view in self._shards[index].items()}
+            source = pa.memory_map(str(self.root / ArrowFormat.shard_file(index)))
+            batch = pa.ipc.open_file(source).get_batch(0)
+            columns = {}
+            for name in self.encoding.columns:
+                column = batch.column(name)
+                flat = column.values.to_numpy(zero_copy_only=True)
+                if name in self.encoding.fixed_columns:
+                    columns[name] = flat.reshape(batch.num_rows, self.layout.seq_len)
+                else:
+                    columns[name] = (flat, column.offsets.to_numpy(zero_copy_only=True))
+            self._shards[index] = columns
+        return self._shards[index]

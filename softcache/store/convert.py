@@ -17,6 +17,7 @@ from softcache.store.reader import open_store
 from softcache.store.registry import storage_section
 from softcache.store.writer import StoreWriter, derived_header
 
+
 def convert_store(source: str | Path, dest: str | Path, format_name: str, on_shard=None, codec: dict | None = None) -> dict:
     """Write the complete store ``source`` to ``dest`` in ``format_name``; return the new manifest.
 
@@ -26,7 +27,7 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
     store = open_store(source)
     header = derived_header(
         store.manifest,
-        storage=storage_section(format_name, store.layout, codec),
+        storage=storage_section(format_name, store.layout, store.encoding, codec),
         converted_from={"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]},
     )
     writer = StoreWriter.open(dest, header, out_flag="DEST")
@@ -35,9 +36,9 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
     if store.tokenizer_path.is_dir():
         writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
     for index in writer.pending:
-        first, count = store.layout.shard_bounds(index)
-        arrays = {name: np.ascontiguousarray(array) for name, array in store.read_raw(first, first + count).items()}
-        writer.write_shard(index, arrays, teacher_nll=store.shards[index].get("teacher_nll"))
+        columns = {name: tuple(np.ascontiguousarray(a) for a in value) if isinstance(value, tuple)
+                   else np.ascontiguousarray(value) for name, value in store.shard_columns(index).items()}
+        writer.write_shard(index, columns, teacher_nll=store.shards[index].get("teacher_nll"))
         if on_shard is not None:
             on_shard(index)
     manifest = writer.finish()

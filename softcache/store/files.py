@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +83,28 @@ def check_file(root: Path, entry: dict) -> str | None:
     return None
 
 
-def content_sha256(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> str:
-    """sha256 of arrays' little-endian bytes in ``names`` order: equal data, equal digest, any format."""
+def content_sha256(columns: dict) -> str:
+    """sha256 of columns' little-endian bytes in key order (ragged columns: entries, then offsets):
+    equal data, equal digest, whatever the format."""
     digest = hashlib.sha256()
-    for name in names:
-        array = arrays[name]
-        digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
+    for name, value in columns.items():
+        digest.update(name.encode())
+        for array in value if isinstance(value, tuple) else (value,):
+            digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
     return digest.hexdigest()
 
 
 def remove_temporaries(root: Path) -> list[Path]:
-    """Delete temporary files left by a crashed writer (ours and zarr's ``.partial`` files)."""
+    """Delete what a crashed writer left: temporary files and directories (ours) and zarr's
+    ``.partial`` files."""
     removed = []
-    for path in root.rglob("*"):
-        if path.is_file() and (TMP_MARK in path.name or path.name.endswith(".partial")):
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts)):
+        if not path.exists():
+            continue
+        if TMP_MARK in path.name and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif path.is_file() and (TMP_MARK in path.name or path.name.endswith(".partial")):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

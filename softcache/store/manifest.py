@@ -18,10 +18,10 @@ MANIFEST = "manifest.json"
 PROGRESS_DIR = "progress"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_NAME = "softcache-store"
-FORMAT_VERSION = 1
-REQUIRED = ("format", "format_version", "complete", "storage", "layout", "targets", "teacher", "tokenizer", "corpus", "shards")
+FORMAT_VERSION = 2
+REQUIRED = ("format", "format_version", "complete", "storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus", "shards")
 # Sections that must match for a job to resume into an existing store.
-IDENTITY = ("storage", "layout", "targets", "teacher", "tokenizer", "corpus")
+IDENTITY = ("storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus")
 
 
 def progress_name(index: int) -> str:
@@ -45,6 +45,11 @@ def read_manifest(root: Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise StoreError(
             f"{path} has format version {version}, newer than this softcache reads ({FORMAT_VERSION}); upgrade softcache"
+        )
+    if version < FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has format version {version}, from an older softcache; this one reads version "
+            f"{FORMAT_VERSION}: rerun its softcache cache command into a new directory"
         )
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:

@@ -12,22 +12,26 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
+from softcache.store.encoding import Encoding, concat, decode, take
 from softcache.store.files import check_file
-from softcache.store.layout import ARRAYS, Layout
+from softcache.store.layout import Layout
 from softcache.store.manifest import TOKENIZER_DIR, read_manifest, read_progress
 from softcache.store.registry import make_format
 
-_RETURN_DTYPES = {"input_ids": np.int64, "target_ids": np.int64, "target_logprobs": np.float32}
-
 
 class Store:
-    """A store opened for reading. ``len(store)`` is the number of readable sequences."""
+    """A store opened for reading. ``len(store)`` is the number of readable sequences.
 
-    def __init__(self, root: str | Path, allow_incomplete: bool = False):
+    ``cached_shards``: how many shards a zarr reader keeps loaded (training reads a few at a time).
+    """
+
+    def __init__(self, root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.layout = Layout.from_dict(self.manifest["layout"])
+        self.encoding = Encoding.from_dict(self.manifest["encoding"])
         self.format = make_format(self.manifest["storage"])
+        self.cached_shards = cached_shards
         if self.manifest["complete"]:
             self.shards = list(self.manifest["shards"])
         else:
@@ -52,68 +56,61 @@ class Store:
         """Directory with the teacher's tokenizer files (loadable with AutoTokenizer)."""
         return self.root / TOKENIZER_DIR
 
+    @property
+    def k(self) -> int:
+        """Entries per position in what :meth:`read_rows` returns (padded where fewer are stored)."""
+        return self.encoding.k
+
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
-        return f"Store({str(self.root)!r}, {self.format.name}, {len(self)} sequences, {state})"
+        return f"Store({str(self.root)!r}, {self.format.name}, {self.encoding.kind}, {len(self)} sequences, {state})"
 
-    def read_raw(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Sequences [start, stop) in their on-disk dtypes (views where the format allows)."""
-        if not 0 <= start <= stop <= len(self):
-            raise IndexError(f"range [{start}, {stop}) outside the store's {len(self)} sequences")
+    def shard_columns(self, slot: int) -> dict:
+        """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
         if self._reader is None:
-            self._reader = self.format.reader(self.root, self.layout)
-        pieces = {name: [] for name in ARRAYS}
-        position = start
-        while position < stop:
-            slot = int(np.searchsorted(self._ends, position, side="right"))
-            shard = self.shards[slot]
-            slot_start = int(self._ends[slot]) - shard["count"]
-            take = min(stop, int(self._ends[slot])) - position
-            lo = shard["first"] + position - slot_start
-            part = self._reader.read(shard["index"], lo, lo + take)
-            for name in ARRAYS:
-                pieces[name].append(part[name])
-            position += take
-        if start == stop:
-            return self.layout.empty_shard(0)
-        return {name: arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for name, arrays in pieces.items()}
+            self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
+        return self._reader.load(self.shards[slot]["index"])
 
-    def read_rows(self, indices) -> dict[str, np.ndarray]:
-        """Sequences at ``indices`` (any order), in :meth:`read`'s dtypes, converted while gathered."""
-        return self.read_rows_raw(indices, dtypes=_RETURN_DTYPES)
+    def read_columns(self, indices) -> dict:
+        """The encoded columns of sequences ``indices`` (any order, repeats allowed), in that order.
 
-    def read_rows_raw(self, indices, dtypes: dict | None = None) -> dict[str, np.ndarray]:
-        """Sequences at ``indices`` (any order, repeats allowed) in on-disk dtypes (or ``dtypes``), in
-        that order.
-
-        Rows are grouped by shard and each shard is read once, so a batch drawn from a few shards
-        costs a few reads."""
+        Rows are grouped by shard and each shard is loaded once, so a batch drawn from a few shards
+        costs a few loads."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sequence index outside the store's {len(self)} sequences")
-        if self._reader is None:
-            self._reader = self.format.reader(self.root, self.layout)
-        out = {name: np.empty((len(indices), *self.layout.row_shape(name)),
-                              (dtypes or {}).get(name, self.layout.dtype(name))) for name in ARRAYS}
         slots = np.searchsorted(self._ends, indices, side="right")
+        order = np.argsort(slots, kind="stable")
+        parts = []
         for slot in np.unique(slots):
-            where = np.nonzero(slots == slot)[0]
-            shard = self.shards[slot]
-            rows = shard["first"] + indices[where] - (int(self._ends[slot]) - shard["count"])
-            unique, inverse = np.unique(rows, return_inverse=True)
-            part = self._reader.read_rows(shard["index"], unique)
-            for name in ARRAYS:
-                out[name][where] = part[name][inverse]
-        return out
+            where = order[slots[order] == slot]
+            local = indices[where] - (int(self._ends[slot]) - self.shards[slot]["count"])
+            parts.append(take(self.shard_columns(int(slot)), local))
+        if not parts:
+            return take(self.shard_columns(0), np.zeros(0, dtype=np.int64)) if self.shards else {}
+        joined = concat(parts)
+        if np.array_equal(order, np.arange(len(order))):
+            return joined
+        inverse = np.empty(len(indices), dtype=np.int64)
+        inverse[order] = np.arange(len(indices))
+        return take(joined, inverse)
+
+    def read_rows(self, indices) -> dict[str, np.ndarray]:
+        """Sequences at ``indices`` (any order, repeats allowed), decoded: ``input_ids`` [n, L] int64,
+        ``target_ids`` [n, L, k] int64 and ``target_logprobs`` [n, L, k] float32 (natural-log
+        probabilities over the full vocabulary; padding entries repeat slot 0's id with -inf)."""
+        columns = self.read_columns(indices)
+        ids, logprobs = decode(self.encoding, columns)
+        return {"input_ids": columns["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": logprobs}
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Sequences [start, stop): ``input_ids`` [n, L] int64, ``target_ids`` [n, L, k] int64,
-        ``target_logprobs`` [n, L, k] float32 (natural-log probabilities over the full vocabulary)."""
-        raw = self.read_raw(start, stop)
-        return {name: raw[name].astype(_RETURN_DTYPES[name]) for name in ARRAYS}
+        """Sequences [start, stop), decoded as in :meth:`read_rows`."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"range [{start}, {stop}) outside the store's {len(self)} sequences")
+        return self.read_rows(np.arange(start, stop))
 
     def verify(self) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is intact)."""
@@ -132,6 +129,6 @@ class Store:
         return problems
 
 
-def open_store(root: str | Path, allow_incomplete: bool = False) -> Store:
+def open_store(root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4) -> Store:
     """Open the store at ``root`` for reading (either format)."""
-    return Store(root, allow_incomplete=allow_incomplete)
+    return Store(root, allow_incomplete=allow_incomplete, cached_shards=cached_shards)

@@ -1,7 +1,8 @@
 """The format registry: a plain dict from format name to class.
 
 A format class takes an optional codec dict and provides ``describe``, ``prepare``,
-``shard_files``, ``write_shard`` and ``reader`` (see :class:`StoreFormat`).
+``write_shard`` and ``reader`` (see :class:`StoreFormat`). Formats store *columns* (see
+softcache.store.encoding): they neither know nor care what the targets mean.
 """
 
 from __future__ import annotations
@@ -9,29 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
 from softcache.store.arrow_format import ArrowFormat
+from softcache.store.encoding import Encoding
 from softcache.store.layout import Layout
 from softcache.store.zarr_format import ZarrFormat
 
 
 class ShardReader(Protocol):
-    def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Global rows [start, stop) of shard ``index``, in on-disk dtypes."""
-
-    def read_rows(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Sorted unique global ``rows`` of shard ``index``, in on-disk dtypes."""
+    def load(self, index: int) -> dict:
+        """Every column of shard ``index``, in on-disk dtypes (fixed: [count, L]; ragged: (flat, offsets))."""
 
 
 class StoreFormat(Protocol):
     name: str
 
-    def describe(self, layout: Layout) -> dict: ...
-    def prepare(self, root: Path, layout: Layout) -> None: ...
-    def shard_files(self, layout: Layout, index: int) -> list[str]: ...
-    def write_shard(self, root: Path, layout: Layout, index: int, arrays: dict[str, np.ndarray]) -> list[str]: ...
-    def reader(self, root: Path, layout: Layout) -> ShardReader: ...
+    def describe(self, layout: Layout, encoding: Encoding) -> dict: ...
+    def prepare(self, root: Path, layout: Layout, encoding: Encoding) -> None: ...
+    def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]: ...
+    def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ShardReader: ...
 
 
 FORMATS: dict[str, type] = {"zarr": ZarrFormat, "arrow": ArrowFormat}
@@ -42,7 +38,6 @@ def make_format(storage: dict) -> StoreFormat:
     return FORMATS[storage["format"]](storage.get("codec"))
 
 
-def storage_section(format_name: str, layout: Layout, codec: dict | None = None) -> dict:
+def storage_section(format_name: str, layout: Layout, encoding: Encoding, codec: dict | None = None) -> dict:
     """The manifest's ``storage`` section for a new store in ``format_name`` (default codec if None)."""
-    fmt = FORMATS[format_name](codec)
-    return {**fmt.describe(layout), "ids": layout.id_dtype, "values": layout.value_dtype}
+    return FORMATS[format_name](codec).describe(layout, encoding)

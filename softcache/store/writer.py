@@ -18,7 +18,8 @@ import numpy as np
 from softcache import __version__
 from softcache.errors import StoreError
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
-from softcache.store.layout import ARRAYS, Layout
+from softcache.store.encoding import Encoding, num_rows
+from softcache.store.layout import Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -40,6 +41,7 @@ class StoreWriter:
         self.root = root
         self.header = header
         self.layout = Layout.from_dict(header["layout"])
+        self.encoding = Encoding.from_dict(header["encoding"])
         self.format = make_format(header["storage"])
         self.done = done
         self.complete = complete
@@ -78,7 +80,7 @@ class StoreWriter:
         if not (root / MANIFEST).exists():
             write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
         writer = cls(root, header, {}, complete=False)
-        writer.format.prepare(root, writer.layout)
+        writer.format.prepare(root, writer.layout, writer.encoding)
         writer.done = {i: r for i, r in read_progress(root).items() if writer._record_is_valid(i, r)}
         return writer
 
@@ -97,15 +99,17 @@ class StoreWriter:
         except (IndexError, KeyError, TypeError, OSError):
             return False
 
-    def write_shard(self, index: int, arrays: dict[str, np.ndarray], teacher_nll: dict | None = None) -> dict:
-        """Write shard ``index`` (arrays in on-disk dtypes) durably and record it as done.
+    def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> dict:
+        """Write shard ``index`` (its encoded columns, see softcache.store.encoding) durably and
+        record it as done.
 
         ``teacher_nll`` ({"sum", "count"}: the teacher's summed cross-entropy on the shard's true next
         tokens) is kept in the shard's record when given."""
         first, count = self.layout.shard_bounds(index)
-        self.layout.check_shard(arrays, count)
+        self._check_columns(columns, count)
+        columns = {name: columns[name] for name in self.encoding.columns}
         try:
-            written = self.format.write_shard(self.root, self.layout, index, arrays)
+            written = self.format.write_shard(self.root, self.layout, self.encoding, index, columns)
         except OSError as err:
             raise StoreError(
                 f"could not write shard {index} of {self.root} ({err.strerror or err}); the shards written "
@@ -117,7 +121,7 @@ class StoreWriter:
             "first": first,
             "count": count,
             "bytes": sum(f["bytes"] for f in files),
-            "content_sha256": content_sha256(arrays, ARRAYS),
+            "content_sha256": content_sha256(columns),
             "files": files,
         }
         if teacher_nll is not None:
@@ -125,6 +129,18 @@ class StoreWriter:
         write_json(self.root / progress_name(index), record)
         self.done[index] = record
         return record
+
+    def _check_columns(self, columns: dict, count: int) -> None:
+        assert sorted(columns) == sorted(self.encoding.columns), f"columns {sorted(columns)} != {self.encoding.columns}"
+        assert num_rows(columns) == count, f"{num_rows(columns)} sequences for a shard of {count}"
+        for name in self.encoding.columns:
+            value = columns[name]
+            array = value[0] if isinstance(value, tuple) else value
+            assert array.dtype == self.encoding.dtype(name), f"{name}: {array.dtype} != {self.encoding.dtype(name)}"
+            if not isinstance(value, tuple):
+                assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
+            else:
+                assert len(value[1]) == count + 1 and value[1][-1] == len(value[0]), f"{name}: bad offsets"
 
     def save_tokenizer(self, save: Callable[[Path], object]) -> None:
         """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""

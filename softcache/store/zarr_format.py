@@ -1,24 +1,30 @@
-"""Zarr v3 format: one group ``data.zarr`` with three arrays, sharded along the sequence axis.
+"""Zarr v3 format: one zarr group per store shard, ``data.zarr/shards/NNNNN``.
 
-Each array's zarr shard spans exactly one store shard (``shard_size`` sequences), so a store shard
-is three zarr shard files and one writer owns them; inner chunks of a few sequences are the unit of
-reading. The whole store opens with plain zarr as ordinary [N, L(, k)] arrays. zarr's LocalStore
-already writes each file under a temporary name and renames it; we add the fsyncs.
+A shard's group holds one array per column: the fixed columns as [count, seq_len] arrays, the ragged
+ones as a flat array of entries plus ``<name>_offsets`` [count + 1] (where each sequence's entries
+start). Each group is written under a temporary name, fsynced and renamed into place, so a shard is
+either complete or absent; exactly one writer owns it. Every group opens with plain zarr.
+Readers load a whole shard (its encoded, still compact arrays) and keep the few most recent ones,
+because training reads a handful of shards at a time (see softcache.data).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from softcache.store.files import fsync_path
-from softcache.store.layout import ARRAYS, Layout
+from softcache.store.encoding import Encoding
+from softcache.store.files import TMP_MARK, fsync_path
+from softcache.store.layout import Layout
 
 GROUP = "data.zarr"
-CHUNK_BYTES = 1 << 18  # target size of an inner chunk before compression
-# Measured on SmolLM2 top-64 targets (benchmarks/results/cache_job.md): byte-shuffled blosc-zstd
-# is the smallest of the codecs tried (189 B/token vs 216 for plain zstd-1, 258 raw) and reads as fast.
+CHUNK_BYTES = 1 << 24  # largest chunk before compression (blosc caps a chunk at 2 GB)
+# Measured on SmolLM2 targets (benchmarks/results/encodings.md): byte-shuffled blosc-zstd is the
+# smallest of the codecs tried at the same read speed.
 DEFAULT_CODEC = {"name": "blosc", "cname": "zstd", "level": 3, "shuffle": "shuffle"}
 
 
@@ -34,93 +40,76 @@ def _codecs(codec: dict) -> list:
     raise ValueError(f"unknown zarr codec {codec!r}")
 
 
-def chunk_sequences(layout: Layout) -> int:
-    """Sequences per inner chunk: about CHUNK_BYTES of target ids, at least 1, at most a shard."""
-    per_sequence = layout.seq_len * layout.k * layout.dtype("target_ids").itemsize
-    return max(1, min(layout.shard_size, CHUNK_BYTES // per_sequence))
+def shard_group(index: int) -> str:
+    return f"{GROUP}/shards/{index:05d}"
 
 
 class ZarrFormat:
     name = "zarr"
-    suffix = ".zarr"
 
     def __init__(self, codec: dict | None = None):
         self.codec = dict(codec or DEFAULT_CODEC)
+        _codecs(self.codec)  # refuse unknown codecs early
 
-    def describe(self, layout: Layout) -> dict:
-        return {"format": self.name, "codec": self.codec, "chunk_sequences": chunk_sequences(layout)}
+    def describe(self, layout: Layout, encoding: Encoding) -> dict:
+        return {"format": self.name, "codec": self.codec, "shards": f"{shard_group(0)[:-5]}NNNNN: one zarr group each"}
 
-    def prepare(self, root: Path, layout: Layout) -> None:
-        """Create the group and arrays (metadata only); an existing identical group is kept."""
+    def prepare(self, root: Path, layout: Layout, encoding: Encoding) -> None:
+        (root / GROUP / "shards").mkdir(parents=True, exist_ok=True)
+
+    def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]:
+        """Write shard ``index`` durably and atomically; return its files (relative to ``root``)."""
         import zarr
 
-        group = zarr.open_group(root / GROUP, mode="a")
-        chunk = chunk_sequences(layout)
-        for name in ARRAYS:
-            row = layout.row_shape(name)
-            if name in group:
-                continue
-            group.create_array(
-                name,
-                shape=(layout.num_sequences, *row),
-                dtype=layout.dtype(name),
-                chunks=(chunk, *row),
-                shards=(layout.shard_size, *row),
-                compressors=_codecs(self.codec),
-                fill_value=0,
-            )
-        for path in sorted((root / GROUP).rglob("zarr.json")):
+        final = root / shard_group(index)
+        staging = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        group = zarr.open_group(str(staging), mode="w")
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a shard is always the same set of files
+            for name, value in columns.items():
+                arrays = {name: value[0], f"{name}_offsets": value[1]} if isinstance(value, tuple) else {name: value}
+                for array_name, data in arrays.items():
+                    row_bytes = max(1, data[0:1].nbytes)
+                    chunk = (max(1, min(len(data), CHUNK_BYTES // row_bytes)), *data.shape[1:])
+                    array = group.create_array(array_name, shape=data.shape, dtype=data.dtype, chunks=chunk,
+                                               compressors=_codecs(self.codec), fill_value=0)
+                    array[...] = data
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in files:
             fsync_path(path)
-
-    def shard_files(self, layout: Layout, index: int) -> list[str]:
-        """Paths, relative to the store, of the files that make up shard ``index``."""
-        files = []
-        for name in ARRAYS:
-            tail = "/".join(["0"] * len(layout.row_shape(name)))
-            files.append(f"{GROUP}/{name}/c/{index}/{tail}")
-        return files
-
-    def write_shard(self, root: Path, layout: Layout, index: int, arrays: dict[str, np.ndarray]) -> list[str]:
-        """Write shard ``index`` durably and return its files."""
-        import zarr
-
-        first, count = layout.shard_bounds(index)
-        group = zarr.open_group(root / GROUP, mode="r+")
-        # Write every chunk, even all-zero ones, so a shard is always the same set of files.
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            for name in ARRAYS:
-                group[name][first : first + count] = arrays[name]
-        files = self.shard_files(layout, index)
-        for relative in files:
-            fsync_path(root / relative)
-        for directory in {(root / f).parent for f in files}:
+        for directory in sorted({p.parent for p in files} | {staging}, key=lambda p: -len(p.parts)):
             fsync_path(directory)
-        return files
+        if final.exists():
+            shutil.rmtree(final)  # a crashed run's shard without a progress record: rewritten
+        os.replace(staging, final)
+        fsync_path(final.parent)
+        return [str((final / p.relative_to(staging)).relative_to(root)) for p in files]
 
-    def reader(self, root: Path, layout: Layout) -> ZarrReader:
-        return ZarrReader(root, layout)
+    def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ZarrReader:
+        return ZarrReader(root, encoding, cached_shards)
 
 
 class ZarrReader:
-    """Reads row ranges; opens arrays lazily so that a forked DataLoader worker opens its own."""
+    """Loads whole shards on demand and keeps the ``cached_shards`` most recently used."""
 
-    def __init__(self, root: Path, layout: Layout):
+    def __init__(self, root: Path, encoding: Encoding, cached_shards: int):
         self.root = root
-        self.layout = layout
-        self._arrays = None
+        self.encoding = encoding
+        self.cached_shards = max(1, cached_shards)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
 
-    def _open(self) -> dict:
-        if self._arrays is None:
-            import zarr
+    def load(self, index: int) -> dict:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        import zarr
 
-            group = zarr.open_group(self.root / GROUP, mode="r")
-            self._arrays = {name: group[name] for name in ARRAYS}
-        return self._arrays
-
-    def read(self, index: int, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) (global sequence numbers, inside shard ``index``) in on-disk dtypes."""
-        return {name: array[start:stop] for name, array in self._open().items()}
-
-    def read_rows(self, index: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Sorted unique global ``rows`` inside shard ``index``; one zarr call per array."""
-        return {name: array.oindex[rows] for name, array in self._open().items()}
+        group = zarr.open_group(str(self.root / shard_group(index)), mode="r")
+        columns = {}
+        for name in self.encoding.columns:
+            data = np.asarray(group[name][...])
+            columns[name] = (data, np.asarray(group[f"{name}_offsets"][...])) if f"{name}_offsets" in group else data
+        self._cache[index] = columns
+        while len(self._cache) > self.cached_shards:
+            self._cache.popitem(last=False)
+        return columns

@@ -1,0 +1,312 @@
+"""How a store's targets become bytes, and back: target kinds, id codes and value codes.
+
+Every position keeps between 1 and ``k`` entries (id, value). In memory, targets are *padded*:
+``ids`` [..., k] int64 and ``logprobs`` [..., k] float32, where a position with n < k entries has
+its real entries in slots 0..n-1 and padding after them. Padding repeats the id of slot 0 and has
+log-probability -inf (probability 0), so a padded row is still a valid sparse distribution for the
+losses. Slot 0 is always a real entry.
+
+On disk, per sequence, there are *fixed* columns of ``seq_len`` values (``input_ids``, and when
+needed ``target_lengths`` and ``target_tail``) and *ragged* columns holding only the real entries,
+position after position (``target_ids``, ``target_values``), with per-sequence offsets. Nothing
+is stored for padding.
+
+Target kinds:
+- ``topk``: the k most probable ids (k entries everywhere; no lengths column).
+- ``topp``: the smallest set of most probable ids whose mass reaches p, at most k.
+- ``sampled``: ``samples`` draws with replacement from the teacher; unique ids with counts. The
+  target count / samples is an unbiased estimate of the teacher's distribution (no tail).
+
+Id codes (``ids``):
+- ``plain``: ids in uint16 (vocabularies up to 65,536) or int32.
+- ``delta``: each position's ids sorted ascending, stored as the first id and then the gaps, in
+  the same dtype as plain; small gaps are what the format's compressor then shrinks.
+- ``bitpack``: ids at ceil(log2 V) bits each, each sequence starting on a byte boundary (for large
+  vocabularies, where plain needs 32 bits: 18 bits for V = 151,936).
+
+Value codes (``values``):
+- ``float16``: log-probabilities (normalised over the full vocabulary) in float16. The tail mass
+  1 - sum(exp(values)) is implied.
+- ``log8``: one byte per entry, ``round((top - logprob) / LOG8_STEP)`` clipped to 255, where top is
+  the position's largest log-probability; plus the position's log tail mass in float16
+  (``target_tail``). Decoding renormalises the head to 1 - tail, so the tail stays exact and the
+  head is off by at most LOG8_STEP / 2 nats per entry before renormalisation (entries more than
+  255 x LOG8_STEP = 20 nats below the top are raised to that floor).
+- ``counts``: sampled targets' draw counts, in the smallest unsigned type that holds ``samples``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+KINDS = ("topk", "topp", "sampled")
+ID_CODES = ("plain", "delta", "bitpack")
+VALUE_CODES = ("float16", "log8", "counts")
+LOG8_STEP = 20.0 / 255
+FLOAT16_MIN = float(np.finfo(np.float16).min)
+UINT16_VOCAB = 1 << 16
+
+FIXED = ("input_ids", "target_lengths", "target_tail")
+RAGGED = ("target_ids", "target_values")
+
+
+def id_dtype_for(vocab_size: int) -> str:
+    """Smallest id dtype for ``vocab_size``: uint16 up to 65,536 ids, else int32 (no vocab cap)."""
+    return "uint16" if vocab_size <= UINT16_VOCAB else "int32"
+
+
+def _uint_for(largest: int) -> str:
+    for dtype in ("uint8", "uint16", "uint32"):
+        if largest <= np.iinfo(dtype).max:
+            return dtype
+    return "uint64"
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What the targets are and how they are coded; saved as the manifest's ``encoding`` section."""
+
+    kind: str
+    k: int
+    """Entries per position: exactly k for topk, at most k for topp and sampled."""
+    vocab_size: int
+    ids: str = "plain"
+    values: str = "float16"
+    samples: int | None = None
+    """Draws per position (sampled targets only)."""
+
+    def __post_init__(self):
+        assert self.kind in KINDS and self.ids in ID_CODES and self.values in VALUE_CODES, self
+        assert (self.values == "counts") == (self.kind == "sampled"), "sampled targets, and only they, store counts"
+        assert 1 <= self.k <= self.vocab_size
+
+    @property
+    def fixed_length(self) -> bool:
+        return self.kind == "topk"
+
+    @property
+    def bits(self) -> int:
+        """Bits per id for ``bitpack``."""
+        return max(1, math.ceil(math.log2(self.vocab_size)))
+
+    def dtype(self, column: str) -> np.dtype:
+        if column == "input_ids":
+            return np.dtype(id_dtype_for(self.vocab_size))
+        if column == "target_lengths":
+            return np.dtype(_uint_for(self.k))
+        if column == "target_tail":
+            return np.dtype("float16")
+        if column == "target_ids":
+            return np.dtype("uint8" if self.ids == "bitpack" else id_dtype_for(self.vocab_size))
+        if column == "target_values":
+            return np.dtype({"float16": "float16", "log8": "uint8"}.get(self.values) or _uint_for(self.samples))
+        raise KeyError(column)
+
+    @property
+    def fixed_columns(self) -> tuple[str, ...]:
+        """Columns of seq_len values per sequence."""
+        return ("input_ids",) + (() if self.fixed_length else ("target_lengths",)) + (
+            ("target_tail",) if self.values == "log8" else ())
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.fixed_columns + RAGGED
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["dtypes"] = {name: str(self.dtype(name)) for name in self.columns}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Encoding:
+        return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
+
+
+# ---- columns: fixed arrays [n, L] and ragged (flat, offsets[n + 1]) per sequence ----------------
+
+def take(columns: dict, rows: np.ndarray) -> dict:
+    """The columns of sequences ``rows`` (positions inside ``columns``, any order, repeats allowed)."""
+    out = {}
+    for name, value in columns.items():
+        if isinstance(value, tuple):
+            flat, offsets = value
+            starts, stops = offsets[rows], offsets[rows + 1]
+            sizes = stops - starts
+            new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(sizes, out=new_offsets[1:])
+            index = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(starts - new_offsets[:-1], sizes)
+            out[name] = (flat[index], new_offsets)
+        else:
+            out[name] = value[rows]
+    return out
+
+
+def concat(parts: list[dict]) -> dict:
+    """Columns of consecutive groups of sequences joined into one."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name, value in parts[0].items():
+        if isinstance(value, tuple):
+            flats = [p[name][0] for p in parts]
+            shifts = np.cumsum([0] + [len(f) for f in flats[:-1]])
+            offsets = np.concatenate([[0]] + [p[name][1][1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
+            out[name] = (np.concatenate(flats), offsets)
+        else:
+            out[name] = np.concatenate([p[name] for p in parts])
+    return out
+
+
+def num_rows(columns: dict) -> int:
+    return len(columns["input_ids"])
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+def encode(encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, values: np.ndarray,
+           lengths: np.ndarray | None = None, log_tail: np.ndarray | None = None) -> dict:
+    """Columns for a group of sequences.
+
+    Args:
+        input_ids: [S, L] token ids.
+        ids: [S, L, k] padded target ids (real entries first).
+        values: [S, L, k] float log-probabilities, or integer counts for sampled targets.
+        lengths: [S, L] real entries per position (None: all k).
+        log_tail: [S, L] log of the mass outside the entries (needed by ``log8``; computed from
+            ``values`` when None).
+    """
+    s, length, k = ids.shape
+    assert k == encoding.k, f"targets have {k} entries per position, the encoding {encoding.k}"
+    if lengths is None:
+        lengths = np.full((s, length), k, dtype=np.int64)
+    lengths = lengths.astype(np.int64)
+    if lengths.min(initial=1) < 1 or lengths.max(initial=1) > k:
+        raise ValueError("every position needs between 1 and k entries")
+    valid = np.arange(k) < lengths[..., None]
+    ids = ids.astype(np.int64)
+    if encoding.ids == "delta":
+        order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=-1, kind="stable")
+        ids = np.take_along_axis(ids, order, -1)
+        values = np.take_along_axis(values, order, -1)
+    per_sequence = lengths.sum(-1)
+    entry_offsets = np.zeros(s + 1, dtype=np.int64)
+    np.cumsum(per_sequence, out=entry_offsets[1:])
+    columns = {"input_ids": input_ids.astype(encoding.dtype("input_ids"))}
+    if not encoding.fixed_length:
+        columns["target_lengths"] = lengths.astype(encoding.dtype("target_lengths"))
+    if encoding.values == "log8":
+        if log_tail is None:
+            log_tail = _log1mexp(np.minimum(_logsumexp(np.where(valid, values, -np.inf)), 0.0))
+        columns["target_tail"] = np.asarray(log_tail, dtype=np.float64).astype(np.float16)
+    columns["target_ids"] = _encode_ids(encoding, ids, valid, per_sequence, entry_offsets)
+    columns["target_values"] = (_encode_values(encoding, values, valid), entry_offsets)
+    return columns
+
+
+def _encode_ids(encoding: Encoding, ids: np.ndarray, valid: np.ndarray, per_sequence, entry_offsets):
+    if encoding.ids == "delta":
+        previous = np.concatenate([np.zeros_like(ids[..., :1]), ids[..., :-1]], axis=-1)
+        return (ids - previous)[valid].astype(encoding.dtype("target_ids")), entry_offsets
+    if encoding.ids == "plain":
+        return ids[valid].astype(encoding.dtype("target_ids")), entry_offsets
+    bits = encoding.bits
+    flat = ids[valid].astype(np.uint64)
+    sizes = (per_sequence * bits + 7) // 8
+    byte_offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=byte_offsets[1:])
+    sequence = np.repeat(np.arange(len(per_sequence)), per_sequence)
+    local = np.arange(len(flat), dtype=np.int64) - entry_offsets[sequence]
+    start_bit = byte_offsets[sequence] * 8 + local * bits
+    # Each id's bits as a row, least significant first, placed at its bit position.
+    id_bits = ((flat[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
+    stream = np.zeros(int(byte_offsets[-1]) * 8, dtype=np.uint8)
+    stream[(start_bit[:, None] + np.arange(bits)).reshape(-1)] = id_bits.reshape(-1)
+    return np.packbits(stream, bitorder="little"), byte_offsets
+
+
+def _encode_values(encoding: Encoding, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    if encoding.values == "counts":
+        return values[valid].astype(encoding.dtype("target_values"))
+    values = values.astype(np.float32)
+    if encoding.values == "float16":
+        return np.maximum(values[valid], FLOAT16_MIN).astype(np.float16)
+    top = np.where(valid, values, -np.inf).max(-1, keepdims=True)
+    code = np.clip(np.rint((top - values) / LOG8_STEP), 0, 255)
+    return code[valid].astype(np.uint8)
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+
+def decode(encoding: Encoding, columns: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Padded ``(ids [n, L, k] int64, logprobs [n, L, k] float32)`` of the columns' sequences."""
+    n, length = columns["input_ids"].shape
+    k = encoding.k
+    if encoding.fixed_length:
+        lengths = np.full(n * length, k, dtype=np.int64)
+    else:
+        lengths = columns["target_lengths"].reshape(-1).astype(np.int64)
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    ids = _decode_ids(encoding, columns["target_ids"], columns["target_values"][1], lengths, starts)
+    logprobs = _decode_values(encoding, columns, lengths, starts)
+    if encoding.fixed_length:
+        return ids.reshape(n, length, k), logprobs.reshape(n, length, k)
+    out_ids = np.repeat(ids[starts][:, None], k, axis=1)
+    out_values = np.full((len(lengths), k), -np.inf, dtype=np.float32)
+    position = np.repeat(np.arange(len(lengths)), lengths)
+    slot = np.arange(len(ids), dtype=np.int64) - starts[position]
+    out_ids[position, slot] = ids
+    out_values[position, slot] = logprobs
+    return out_ids.reshape(n, length, k), out_values.reshape(n, length, k)
+
+
+def _decode_ids(encoding: Encoding, column, entry_offsets, lengths, starts) -> np.ndarray:
+    flat, offsets = column
+    if encoding.ids == "plain":
+        return flat.astype(np.int64)
+    if encoding.ids == "delta":
+        total = np.cumsum(flat, dtype=np.int64)
+        before = total[starts] - flat[starts].astype(np.int64)  # running sum before each position
+        return total - np.repeat(before, lengths)
+    bits = encoding.bits
+    per_sequence = np.diff(entry_offsets)
+    sequence = np.repeat(np.arange(len(per_sequence)), per_sequence)
+    local = np.arange(int(entry_offsets[-1]), dtype=np.int64) - entry_offsets[:-1][sequence]
+    start_bit = offsets[:-1][sequence] * 8 + local * bits
+    padded = np.concatenate([flat, np.zeros(8, dtype=np.uint8)]).astype(np.uint64)
+    byte = start_bit >> 3
+    word = np.zeros(len(byte), dtype=np.uint64)
+    for j in range(-(-(bits + 7) // 8)):  # enough bytes to cover bits plus a shift of up to 7
+        word |= padded[byte + j] << np.uint64(8 * j)
+    return ((word >> (start_bit & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+
+
+def _decode_values(encoding: Encoding, columns: dict, lengths, starts) -> np.ndarray:
+    flat = columns["target_values"][0]
+    if encoding.values == "float16":
+        return flat.astype(np.float32)
+    if encoding.values == "counts":
+        return np.log(flat.astype(np.float32) / encoding.samples)
+    relative = flat.astype(np.float32) * np.float32(-LOG8_STEP)
+    head = np.add.reduceat(np.exp(relative, dtype=np.float64), starts) if len(flat) else np.zeros(0)
+    log_tail = columns["target_tail"].reshape(-1).astype(np.float64)
+    shift = _log1mexp(np.minimum(log_tail, 0.0)) - np.log(head)  # head mass 1 - tail, exactly
+    return (relative + np.repeat(shift, lengths)).astype(np.float32)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = x.max(-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(x - peak).sum(-1, keepdims=True)) + peak)[..., 0]
+
+
+def _log1mexp(x: np.ndarray) -> np.ndarray:
+    """log(1 - exp(x)) for x <= 0 (-inf at x = 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > -math.log(2), np.log(-np.expm1(x)), np.log1p(-np.exp(x)))

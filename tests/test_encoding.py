@@ -1,0 +1,155 @@
+"""Every id and value code round-trips; lossy codes stay within their stated error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softcache.store.encoding import LOG8_STEP, Encoding, concat, decode, encode, take
+
+
+def canonical(ids: np.ndarray, values: np.ndarray) -> list:
+    """Per position, the set of (id, value) pairs of real entries (order-free: delta sorts by id)."""
+    out = []
+    for row_ids, row_values in zip(ids.reshape(-1, ids.shape[-1]), values.reshape(-1, values.shape[-1])):
+        keep = row_values > -np.inf
+        out.append(sorted(zip(row_ids[keep].tolist(), row_values[keep].tolist())))
+    return out
+
+
+def targets(rng, shape, k, vocab, shape_kind="random", ragged=False):
+    """Padded top-k-like targets: distinct ids (including 0 and V-1 somewhere), sorted log-probs."""
+    count, length = shape
+    ids = np.stack([rng.choice(vocab, k, replace=False) for _ in range(count * length)]).reshape(count, length, k)
+    ids[0, 0, 0], ids[-1, -1, -1] = 0, vocab - 1
+    if k > 1 and ids[0, 0, 1] == 0:
+        ids[0, 0, 1] = 1
+    if shape_kind == "flat":  # every id equally likely: the head holds k / V of the mass, all ties
+        values = np.full((count, length, k), -math.log(vocab), dtype=np.float32)
+    elif shape_kind == "peaked":  # one id holds all but 1e-9 of the mass
+        values = np.full((count, length, k), math.log(1e-9 / vocab), dtype=np.float32)
+        values[..., 0] = math.log1p(-1e-9)
+    else:
+        values = np.log(rng.dirichlet(np.ones(k + 1) * 0.3, size=(count, length))[..., :k] + 1e-30)
+        values = -np.sort(-values, axis=-1).astype(np.float32)
+    lengths = rng.integers(1, k + 1, (count, length)) if ragged else None
+    if ragged:
+        padding = np.arange(k) >= lengths[..., None]
+        ids = np.where(padding, ids[..., :1], ids)
+        values = np.where(padding, -np.inf, values).astype(np.float32)
+    return {"input_ids": rng.integers(0, vocab, (count, length)), "ids": ids, "values": values, "lengths": lengths}
+
+
+def kl_bucket(t: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL between two padded rows of log-probs over the same ids, with the tail as one more class."""
+    p, r = np.exp(t.astype(np.float64)), np.exp(q.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        head = np.where(p > 0, p * (t - q), 0.0).sum(-1)
+    tail_p, tail_r = np.clip(1 - p.sum(-1), 0, None), np.clip(1 - r.sum(-1), 1e-300, None)
+    return head + np.where(tail_p > 0, tail_p * np.log(np.maximum(tail_p, 1e-300) / tail_r), 0.0)
+
+
+@pytest.mark.parametrize("vocab", [50, 65536, 70000, 140000, 151936])
+@pytest.mark.parametrize("ids_code", ["plain", "delta", "bitpack"])
+@pytest.mark.parametrize("kind", ["topk", "topp"])
+def test_ids_and_float16_values_roundtrip(vocab, ids_code, kind):
+    rng = np.random.default_rng(vocab)
+    encoding = Encoding(kind, 7, vocab, ids_code, "float16")
+    data = targets(rng, (3, 5), 7, vocab, ragged=kind == "topp")
+    ids, values = decode(encoding, encode(encoding, **data))
+    assert ids.shape == values.shape == (3, 5, 7) and ids.dtype == np.int64 and values.dtype == np.float32
+    expected = canonical(data["ids"], data["values"].astype(np.float16).astype(np.float32))
+    assert canonical(ids, values) == expected
+    # Padding repeats slot 0's id with -inf.
+    assert np.all(np.where(values == -np.inf, ids == ids[..., :1], True))
+    assert np.all(values[..., 0] > -np.inf)
+
+
+@pytest.mark.parametrize("shape_kind", ["random", "flat", "peaked"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_log8_keeps_the_tail_exact_and_kl_small(shape_kind, ragged):
+    rng = np.random.default_rng(7)
+    vocab = 1000
+    encoding = Encoding("topp" if ragged else "topk", 16, vocab, "delta", "log8")
+    data = targets(rng, (4, 32), 16, vocab, shape_kind, ragged)
+    ids, values = decode(encoding, encode(encoding, **data))
+    # Same ids; compare in id order.
+    order_in = np.argsort(np.where(data["values"] > -np.inf, data["ids"], vocab), axis=-1)
+    order_out = np.argsort(np.where(values > -np.inf, ids, vocab), axis=-1)
+    t = np.take_along_axis(data["values"], order_in, -1)
+    q = np.take_along_axis(values, order_out, -1)
+    np.testing.assert_array_equal(np.take_along_axis(data["ids"], order_in, -1)[t > -np.inf],
+                                  np.take_along_axis(ids, order_out, -1)[q > -np.inf])
+    # The decoded head sums to the exact head mass (float16 precision of the stored log tail).
+    head_t, head_q = np.exp(t.astype(np.float64)).sum(-1), np.exp(q.astype(np.float64)).sum(-1)
+    np.testing.assert_allclose(head_q, head_t, rtol=2e-3, atol=1e-6)
+    # Stated error: before renormalisation each entry within 20 nats of the top is off by at most
+    # LOG8_STEP / 2; renormalisation adds one shift per position.
+    top = t.max(-1, keepdims=True)
+    near = (t > top - 19.9) & (t > -np.inf)
+    with np.errstate(invalid="ignore"):
+        error = np.where(near, q - t, np.nan)[near.any(-1)]
+    spread = np.nanmax(error, axis=-1) - np.nanmin(error, axis=-1)
+    assert spread.max() <= LOG8_STEP + 1e-3  # float16-rounded inputs add a little
+    kl = kl_bucket(t, q)
+    assert kl.mean() < 1e-3 and kl.max() < 5e-3, (kl.mean(), kl.max())
+
+
+def test_sampled_counts_roundtrip_as_log_frequencies():
+    rng = np.random.default_rng(3)
+    vocab, samples = 70000, 300
+    encoding = Encoding("sampled", samples, vocab, "delta", "counts", samples)
+    assert encoding.dtype("target_values") == np.uint16 and encoding.dtype("target_lengths") == np.uint16
+    draws = np.sort(rng.zipf(1.5, size=(2 * 6, samples)) % vocab, axis=-1)
+    ids = np.zeros((2 * 6, samples), dtype=np.int64)
+    counts = np.zeros_like(ids)
+    for row, d in enumerate(draws):
+        unique, c = np.unique(d, return_counts=True)
+        ids[row] = unique[0]
+        ids[row, : len(unique)], counts[row, : len(unique)] = unique, c
+    lengths = (counts > 0).sum(-1).reshape(2, 6)
+    columns = encode(encoding, rng.integers(0, vocab, (2, 6)), ids.reshape(2, 6, samples),
+                     counts.reshape(2, 6, samples), lengths)
+    out_ids, logprobs = decode(encoding, columns)
+    np.testing.assert_allclose(np.exp(logprobs).sum(-1), 1.0, rtol=1e-5)
+    expected = np.where(counts > 0, np.log(np.maximum(counts, 1) / samples), -np.inf).astype(np.float32)
+    got, want = canonical(out_ids, logprobs), canonical(ids.reshape(2, 6, samples), expected.reshape(2, 6, samples))
+    assert [[i for i, _ in row] for row in got] == [[i for i, _ in row] for row in want]
+    np.testing.assert_allclose([v for row in got for _, v in row], [v for row in want for _, v in row], rtol=1e-6)
+
+
+def test_take_and_concat_select_sequences():
+    rng = np.random.default_rng(5)
+    encoding = Encoding("topp", 5, 300, "bitpack", "log8")
+    a = encode(encoding, **targets(rng, (3, 4), 5, 300, ragged=True))
+    b = encode(encoding, **targets(rng, (2, 4), 5, 300, ragged=True))
+    both = concat([a, b])
+    whole_ids, whole_values = decode(encoding, both)
+    rows = np.array([4, 0, 3, 3])
+    ids, values = decode(encoding, take(both, rows))
+    np.testing.assert_array_equal(ids, whole_ids[rows])
+    np.testing.assert_array_equal(values, whole_values[rows])
+
+
+def test_codes_are_small():
+    encoding = Encoding("topk", 64, 49152, "delta", "log8")
+    assert encoding.dtype("target_ids") == np.uint16 and encoding.dtype("target_values") == np.uint8
+    assert Encoding("topk", 64, 151936, "bitpack", "log8").bits == 18
+    assert Encoding("sampled", 50, 49152, "delta", "counts", 50).dtype("target_values") == np.uint8
+    assert Encoding("topk", 4, 300).columns == ("input_ids", "target_ids", "target_values")
+
+
+@settings(max_examples=60, deadline=None)
+@given(vocab=st.integers(2, 300_000), k=st.integers(1, 9), positions=st.integers(1, 12),
+       ids_code=st.sampled_from(["plain", "delta", "bitpack"]), ragged=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_any_vocab_k_and_lengths_roundtrip(vocab, k, positions, ids_code, ragged, seed):
+    k = min(k, vocab)
+    rng = np.random.default_rng(seed)
+    encoding = Encoding("topp" if ragged else "topk", k, vocab, ids_code, "float16")
+    data = targets(rng, (1, positions), k, vocab, ragged=ragged)
+    ids, values = decode(encoding, encode(encoding, **data))
+    assert canonical(ids, values) == canonical(data["ids"], data["values"].astype(np.float16).astype(np.float32))
