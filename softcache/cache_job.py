@@ -6,6 +6,7 @@ teacher shard by shard with writes overlapped in the background, write the manif
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def run_cache(config: CacheConfig) -> CacheResult:
 
     layout = Layout(len(corpus.input_ids), config.seq_len, config.shard_size)
     encoding = config.encoding(vocab)
-    header = _header(config, layout, encoding, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
+    header = store_header(config, layout, encoding, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
     writer = StoreWriter.open(config.out, header)
     if writer.complete:
         return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
@@ -101,30 +102,46 @@ def run_cache(config: CacheConfig) -> CacheResult:
 
 def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, config: CacheConfig, device: torch.device,
                  on_batch=None) -> None:
-    """The teacher loop: forward, targets on the device, hand off to the background writer.
+    """The teacher loop for one store: :func:`cache_many` with a single job."""
+    cache_many(model, input_ids, [(writer, config)], config.batch_size, device, on_batch)
+
+
+def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
+               device: torch.device, on_batch=None) -> None:
+    """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
+    each store's background writer.
 
     Besides the targets, each shard records the teacher's summed cross-entropy on the true next
     tokens (``teacher_nll``), so a store knows its teacher's loss on its own corpus.
 
-    Writes every pending shard of ``writer``. ``input_ids`` is the [num_sequences, seq_len] packed
-    corpus; ``config`` gives the targets (kind, k, top_p, samples, seed, temperature) and the batch
-    size; ``on_batch(tokens)`` is called after each forward pass.
+    Args:
+        input_ids: the [num_sequences, seq_len] packed corpus.
+        jobs: (writer, config) pairs; every writer has the same layout, and each config gives its
+            store's targets (kind, k, top_p, samples, seed, temperature). One teacher pass writes
+            every pending shard of every writer.
+        batch_size: sequences per forward pass.
+        on_batch: called with the batch's token count after each forward pass.
     """
-    layout = writer.layout
-    with BackgroundWriter(writer) as background, torch.inference_mode():
-        for index in writer.pending:
+    layout = jobs[0][0].layout
+    assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
+    pending = sorted(set().union(*(writer.pending for writer, _ in jobs)))
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
+        for index in pending:
+            wanted = [(b, config) for b, (writer, config) in zip(background, jobs) if index in writer.pending]
             first, count = layout.shard_bounds(index)
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
-            for lo in range(first, first + count, config.batch_size):
-                hi = min(lo + config.batch_size, first + count)
+            for lo in range(first, first + count, batch_size):
+                hi = min(lo + batch_size, first + count)
                 host_ids = input_ids[lo:hi]
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
                 labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
                 logits = model(input_ids=ids, use_cache=False).logits
-                targets = extract(logits, labels, config, first_sequence=lo)
+                for writer_thread, config in wanted:
+                    targets = extract(logits, labels, config, first_sequence=lo)
+                    writer_thread.submit(index, lo, host_ids, for_storage(targets),
+                                         -targets.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 del logits
-                background.submit(index, lo, host_ids, _for_storage(targets),
-                                  -targets.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 if on_batch is not None:
                     on_batch(ids.numel())
 
@@ -139,7 +156,7 @@ def extract(logits: torch.Tensor, labels: torch.Tensor, config: CacheConfig, fir
     return extract_targets(logits, config.k, config.temperature, labels)
 
 
-def _for_storage(targets) -> dict:
+def for_storage(targets) -> dict:
     """Narrow on the device before the copy to the host: int32 ids and counts, float32 log-probs."""
     return {
         "ids": targets.ids.to(torch.int32),
@@ -148,7 +165,7 @@ def _for_storage(targets) -> dict:
     }
 
 
-def _header(config: CacheConfig, layout: Layout, encoding: Encoding, teacher: dict, tokenizer, vocab: int,
+def store_header(config: CacheConfig, layout: Layout, encoding: Encoding, teacher: dict, tokenizer, vocab: int,
             corpus: dict) -> dict:
     """Every manifest section except the shard table; the identity sections decide resumes."""
     return {

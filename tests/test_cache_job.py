@@ -173,3 +173,33 @@ def test_teacher_problems_name_the_flag(cache_config, tmp_path):
     with pytest.raises(SoftcacheError, match="has no config.json"):
         run_cache(cache_config(teacher=str(tmp_path / "empty")))
     assert not (tmp_path / "store").exists()  # nothing written before the checks pass
+
+
+def test_one_teacher_pass_writes_several_stores_as_separate_jobs_would(cache_config, tmp_path):
+    from softcache.cache_job import cache_many, store_header
+    from softcache.corpus import iter_documents, pack
+    from softcache.store import Layout
+    from softcache.teacher import identity, load_model, load_tokenizer, resolve_source
+
+    configs = {"topk": cache_config(out=str(tmp_path / "alone-topk")),
+               "sampled": cache_config(targets="sampled", samples=10, out=str(tmp_path / "alone-sampled"))}
+    for config in configs.values():
+        run_cache(config)
+    base = configs["topk"]
+    source = resolve_source(base.teacher)
+    tokenizer = load_tokenizer(source)
+    corpus = pack(iter_documents(base.data), tokenizer, base.seq_len, base.max_sequences, source=base.data)
+    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
+    layout = Layout(len(corpus.input_ids), base.seq_len, base.shard_size)
+    jobs = []
+    for name, config in configs.items():
+        config.out = str(tmp_path / f"together-{name}")
+        encoding = config.encoding(384)
+        header = store_header(config, layout, encoding, identity(source, model, torch.float32), tokenizer, 384,
+                              corpus.describe())
+        jobs.append((StoreWriter.open(config.out, header), config))
+    cache_many(model, corpus.input_ids, jobs, base.batch_size, torch.device("cpu"))
+    for name in configs:
+        together = jobs[list(configs).index(name)][0].finish()
+        alone = open_store(tmp_path / f"alone-{name}").manifest
+        assert together["totals"]["content_sha256"] == alone["totals"]["content_sha256"]
