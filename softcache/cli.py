@@ -94,8 +94,8 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Teacher weights' dtype; auto is bfloat16 on CUDA, float32 on CPU.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def cache(format_: str, **options) -> None:
-    """Run a teacher over a corpus once and write its top-k next-token log-probabilities to a
-    sharded, checksummed store.
+    """Run a teacher over a corpus once and write its next-token distributions, in compact form, to
+    a sharded, checksummed store.
 
     For every position i of every packed sequence the store holds the teacher's distribution over the
     next token in compact form (--targets): by default its k most likely ids with log-probabilities
@@ -133,20 +133,24 @@ def info(store: str, as_json: bool) -> None:
         f"INCOMPLETE: {len(opened.shards)} of {opened.layout.num_shards} "
         "shards written; rerun its softcache cache command to finish it")
     rows = [
-        ("store", f"{store} ({m['storage']['format']}, format v{m['format_version']}, softcache {m.get('softcache_version')})"),
-        ("state", state),
-        ("teacher", f"{teacher['name']}" + (f" [{teacher['gguf_file']}]" if teacher.get("gguf_file") else "")
+        ("store", lambda: f"{store} ({m['storage']['format']}, format v{m['format_version']}, "
+                          f"softcache {m.get('softcache_version')})"),
+        ("state", lambda: state),
+        ("teacher", lambda: f"{teacher['name']}" + (f" [{teacher['gguf_file']}]" if teacher.get("gguf_file") else "")
          + f" ({teacher['architecture']}, {teacher['parameters']:,} parameters, {teacher['dtype']})"),
-        ("tokenizer", f"vocab {m['tokenizer']['vocab_size']:,}, fingerprint {m['tokenizer']['fingerprint'][:16]}"),
-        ("targets", f"{_describe_targets(targets)} at temperature {targets['temperature']:g} "
-                    f"(ids {m['encoding']['ids']}, values {m['encoding']['values']}, codec {_codec(m['storage'])})"),
-        ("sequences", f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x {opened.layout.seq_len} tokens "
-                      f"= {summary['tokens']:,} tokens"),
-        ("shards", f"{len(opened.shards)} of {opened.layout.num_shards} ({opened.layout.shard_size} sequences each)"),
-        ("size", f"{summary['data_bytes'] / 1e6:,.2f} MB, {summary['bytes_per_token']:.1f} bytes/token"),
-        ("corpus", f"{m['corpus']['source']}, {m['corpus']['documents']:,} documents, "
-                   f"fingerprint {m['corpus']['fingerprint'][:16]}"),
+        ("tokenizer", lambda: f"vocab {m['tokenizer']['vocab_size']:,}, fingerprint {m['tokenizer']['fingerprint'][:16]}"),
+        ("targets", lambda: f"{_describe_targets(targets)} at temperature {targets['temperature']:g} "
+                            f"(ids {m['encoding']['ids']}, values {m['encoding']['values']}, "
+                            f"codec {_codec(m['storage'])})"),
+        ("sequences", lambda: f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x "
+                              f"{opened.layout.seq_len} tokens = {summary['tokens']:,} tokens"),
+        ("shards", lambda: f"{len(opened.shards)} of {opened.layout.num_shards} "
+                           f"({opened.layout.shard_size} sequences each)"),
+        ("size", lambda: f"{summary['data_bytes'] / 1e6:,.2f} MB, {summary['bytes_per_token']:.1f} bytes/token"),
+        ("corpus", lambda: f"{m['corpus']['source']}, {m['corpus']['documents']:,} documents, "
+                           f"fingerprint {m['corpus']['fingerprint'][:16]}"),
     ]
+    rows = [(name, _or_not_recorded(describe)) for name, describe in rows]
     if "teacher_ce" in m.get("totals", {}):
         ce = m["totals"]["teacher_ce"]
         rows.append(("teacher CE", f"{ce:.4f} nats per token on this corpus (perplexity {math.exp(ce):.2f})"))
@@ -163,6 +167,14 @@ def _summary(opened) -> dict:
     tokens = sequences * opened.layout.seq_len
     return {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
             "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
+
+
+def _or_not_recorded(describe) -> str:
+    """A row of ``info``; a manifest written by hand or by an older tool may lack some fields."""
+    try:
+        return describe()
+    except (KeyError, TypeError):
+        return "(not recorded in the manifest)"
 
 
 def _describe_targets(targets: dict) -> str:

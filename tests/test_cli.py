@@ -90,6 +90,10 @@ def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):
         ({"--teacher": "./no-such-model"}, "--teacher ./no-such-model is not a directory"),
         ({"--text-column": "body"}, "has no column 'body'"),
         ({"--teacher": "builtin:gpt5"}, "unknown built-in teacher"),
+        ({"--targets": "topp", "--top-p": 0}, "--top-p must be in (0, 1], got 0.0"),
+        ({"--targets": "sampled", "--samples": 0}, "--samples must be at least 1, got 0"),
+        ({"--targets": "sampled", "--values": "log8"}, "--values for --targets sampled must be one of counts"),
+        ({"--values": "counts"}, "--values for --targets topk must be one of float16, log8, got 'counts'"),
     ],
 )
 def test_bad_flags_give_one_line(base_args, tmp_path, change, message):
@@ -119,6 +123,16 @@ def test_bad_paths_give_one_line(base_args, tmp_path):
     result = run("convert", tmp_path / "nowhere", tmp_path / "dest", "--format", "arrow")
     assert result.exit_code == 1 and "does not exist" in result.output
     assert run(*base_args, "--out", tmp_path / "s", "--format", "parquet").exit_code == 2  # click's own usage error
+
+
+def test_sampled_store_from_the_command_line(base_args, tmp_path):
+    store = tmp_path / "sampled"
+    result = run(*base_args, "--out", store, "--targets", "sampled", "--samples", 20, "--seed", 5)
+    assert result.exit_code == 0, result.output
+    words = " ".join(run("info", store).output.split())
+    assert "20 sampled draws (unique ids with counts, seed 5)" in words and "values counts" in words
+    again = run(*base_args, "--out", store, "--targets", "sampled", "--samples", 20, "--seed", 6)
+    assert again.exit_code == 1 and "targets.seed: store has 5, this run 6" in again.output
 
 
 def test_python_dash_m_and_debug_traceback(tmp_path):

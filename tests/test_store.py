@@ -126,6 +126,25 @@ def test_resume_skips_written_shards_and_rewrites_damaged_ones(tmp_path):
     assert not (tmp_path / "s" / "shards" / "shard-00003.arrow.tmp-999").exists()
 
 
+def test_zarr_crash_leftovers_never_block_a_rerun(tmp_path):
+    layout, encoding = make(10, 4, 3, 3, ids="delta", values="log8")
+    written = write_store(tmp_path / "s", "zarr", layout, encoding, finish=False, shards=[0, 1])
+    root = tmp_path / "s"
+    (root / "data.zarr" / "shards" / "00002.tmp-999" / "target_ids").mkdir(parents=True)  # a half-written shard
+    (root / "progress" / "shard-00001.json").unlink()  # shard 1 landed, its record did not
+    writer = StoreWriter.open(root, header(layout, encoding, "zarr"))
+    assert writer.pending == [1, 2, 3]
+    assert not (root / "data.zarr" / "shards" / "00002.tmp-999").exists()
+    for index in writer.pending:
+        _, count = layout.shard_bounds(index)
+        written[index] = random_targets(count, layout.seq_len, encoding, seed=index)
+        writer.write_shard(index, encode(encoding, **written[index]))
+    writer.finish()
+    store = open_store(root)
+    assert store.verify() == []
+    assert sorted(p.name for p in (root / "data.zarr" / "shards").iterdir()) == ["00000", "00001", "00002", "00003"]
+
+
 def test_different_identity_is_refused_with_the_differences(tmp_path):
     layout, encoding = make(4, 4, 3, 2)
     write_store(tmp_path / "s", "zarr", layout, encoding)
