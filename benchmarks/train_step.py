@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     store = open_store(args.store)
-    seq_len, k = store.layout.seq_len, store.layout.k
+    seq_len, k = store.layout.seq_len, store.k
     models = {mode: build_student(args.student, seed=0) for mode in ("ce", "kd")}
     optimizers = {mode: adamw(model, 1e-4, 0.1) for mode, model in models.items()}
     streams = {mode: batches(args.store, args.batch_size) for mode in models}  # same seed: same batches
@@ -119,6 +119,7 @@ def main() -> None:
         "steps_per_round": args.steps, "rounds": args.rounds, "seconds_per_step": seconds,
         "median_seconds_per_step": {m: statistics.median(s) for m, s in seconds.items()},
         "median_ratio_kd_to_ce": ratio, "student_tokens_per_s": consumed, "readers": readers,
+        "encoding": {key: store.manifest["encoding"][key] for key in ("ids", "values")},
     }
     write_report(results)
 
@@ -133,7 +134,7 @@ def write_report(results: dict) -> None:
         "",
         f"Student {Path(results['student']).name} ({results['parameters'] / 1e6:.1f} M parameters, vocab "
         f"{results['vocab']:,}), batch {results['batch_size']} x {results['seq_len']} tokens, top-{results['k']} "
-        f"targets, on CPU ({results['machine']}); {results['rounds']} interleaved rounds of "
+        f"targets (ids {results['encoding']['ids']}, values {results['encoding']['values']}), on CPU ({results['machine']}); {results['rounds']} interleaved rounds of "
         f"{results['steps_per_round']} steps, medians. Produced by `python benchmarks/train_step.py`.",
         "",
         "| step | median s/step | ratio to CE (median of rounds) |",

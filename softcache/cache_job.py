@@ -17,6 +17,7 @@ import torch
 from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
 from softcache.corpus import iter_documents, pack
+from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.store import Encoding, Layout, StoreWriter
 from softcache.store.registry import storage_section
@@ -59,20 +60,33 @@ class CacheResult:
 
 
 def run_cache(config: CacheConfig) -> CacheResult:
-    """Run the teacher job described by ``config`` (creating or resuming ``config.out``)."""
+    """Run the teacher job described by ``config`` (creating or resuming ``config.out``).
+
+    Under ``torchrun --nproc-per-node N``, each rank loads the teacher on its own device and writes
+    the shards whose index is its rank modulo N; rank 0 creates the store, and writes the complete
+    manifest once every rank has finished. A shard's content does not depend on the number of
+    ranks, so the store's content digest does not either.
+    """
     config.validate()
+    with process_group("gloo") as ranks:
+        return _run_cache(config, ranks)
+
+
+def _run_cache(config: CacheConfig, ranks: Ranks) -> CacheResult:
+    log = (lambda message: _log(config, message)) if ranks.main else (lambda message: None)
     source = resolve_source(config.teacher, config.gguf_file)
-    device = resolve_device(config.device)
+    device = ranks.device(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
-    _log(config, f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})")
+    log(f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})"
+        + (f", {ranks.world} ranks" if ranks.world > 1 else ""))
 
     tokenizer = load_tokenizer(source)
     corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer,
                   config.seq_len, config.max_sequences, source=config.data)
-    _log(config, f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
-                 f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
+    log(f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
+        f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
 
-    model = load_model(source, device, dtype, config.progress)
+    model = load_model(source, device, dtype, config.progress and ranks.main)
     vocab = output_vocab_size(model)
     if config.targets != "sampled" and config.k > vocab:
         raise SoftcacheError(f"--k {config.k} is larger than the teacher's vocabulary ({vocab:,} ids)")
@@ -82,22 +96,37 @@ def run_cache(config: CacheConfig) -> CacheResult:
     layout = Layout(len(corpus.input_ids), config.seq_len, config.shard_size)
     encoding = config.encoding(vocab)
     header = store_header(config, layout, encoding, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
-    writer = StoreWriter.open(config.out, header)
+
+    def create() -> StoreWriter:
+        writer = StoreWriter.open(config.out, header)
+        if not writer.complete:
+            writer.save_tokenizer(tokenizer.save_pretrained)
+        return writer
+
+    writer = on_main(ranks, create) or StoreWriter.open(config.out, header, join=True)
     if writer.complete:
         return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
-    writer.save_tokenizer(tokenizer.save_pretrained)
 
     pending = writer.pending
     if len(pending) < layout.num_shards:
-        _log(config, f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
-    todo = sum(layout.shard_bounds(i)[1] for i in pending)
-    bar = _progress(config, total=todo * config.seq_len)
+        log(f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
+    mine = [index for index in pending if index % ranks.world == ranks.rank]
+    todo = sum(layout.shard_bounds(i)[1] for i in mine)
+    bar = _progress(config, total=todo * config.seq_len, disable=not ranks.main)
     started = time.perf_counter()
-    cache_shards(model, corpus.input_ids, writer, config, device, on_batch=bar.update)
+    cache_many(model, corpus.input_ids, [(writer, config)], config.batch_size, device, on_batch=bar.update,
+               shards=mine)
     seconds = time.perf_counter() - started
     bar.close()
-    manifest = writer.finish()
-    return CacheResult(manifest, config.out, todo, seconds, already_complete=False)
+    barrier(ranks)  # every rank's shards are durable
+
+    def finish() -> dict:
+        writer.refresh()
+        return writer.finish()
+
+    manifest = broadcast(ranks, on_main(ranks, finish))
+    written = sum(layout.shard_bounds(i)[1] for i in pending)
+    return CacheResult(manifest, config.out, written, seconds, already_complete=False)
 
 
 def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, config: CacheConfig, device: torch.device,
@@ -107,7 +136,7 @@ def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, config: Cach
 
 
 def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
-               device: torch.device, on_batch=None) -> None:
+               device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
@@ -121,10 +150,13 @@ def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cache
             every pending shard of every writer.
         batch_size: sequences per forward pass.
         on_batch: called with the batch's token count after each forward pass.
+        shards: write only these shard indices (this rank's part of a multi-rank job).
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
     pending = sorted(set().union(*(writer.pending for writer, _ in jobs)))
+    if shards is not None:
+        pending = sorted(set(pending) & set(shards))
     with contextlib.ExitStack() as stack, torch.inference_mode():
         background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
         for index in pending:
@@ -205,8 +237,8 @@ def _log(config: CacheConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _progress(config: CacheConfig, total: int):
+def _progress(config: CacheConfig, total: int, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=not config.progress,
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=disable or not config.progress,
                 file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import click
@@ -112,7 +113,8 @@ def cache(format_: str, **options) -> None:
     from softcache.cache_job import run_cache
 
     result = run_cache(CacheConfig(format=format_, **options))
-    click.echo(result.summary())
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary for a torchrun job
+        click.echo(result.summary())
 
 
 @main.command()

@@ -47,13 +47,18 @@ class StoreWriter:
         self.complete = complete
 
     @classmethod
-    def open(cls, root: str | Path, header: dict, out_flag: str = "--out") -> StoreWriter:
+    def open(cls, root: str | Path, header: dict, out_flag: str = "--out", join: bool = False) -> StoreWriter:
         """Start or resume the store at ``root`` described by ``header`` (a manifest without shards).
+
+        ``join=True`` is for the other ranks of a multi-rank job, once rank 0 has opened the store:
+        it checks the identity but creates nothing and removes nothing (another rank may be writing).
 
         Raises :class:`StoreError` if ``root`` holds something else: a file, a directory with other
         content, or a store whose identity sections differ from ``header``'s.
         """
         root = Path(root)
+        if join:
+            return cls._join(root, header, out_flag)
         if root.exists() and not root.is_dir():
             raise StoreError(f"{out_flag} {root} is a file; give a directory for the store")
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
@@ -81,8 +86,26 @@ class StoreWriter:
             write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
         writer = cls(root, header, {}, complete=False)
         writer.format.prepare(root, writer.layout, writer.encoding)
-        writer.done = {i: r for i, r in read_progress(root).items() if writer._record_is_valid(i, r)}
+        writer.refresh()
         return writer
+
+    @classmethod
+    def _join(cls, root: Path, header: dict, out_flag: str) -> StoreWriter:
+        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
+        existing = read_manifest(root)
+        differences = identity_differences(existing, header)
+        if differences:
+            raise StoreError(f"{out_flag} {root} holds a different store ({'; '.join(differences)})")
+        if existing["complete"]:
+            return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
+        writer = cls(root, header, {}, complete=False)
+        writer.refresh()
+        return writer
+
+    def refresh(self) -> None:
+        """Reread the progress records (other ranks' shards included); keep the valid ones."""
+        if not self.complete:
+            self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
 
     @property
     def pending(self) -> list[int]:
