@@ -8,6 +8,7 @@ checkpointing as configured; finally save a ``from_pretrained`` model with the s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from softcache import checkpoint
 from softcache.config import RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
+from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
 from softcache.losses import distillation_loss, store_tail
@@ -52,22 +54,38 @@ class TrainResult:
 
 
 def run_train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) the student job described by ``config``."""
+    """Run (or resume) the student job described by ``config``.
+
+    Under ``torchrun --nproc-per-node N`` it trains with DistributedDataParallel (gloo on CPU, NCCL on
+    CUDA): every rank reads its part of each global batch (``--batch-size`` sequences per rank), the
+    losses are divided by the valid-position counts of the whole step on all ranks, and rank 0
+    writes the metrics, checkpoints and final model. A run can resume on another number of ranks
+    when the global batch (batch size x ranks) stays the same.
+    """
     config.validate()
+    backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+    with process_group(backend) as ranks:
+        return _run_train(config, ranks)
+
+
+def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
+    log = (lambda message: _log(config, message)) if ranks.main else (lambda message: None)
     out = Path(config.out)
-    device = resolve_device(config.device)
+    device = ranks.device(resolve_device(config.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     store = open_store(config.store, allow_incomplete=config.allow_incomplete)
     if not store.complete:
-        _log(config, f"note: {config.store} is incomplete; training on its {len(store):,} finished sequences")
+        log(f"note: {config.store} is incomplete; training on its {len(store):,} finished sequences")
     store_temperature = store.manifest["targets"]["temperature"]
     temperature = config.temperature or store_temperature
     if temperature != store_temperature:
-        _log(config, f"note: the store was written at temperature {store_temperature:g}; the student uses "
-                     f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
+        log(f"note: the store was written at temperature {store_temperature:g}; the student uses "
+            f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
     tail = config.tail or store_tail(store.manifest)
     if store.manifest["targets"]["kind"] == "sampled" and tail != "none":
-        _log(config, f"note: --tail {tail} on sampled targets: they sum to 1, so there is no tail and "
-                     "every choice gives the same loss up to rounding")
+        log(f"note: --tail {tail} on sampled targets: they sum to 1, so there is no tail and "
+            "every choice gives the same loss up to rounding")
     train_stop, evaluation = _split(config, len(store))
     if config.eval_store:
         _check_eval_store(config.eval_store, store)
@@ -75,16 +93,17 @@ def run_train(config: TrainConfig) -> TrainResult:
     np.random.seed(config.seed)
     model = build_student(config.student, config.seed)
     check_compatible(model, store, config.student, config.allow_tokenizer_mismatch)
-    _prepare_run_dir(out, config, store)  # only once every check has passed: a refused run leaves nothing
+    # Only once every check has passed: a refused run leaves nothing.
+    on_main(ranks, lambda: _prepare_run_dir(out, config, store, ranks.world))
     model.to(device).train()
     optimizer = adamw(model, config.lr, config.weight_decay)
-    per_epoch = batches_per_epoch(train_stop, config.batch_size)
+    per_epoch = batches_per_epoch(train_stop, config.batch_size * ranks.world)
     total_steps = config.steps or math.ceil(config.epochs_or_one * per_epoch / config.grad_accum)
     warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total_steps)
     scheduler = warmup_cosine(optimizer, warmup, total_steps, config.min_lr_ratio)
 
     start_step = 0
-    found = checkpoint.latest(out) if config.resume else None
+    found = broadcast(ranks, checkpoint.latest(out) if config.resume and ranks.main else None)
     if found is not None:
         state = checkpoint.load(found)
         model.load_state_dict(state["model"])
@@ -92,12 +111,18 @@ def run_train(config: TrainConfig) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start_step = state["step"]
-        _log(config, f"resuming from {found.name} (step {start_step:,} of {total_steps:,})")
+        log(f"resuming from {found.name} (step {start_step:,} of {total_steps:,})")
     elif config.resume:
-        _log(config, f"no checkpoint in {out}; starting from step 0")
-    _truncate_metrics(out / METRICS, start_step)
+        log(f"no checkpoint in {out}; starting from step 0")
+    if ranks.main:
+        _truncate_metrics(out / METRICS, start_step)
+    trained = model
+    if ranks.world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
 
-    reader = ReaderState(config.seed, config.batch_size * config.grad_accum, start_step * config.grad_accum)
+    global_batch = config.batch_size * ranks.world
+    reader = ReaderState(config.seed, global_batch * config.grad_accum, start_step * config.grad_accum)
     dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=train_stop,
                            start_batch=reader.batches_consumed, allow_incomplete=config.allow_incomplete)
     loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -105,27 +130,31 @@ def run_train(config: TrainConfig) -> TrainResult:
                         generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
     autocast = torch.bfloat16 if device.type == "cuda" else None
     batches = iter(loader)
-    bar = _progress(config, total_steps, start_step)
+    bar = _progress(config, total_steps, start_step, disable=not ranks.main)
     started = time.perf_counter()
     final_eval = None
-    with open(out / METRICS, "a") as metrics:
+    metrics = open(out / METRICS, "a") if ranks.main else None
+    try:
         for step in range(start_step, total_steps):
             step_started = time.perf_counter()
             micro = [next(batches) for _ in range(config.grad_accum)]
-            # One averaging rule: sums over the whole step, divided by the step's valid-position counts.
-            tokens = int(sum(b["mask"].sum() for b in micro))
-            kd_count = torch.tensor(max(tokens, 1), device=device)
-            ce_count = sum((b["labels"] >= 0).sum() for b in micro).clamp_min(1).to(device)
+            # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
+            # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
+            counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
+                                                 sum((b["labels"] >= 0).sum() for b in micro)]).to(device))
+            kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
             kd_total = ce_total = 0.0
-            for batch in micro:
+            for index, batch in enumerate(micro):
                 batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    logits = model(input_ids=batch["input_ids"]).logits
-                kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
-                                           batch["labels"], config.loss, tail, temperature, config.beta,
-                                           config.chunk_tokens)
-                loss = config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count
-                loss.backward()
+                sync = index == len(micro) - 1 or ranks.world == 1
+                with contextlib.nullcontext() if sync else trained.no_sync():
+                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                        logits = trained(input_ids=batch["input_ids"]).logits
+                    kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
+                                               batch["labels"], config.loss, tail, temperature, config.beta,
+                                               config.chunk_tokens)
+                    loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
+                    loss.backward()
                 kd_total += kd.detach()
                 ce_total += ce.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or float("inf"))
@@ -133,36 +162,50 @@ def run_train(config: TrainConfig) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            kd_mean, ce_mean = (kd_total / kd_count).item(), (ce_total / ce_count).item()
+            sums = all_sum(ranks, torch.stack([torch.as_tensor(kd_total, device=device),
+                                               torch.as_tensor(ce_total, device=device)]).float())
+            kd_mean, ce_mean = (sums[0] / kd_count).item(), (sums[1] / ce_count).item()
+            tokens = int(counts[0])
             record = {"step": step + 1, "epoch": int(micro[-1]["epoch"]),
                       "loss": config.alpha * kd_mean + (1 - config.alpha) * ce_mean, "kd": kd_mean, "ce": ce_mean,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": tokens,
                       "tokens_per_s": tokens / (time.perf_counter() - step_started)}
             done = step + 1 == total_steps
-            if evaluation and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
+            if evaluation and ranks.main and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
                 record["eval"] = evaluate(model, *evaluation, batch_size=config.batch_size, device=device,
                                           temperature=store_temperature, chunk_tokens=config.chunk_tokens,
                                           autocast_dtype=autocast)
                 final_eval = record["eval"] if done else final_eval
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            if (step + 1) % config.checkpoint_every == 0 or done:
+            if ranks.main:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if ranks.main and ((step + 1) % config.checkpoint_every == 0 or done):
                 reader.batches_consumed = (step + 1) * config.grad_accum
                 checkpoint.save(out, step + 1, {
                     "step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": reader.to_dict(),
+                    "world_size": ranks.world,
                 })
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
             bar.update(1)
+    finally:
+        if metrics is not None:
+            metrics.close()
     bar.close()
-    save_student(model, store, out / "final")
+    if ranks.main:
+        save_student(model, store, out / "final")
+    barrier(ranks)
     return TrainResult(out, total_steps - start_step, final_eval, time.perf_counter() - started)
 
 
-def _prepare_run_dir(out: Path, config: TrainConfig, store) -> None:
-    """Create the run directory and save the resolved configuration; refuse to mix two runs."""
+def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
+    """Create the run directory and save the resolved configuration; refuse to mix two runs.
+
+    A resumed run may change the number of ranks, and with it --batch-size, as long as the global
+    batch (batch size x ranks) stays the same."""
     saved_path = out / RUN_CONFIG
-    wanted = {"config": config.to_dict(), "store": {"path": str(store.root), "content_sha256": _content_digest(store)}}
+    wanted = {"config": config.to_dict(), "world_size": world,
+              "store": {"path": str(store.root), "content_sha256": _content_digest(store)}}
     if saved_path.exists():
         if not config.resume:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
@@ -170,7 +213,11 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store) -> None:
         saved = json.loads(saved_path.read_text())
         differences = [f"{key}: run has {saved['config'].get(key)!r}, now {value!r}"
                        for key, value in wanted["config"].items()
-                       if key not in RESUMABLE_CHANGES and saved["config"].get(key) != value]
+                       if key not in (*RESUMABLE_CHANGES, "batch_size") and saved["config"].get(key) != value]
+        saved_world = saved.get("world_size", 1)
+        if saved["config"]["batch_size"] * saved_world != config.batch_size * world:
+            differences.append(f"global batch (--batch-size x ranks): run has {saved['config']['batch_size']} x "
+                               f"{saved_world}, now {config.batch_size} x {world}")
         if saved["store"]["content_sha256"] != wanted["store"]["content_sha256"]:
             differences.append("the store's content differs from the one the run started with")
         if differences:
@@ -224,8 +271,8 @@ def _log(config: TrainConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _progress(config: TrainConfig, total: int, start: int):
+def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, unit="step", desc="student", disable=not config.progress,
+    return tqdm(total=total, initial=start, unit="step", desc="student", disable=disable or not config.progress,
                 file=sys.stderr, dynamic_ncols=True)

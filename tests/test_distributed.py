@@ -70,3 +70,110 @@ def test_a_refusal_on_rank_0_stops_every_rank(cache_config, tmp_path):
     result = torchrun(*cache_args(changed))
     assert result.returncode != 0
     assert result.stderr.count("holds a different store") == 2  # both ranks say why, neither hangs
+
+
+@pytest.fixture
+def student_store(cache_config, tmp_path):
+    import json
+
+    store = cache_config(out=str(tmp_path / "store"), max_sequences=24)
+    run_cache(store)
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": 384, "hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    return store.out, str(student)
+
+
+def train_args(store: str, student: str, out, batch_size: int, steps: int = 4, *extra) -> list:
+    return ["train", "--store", store, "--student", student, "--out", out, "--steps", steps, "--batch-size",
+            batch_size, "--lr", "5e-3", "--checkpoint-every", 2, "--num-workers", 0, "--no-progress", *extra]
+
+
+def metrics(run) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_student_matches_one_rank_with_the_same_global_batch(student_store, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from softcache.cli import main
+    from click.testing import CliRunner
+
+    store, student = student_store
+    one = CliRunner().invoke(main, [str(a) for a in train_args(store, student, tmp_path / "one", 4)])
+    assert one.exit_code == 0, one.output
+    two = torchrun(*train_args(store, student, tmp_path / "two", 2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"]  # the same global batches
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["kd"] == pytest.approx(x["kd"], rel=1e-5)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-000000002.pt",
+                                                                                   "step-000000004.pt"]
+
+
+def test_a_run_resumes_on_another_number_of_ranks(student_store, tmp_path, monkeypatch):
+    import torch
+
+    from softcache.config import TrainConfig
+    from softcache.train_job import run_train
+
+    store, student = student_store
+    reference = tmp_path / "reference"
+    run_train(TrainConfig(store=store, student=student, out=str(reference), steps=4, batch_size=4, lr=5e-3,
+                          checkpoint_every=2, num_workers=0, progress=False))
+    original_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def killed_during_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed_during_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(TrainConfig(store=store, student=student, out=str(tmp_path / "run"), steps=4, batch_size=4,
+                              lr=5e-3, checkpoint_every=2, num_workers=0, progress=False))
+    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    refused = torchrun(*train_args(store, student, tmp_path / "run", 4, 4, "--resume"))
+    assert refused.returncode != 0 and "global batch (--batch-size x ranks): run has 4 x 1, now 4 x 2" in refused.stderr
+    resumed = torchrun(*train_args(store, student, tmp_path / "run", 2, 4, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ours, theirs = metrics(tmp_path / "run"), metrics(reference)
+    assert [m["step"] for m in ours] == [1, 2, 3, 4]
+    for x, y in zip(ours, theirs):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+
+
+def test_ranks_of_a_process_group_read_every_sequence_once_per_epoch(student_store, tmp_path):
+    import json
+
+    store, _ = student_store
+    script = tmp_path / "read.py"
+    script.write_text(f"""
+import json, torch.distributed as dist
+from softcache.data import StoreDataset
+dist.init_process_group("gloo")
+dataset = StoreDataset({store!r}, batch_size=5, epochs=1, seed=3)
+rows = [int(r) for batch in dataset for r, ok in zip(batch["input_ids"][:, 0].tolist(), batch["mask"][:, 0]) if ok]
+steps = [int(batch["step"]) for batch in StoreDataset({store!r}, batch_size=5, epochs=1, seed=3)]
+json.dump({{"first_tokens": rows, "steps": steps}}, open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w"))
+dist.destroy_process_group()
+""")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == [0, 1, 2]  # ceil(24 / (5 x 2)): equal batch counts
+    seen = sorted(ranks[0]["first_tokens"] + ranks[1]["first_tokens"])
+    expected = sorted(open_store(store).read(0, 24)["input_ids"][:, 0].tolist())
+    assert seen == expected  # every sequence once, none twice
