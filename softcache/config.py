@@ -189,6 +189,9 @@ class TrainConfig:
     """--device: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."""
     chunk_tokens: int = 256
     """--chunk-tokens: positions per chunk of the loss computation."""
+    fused_linear: bool = True
+    """--fused-linear/--no-fused-linear: compute the loss from the hidden states and the output
+    projection chunk by chunk, never materialising the [B, L, V] logits (when the model allows)."""
     progress: bool = True
     """--progress/--no-progress: progress bar on stderr."""
 
@@ -246,4 +249,5 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; every other field must match the saved run.
-RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "eval_every", "checkpoint_every", "device", "chunk_tokens")
+RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "eval_every", "checkpoint_every", "device", "chunk_tokens",
+                     "fused_linear")

@@ -215,18 +215,30 @@ def distillation_loss(
     _check_choices(kind, tail, beta)
     if kind == "fkl":
         return _FusedForwardKL.apply(*flat, tail, temperature, chunk_tokens)
+    return _checkpointed_chunks(lambda *chunk: _chunk_sums(*chunk, kind, tail, temperature, beta), flat,
+                                chunk_tokens, logits.requires_grad, dtype=logits.dtype, device=logits.device)
 
-    def chunk_sums(z, ids, logprobs, valid, y):
-        kd, log_normaliser = _sparse_kd(z, ids, logprobs, kind, tail, temperature, beta)
-        if temperature != 1.0:
-            log_normaliser = torch.logsumexp(_at_least_float32(z), dim=-1)
-        return torch.where(valid, kd, 0.0).sum(), _cross_entropy(z, y, log_normaliser).sum()
 
-    kd_total = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+def _chunk_sums(z, ids, logprobs, valid, y, kind, tail, temperature, beta):
+    """(KD sum, CE sum) of one chunk of logits, through autograd."""
+    kd, log_normaliser = _sparse_kd(z, ids, logprobs, kind, tail, temperature, beta)
+    if temperature != 1.0:
+        log_normaliser = torch.logsumexp(_at_least_float32(z), dim=-1)
+    return torch.where(valid, kd, 0.0).sum(), _cross_entropy(z, y, log_normaliser).sum()
+
+
+def _checkpointed_chunks(chunk_sums, flat, chunk_tokens, needs_grad, extra=None, dtype=torch.float32,
+                         device=None):
+    """Sum ``chunk_sums`` over chunks of positions of the tensors in ``flat`` (the first one is
+    chunked with the rest; ``extra``, when given, is passed whole after it), recomputing each chunk
+    in backward (activation checkpointing) so only one chunk's intermediates are alive at a time."""
+    kd_total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=device)
     ce_total = torch.zeros_like(kd_total)
     for start in range(0, flat[0].shape[0], chunk_tokens):
         pieces = [x[start : start + chunk_tokens] for x in flat]
-        if logits.requires_grad:
+        if extra is not None:
+            pieces.insert(1, extra)
+        if needs_grad:
             kd, ce = checkpoint(chunk_sums, *pieces, use_reentrant=False)
         else:
             kd, ce = chunk_sums(*pieces)
@@ -240,8 +252,64 @@ def _scaled_into(work: torch.Tensor, z: torch.Tensor, temperature: float) -> tor
     return torch.div(z, temperature, out=work) if temperature != 1.0 else work.copy_(z)
 
 
+def _fkl_chunk_forward(z, ids, t_logprobs, kd_valid, y, tail, temperature, work):
+    """Forward KL and CE of one chunk of logits ``z`` [c, V]: per-position (kd, ce) and the statistics
+    backward needs [c, 3] (log-normaliser at T, log-sum-exp outside K at T, log-normaliser at 1)."""
+    vocab, k = z.shape[-1], ids.shape[-1]
+    work = _scaled_into(work, z, temperature)
+    s_head = work.gather(-1, ids)
+    picked = z.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1).float()
+    lse_1 = torch.logsumexp(z.float(), dim=-1) if temperature != 1.0 else None
+    work.scatter_(-1, ids, -math.inf)
+    rest = torch.logsumexp(work, dim=-1) if k < vocab else torch.full_like(s_head[:, 0], -math.inf)
+    *coarse, lse = _coarsened(s_head, rest, t_logprobs, vocab)
+    if lse_1 is None:
+        lse_1 = lse
+    kd = torch.where(kd_valid, _divergence("fkl", tail, 0.5, *coarse), 0.0) * temperature**2
+    ce = torch.where(y >= 0, lse_1 - picked, 0.0)
+    return kd, ce, torch.stack([lse, rest, lse_1], dim=-1)
+
+
+def _fkl_chunk_grad(z, ids, t_logprobs, kd_valid, y, stats, tail, temperature, grad_kd, grad_ce, work):
+    """Gradient of ``grad_kd * kd + grad_ce * ce`` with respect to one chunk of logits, in ``work``."""
+    vocab = z.shape[-1]
+    lse, rest = stats[:, 0], stats[:, 1]
+    w_kd = grad_kd * temperature * kd_valid.float()  # d/dz = d/ds / T, times T^2
+    w_ce = grad_ce * (y >= 0).float()
+    work = _scaled_into(work, z, temperature)
+    work.sub_(lse[:, None]).exp_()  # q at temperature T
+    q_head = work.gather(-1, ids)
+    t_head = t_logprobs.float()
+    t_k = t_head.exp()
+    if tail != "renorm":
+        t_mass, has_tail = _teacher_mass(t_head, vocab)
+        t_tail = torch.where(has_tail & (tail == "bucket"), -torch.expm1(t_mass), 0.0)
+        c = t_k.sum(-1) + t_tail
+        inverse_q_tail = torch.exp((lse - rest).clamp_max(80.0))
+        outside = w_kd * (c - t_tail * inverse_q_tail)
+        head = w_kd[:, None] * (c[:, None] * q_head - t_k)
+    else:
+        outside = torch.zeros_like(w_kd)
+        t_renorm = torch.softmax(t_head, dim=-1)
+        q_present = torch.where(t_head > -math.inf, q_head, 0.0)
+        q_renorm = q_present / q_present.sum(-1, keepdim=True)
+        head = w_kd[:, None] * (q_renorm - t_renorm)
+    if temperature == 1.0:
+        # CE shares the softmax: every entry gets (outside + w_ce) q_j, K and labels corrected.
+        head = head + w_ce[:, None] * q_head
+        work.mul_((outside + w_ce)[:, None])
+    else:
+        p = torch.softmax(z.float(), dim=-1)
+        head = head + w_ce[:, None] * p.gather(-1, ids)
+        work.mul_(outside[:, None]).add_(p * w_ce[:, None])
+    head = torch.where(t_head > -math.inf, head, head[:, :1])  # padding: the same write as slot 0
+    work.scatter_(-1, ids, head)
+    work.scatter_add_(-1, y.clamp_min(0)[:, None], -w_ce[:, None])
+    return work
+
+
 class _FusedForwardKL(torch.autograd.Function):
-    """Forward KL (tail bucket or renorm) + CE sums with an analytic gradient, chunk by chunk.
+    """Forward KL (any tail) + CE sums with an analytic gradient, chunk by chunk.
 
     Forward keeps only per-position statistics (O(n k)); backward recomputes the student's
     probabilities chunk by chunk in one reused float32 buffer and writes the gradient straight into
@@ -249,34 +317,22 @@ class _FusedForwardKL(torch.autograd.Function):
     bucket (t_K, t_tail; q the student; c = sum_K t + t_tail):
         j in K:      T^2 (c q_j - t_j)
         j not in K:  T^2 (c q_j - t_tail q_j / q_tail)
-    and for renorm (t', q' renormalised over K): T^2 (q'_j - t'_j) on K, 0 elsewhere. CE adds
-    p_j - [j = label] with p = softmax(z).
+    ("none": the same with t_tail = 0), and for renorm (t', q' renormalised over K): T^2 (q'_j - t'_j)
+    on K, 0 elsewhere. CE adds p_j - [j = label] with p = softmax(z).
     """
 
     @staticmethod
     def forward(ctx, logits, target_ids, target_logprobs, kd_valid, labels, tail, temperature, chunk):
         n, vocab = logits.shape
-        k = target_ids.shape[-1]
-        stats = torch.zeros(n, 3, dtype=torch.float32, device=logits.device)  # lse at T, lse outside K at T, lse at 1
+        stats = torch.zeros(n, 3, dtype=torch.float32, device=logits.device)
         kd_rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
         ce_rows = torch.zeros(n, dtype=torch.float32, device=logits.device)
         buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=logits.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            z, ids, y = logits[rows], target_ids[rows], labels[rows]
-            work = _scaled_into(buffer[: z.shape[0]], z, temperature)
-            s_head = work.gather(-1, ids)
-            picked = z.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1).float()
-            lse_1 = torch.logsumexp(z.float(), dim=-1) if temperature != 1.0 else None
-            work.scatter_(-1, ids, -math.inf)
-            rest = torch.logsumexp(work, dim=-1) if k < vocab else torch.full_like(s_head[:, 0], -math.inf)
-            *coarse, lse = _coarsened(s_head, rest, target_logprobs[rows], vocab)
-            if lse_1 is None:
-                lse_1 = lse
-            kd = _divergence("fkl", tail, 0.5, *coarse)
-            kd_rows[rows] = torch.where(kd_valid[rows], kd, 0.0) * temperature**2
-            ce_rows[rows] = torch.where(y >= 0, lse_1 - picked, 0.0)
-            stats[rows, 0], stats[rows, 1], stats[rows, 2] = lse, rest, lse_1
+            kd_rows[rows], ce_rows[rows], stats[rows] = _fkl_chunk_forward(
+                logits[rows], target_ids[rows], target_logprobs[rows], kd_valid[rows], labels[rows], tail,
+                temperature, buffer[: logits[rows].shape[0]])
         ctx.save_for_backward(logits, target_ids, target_logprobs, kd_valid, labels, stats)
         ctx.options = (tail, temperature, chunk)
         return kd_rows.sum(), ce_rows.sum()
@@ -286,43 +342,91 @@ class _FusedForwardKL(torch.autograd.Function):
         logits, target_ids, target_logprobs, kd_valid, labels, stats = ctx.saved_tensors
         tail, temperature, chunk = ctx.options
         n, vocab = logits.shape
-        k = target_ids.shape[-1]
         grad = torch.empty_like(logits)
         buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=logits.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            z, ids, y = logits[rows], target_ids[rows], labels[rows]
-            lse, rest, lse_1 = stats[rows, 0], stats[rows, 1], stats[rows, 2]
-            w_kd = grad_kd * temperature * kd_valid[rows].float()  # d/dz = d/ds / T, times T^2
-            w_ce = grad_ce * (y >= 0).float()
-            work = _scaled_into(buffer[: z.shape[0]], z, temperature)
-            work.sub_(lse[:, None]).exp_()  # q at temperature T
-            q_head = work.gather(-1, ids)
-            t_head = target_logprobs[rows].float()
-            t_k = t_head.exp()
-            if tail != "renorm":
-                t_mass, has_tail = _teacher_mass(t_head, vocab)
-                t_tail = torch.where(has_tail & (tail == "bucket"), -torch.expm1(t_mass), 0.0)
-                c = t_k.sum(-1) + t_tail
-                inverse_q_tail = torch.exp((lse - rest).clamp_max(80.0))
-                outside = w_kd * (c - t_tail * inverse_q_tail)
-                head = w_kd[:, None] * (c[:, None] * q_head - t_k)
-            else:
-                outside = torch.zeros_like(w_kd)
-                t_renorm = torch.softmax(t_head, dim=-1)
-                q_present = torch.where(t_head > -math.inf, q_head, 0.0)
-                q_renorm = q_present / q_present.sum(-1, keepdim=True)
-                head = w_kd[:, None] * (q_renorm - t_renorm)
-            if temperature == 1.0:
-                # CE shares the softmax: every entry gets (outside + w_ce) q_j, K and labels corrected.
-                head = head + w_ce[:, None] * q_head
-                work.mul_((outside + w_ce)[:, None])
-            else:
-                p = torch.softmax(z.float(), dim=-1)
-                head = head + w_ce[:, None] * p.gather(-1, ids)
-                work.mul_(outside[:, None]).add_(p * w_ce[:, None])
-            head = torch.where(t_head > -math.inf, head, head[:, :1])  # padding: the same write as slot 0
-            work.scatter_(-1, ids, head)
-            work.scatter_add_(-1, y.clamp_min(0)[:, None], -w_ce[:, None])
-            grad[rows] = work
+            grad[rows] = _fkl_chunk_grad(logits[rows], target_ids[rows], target_logprobs[rows], kd_valid[rows],
+                                         labels[rows], stats[rows], tail, temperature, grad_kd, grad_ce,
+                                         buffer[: logits[rows].shape[0]])
         return grad, None, None, None, None, None, None, None
+
+
+class _FusedLinearForwardKL(torch.autograd.Function):
+    """:class:`_FusedForwardKL` fused with the output projection: logits = hidden @ weight.T are
+    made one chunk of positions at a time and never exist whole, in forward or backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target_ids, target_logprobs, kd_valid, labels, tail, temperature, chunk):
+        n = hidden.shape[0]
+        vocab = weight.shape[0]
+        projection = weight.to(hidden.dtype)
+        stats = torch.zeros(n, 3, dtype=torch.float32, device=hidden.device)
+        kd_rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        ce_rows = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        buffer = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z = hidden[rows] @ projection.T
+            kd_rows[rows], ce_rows[rows], stats[rows] = _fkl_chunk_forward(
+                z, target_ids[rows], target_logprobs[rows], kd_valid[rows], labels[rows], tail, temperature,
+                buffer[: z.shape[0]])
+        ctx.save_for_backward(hidden, weight, target_ids, target_logprobs, kd_valid, labels, stats)
+        ctx.options = (tail, temperature, chunk)
+        return kd_rows.sum(), ce_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        hidden, weight, target_ids, target_logprobs, kd_valid, labels, stats = ctx.saved_tensors
+        tail, temperature, chunk = ctx.options
+        n = hidden.shape[0]
+        projection = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows]
+            z = h @ projection.T
+            grad_z = _fkl_chunk_grad(z, target_ids[rows], target_logprobs[rows], kd_valid[rows], labels[rows],
+                                     stats[rows], tail, temperature, grad_kd, grad_ce, buffer[: z.shape[0]])
+            grad_z = grad_z.to(hidden.dtype)
+            grad_hidden[rows] = grad_z @ projection
+            grad_weight.add_((grad_z.T @ h).float())
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+
+
+def linear_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str = "fkl",
+    tail: str = "bucket",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_tokens: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`distillation_loss` from the student's final hidden states and output projection, without
+    ever materialising the [B, L, V] logits: logits = hidden @ weight.T are made chunk by chunk, in
+    forward and again in backward. Same values and gradients as ``distillation_loss(hidden @ weight.T,
+    ...)`` (tested); peak memory is chunk_tokens x V floats instead of two [B, L, V] tensors.
+
+    Args:
+        hidden: [B, L, H] (or [n, H]) final hidden states (after the final norm).
+        weight: [V, H] output projection (``model.get_output_embeddings().weight``), no bias.
+        Others as in :func:`distillation_loss`.
+    """
+    flat = (hidden.reshape(-1, hidden.shape[-1]), target_ids.reshape(-1, target_ids.shape[-1]),
+            target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
+    _check_choices(kind, tail, beta)
+    if kind == "fkl":
+        return _FusedLinearForwardKL.apply(flat[0], weight, *flat[1:], tail, temperature, chunk_tokens)
+
+    def chunk_sums(h, w, ids, logprobs, valid, y):
+        return _chunk_sums(h @ w.to(h.dtype).T, ids, logprobs, valid, y, kind, tail, temperature, beta)
+
+    return _checkpointed_chunks(chunk_sums, flat, chunk_tokens, hidden.requires_grad or weight.requires_grad,
+                                extra=weight, dtype=hidden.dtype, device=hidden.device)

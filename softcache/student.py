@@ -70,6 +70,46 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
         )
 
 
+class Trunk(torch.nn.Module):
+    """The student without its output projection: ``forward(input_ids)`` returns the final hidden
+    states, for :func:`softcache.losses.linear_distillation_loss`. It holds the whole model, so
+    DistributedDataParallel around it sees every parameter, the projection's included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model(input_ids=input_ids).last_hidden_state
+
+    @property
+    def projection(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+
+def fusable(model, input_ids: torch.Tensor) -> bool:
+    """Whether the model's logits are exactly ``base_model(...) @ lm_head.weight.T``: a bias-free
+    linear head on the base model's last hidden state, with no scaling or soft-capping after it.
+
+    Checked by structure and then numerically on the first few tokens of ``input_ids`` [B, L]."""
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None or base is model:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sample = input_ids[:1, :8]
+            logits = model(input_ids=sample).logits.float()
+            fused = (Trunk(model)(sample) @ head.weight.T).float()
+    except Exception:  # any model whose base cannot be called this way is simply not fused
+        return False
+    finally:
+        model.train(was_training)
+    return logits.shape == fused.shape and torch.allclose(logits, fused, rtol=1e-4, atol=1e-4)
+
+
 def save_student(model, store: Store, directory: Path) -> None:
     """``save_pretrained`` plus the store's tokenizer, swapped into place atomically."""
     staging = directory.with_name(directory.name + ".tmp")

@@ -26,11 +26,11 @@ from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
-from softcache.losses import distillation_loss, store_tail
+from softcache.losses import distillation_loss, linear_distillation_loss, store_tail
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
 from softcache.store.files import write_json
-from softcache.student import build_student, check_compatible, save_student
+from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
 from softcache.teacher import resolve_device
 
 RUN_CONFIG = "config.json"
@@ -116,10 +116,15 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
         log(f"no checkpoint in {out}; starting from step 0")
     if ranks.main:
         _truncate_metrics(out / METRICS, start_step)
-    trained = model
+    first_batch = store.read_rows([0])["input_ids"]
+    fused = config.fused_linear and fusable(model, torch.from_numpy(first_batch).to(device))
+    if config.fused_linear and not fused:
+        log("note: this student's logits are not a plain linear head on its hidden states; the loss is "
+            "computed from the logits (--no-fused-linear)")
+    trained = Trunk(model) if fused else model
     if ranks.world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                            else None)
+        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index]
+                                                            if device.type == "cuda" else None)
 
     global_batch = config.batch_size * ranks.world
     reader = ReaderState(config.seed, global_batch * config.grad_accum, start_step * config.grad_accum)
@@ -147,12 +152,15 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
             for index, batch in enumerate(micro):
                 batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
                 sync = index == len(micro) - 1 or ranks.world == 1
+                targets = (batch["target_ids"], batch["target_logprobs"], batch["mask"], batch["labels"],
+                           config.loss, tail, temperature, config.beta, config.chunk_tokens)
                 with contextlib.nullcontext() if sync else trained.no_sync():
                     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                        logits = trained(input_ids=batch["input_ids"]).logits
-                    kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
-                                               batch["labels"], config.loss, tail, temperature, config.beta,
-                                               config.chunk_tokens)
+                        output = trained(input_ids=batch["input_ids"])
+                    if fused:
+                        kd, ce = linear_distillation_loss(output, model.get_output_embeddings().weight, *targets)
+                    else:
+                        kd, ce = distillation_loss(output.logits, *targets)
                     loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
                     loss.backward()
                 kd_total += kd.detach()

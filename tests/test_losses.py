@@ -275,3 +275,31 @@ def test_sampled_targets_give_the_full_kd_gradient_in_expectation():
     # A single draw is far noisier than that, so the average is what matches.
     single = torch.autograd.grad(distillation_loss(z, t.ids.clone(), t.logprobs.double(), mask, labels, "fkl", "none")[0], z)[0]
     assert (single - expected).abs().max() > (total / trials - expected).abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_linear_loss_equals_the_loss_on_materialised_logits(kind, tail, temperature):
+    """From hidden states and the output projection, never building [B, L, V]: same values, same
+    gradients for the hidden states and the weight."""
+    from softcache.losses import linear_distillation_loss
+
+    g = torch.Generator().manual_seed(41)
+    hidden = torch.randn(2, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(V, 12, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    teacher = torch.log_softmax(torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 3, -1).topk(6, dim=-1)
+    ids, values = padded(teacher.indices, teacher.values, torch.tensor([[1, 6, 3, 6, 2], [6, 6, 4, 5, 6]]), 6)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[:, -1] = -100
+    kd, ce = linear_distillation_loss(hidden, weight, ids, values, mask, labels, kind, tail, temperature, chunk_tokens=3)
+    kd_ref, ce_ref = distillation_loss(hidden @ weight.T, ids, values, mask, labels, kind, tail, temperature,
+                                       chunk_tokens=4)
+    torch.testing.assert_close(kd, kd_ref)
+    torch.testing.assert_close(ce, ce_ref)
+    grads = torch.autograd.grad(0.3 * kd + 0.7 * ce, (hidden, weight))
+    grads_ref = torch.autograd.grad(0.3 * kd_ref + 0.7 * ce_ref, (hidden, weight))
+    for got, want in zip(grads, grads_ref):  # the fused paths work in float32 chunks
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

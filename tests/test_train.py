@@ -250,3 +250,25 @@ def test_calibration_bins_give_the_hand_computed_ece():
     assert bins[0, 14] == 2 and bins[0, 0] == 1
     ece = float((bins[1] - bins[2]).abs().sum() / bins[0].sum())
     assert ece == pytest.approx((abs(1.9 - 1) + 0.05) / 3)
+
+
+def test_fused_linear_loss_trains_like_the_logits_loss(train_config, tmp_path):
+    run_train(train_config(out=str(tmp_path / "fused"), steps=4, fused_linear=True))
+    run_train(train_config(out=str(tmp_path / "logits"), steps=4, fused_linear=False))
+    for a, b in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "logits")):
+        assert a["kd"] == pytest.approx(b["kd"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+
+
+def test_only_plain_linear_heads_are_fused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from softcache.student import fusable
+
+    ids = torch.randint(0, 100, (2, 12))
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert fusable(llama, ids)
+    capped = Gemma2ForCausalLM(Gemma2Config(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                            final_logit_softcapping=0.5))
+    assert not fusable(capped, ids)  # soft-capped logits are not hidden @ W.T
