@@ -112,7 +112,7 @@ class CacheConfig:
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise SoftcacheError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         out = Path(self.out)
-        if out.exists() and not out.is_dir():
+        if "://" not in self.out and out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the store")
 
     def encoding(self, vocab_size: int):

@@ -15,8 +15,9 @@ from softcache.errors import StoreError
 from softcache.store.encoding import Encoding, concat, decode, take
 from softcache.store.files import check_file
 from softcache.store.layout import Layout
-from softcache.store.manifest import TOKENIZER_DIR, read_manifest, read_progress
+from softcache.store.manifest import MANIFEST, TOKENIZER_DIR, read_manifest, read_progress
 from softcache.store.registry import make_format
+from softcache.store.remote import Remote, is_remote
 
 
 class Store:
@@ -26,6 +27,14 @@ class Store:
     """
 
     def __init__(self, root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4):
+        self.remote = None
+        """For a store at a URL: its transfers; ``root`` is then the local mirror (softcache.store.remote)."""
+        if is_remote(root):
+            self.remote = Remote(root)
+            if not self.remote.exists(MANIFEST):
+                raise StoreError(f"{root} is not a softcache store (no {MANIFEST})")
+            self.remote.download(MANIFEST)
+            root = self.remote.local
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.layout = Layout.from_dict(self.manifest["layout"])
@@ -35,6 +44,8 @@ class Store:
         if self.manifest["complete"]:
             self.shards = list(self.manifest["shards"])
         else:
+            if self.remote is not None:
+                self.remote.pull_state(fresh=False)
             records = read_progress(self.root)
             if not allow_incomplete:
                 raise StoreError(
@@ -46,6 +57,10 @@ class Store:
             self.shards = [records[i] for i in sorted(records)]
         self._ends = np.cumsum([s["count"] for s in self.shards], dtype=np.int64)
         self._reader = None
+        self._fetched: set[int] = set()
+        if self.remote is not None:
+            for entry in self.manifest.get("files", []):  # the tokenizer
+                self.remote.download(entry["path"], entry)
 
     @property
     def complete(self) -> bool:
@@ -70,6 +85,10 @@ class Store:
 
     def shard_columns(self, slot: int) -> dict:
         """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
+        if self.remote is not None and slot not in self._fetched:
+            for entry in self.shards[slot]["files"]:
+                self.remote.download(entry["path"], entry)
+            self._fetched.add(slot)
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
         return self._reader.load(self.shards[slot]["index"])
@@ -115,6 +134,18 @@ class Store:
     def verify(self) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is intact)."""
         problems = []
+        if self.remote is not None:  # check the remote files, through fresh downloads
+            for shard in self.shards:
+                for entry in shard["files"]:
+                    try:
+                        self.remote.download(entry["path"])
+                    except StoreError as err:
+                        problems.append(f"shard {shard['index']}: {err}")
+            for entry in self.manifest.get("files", []):
+                try:
+                    self.remote.download(entry["path"])
+                except StoreError as err:
+                    problems.append(str(err))
         if not self.complete:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
         for shard in self.shards:

@@ -32,13 +32,16 @@ from softcache.store.manifest import (
     read_progress,
 )
 from softcache.store.registry import make_format
+from softcache.store.remote import Remote, is_remote
 
 
 class StoreWriter:
     """Writes the shards of one store; use :meth:`open`, then :meth:`write_shard`, then :meth:`finish`."""
 
-    def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool):
+    def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool, remote: Remote | None = None):
         self.root = root
+        self.remote = remote
+        """For a store at a URL: its transfers; ``root`` is then the local mirror."""
         self.header = header
         self.layout = Layout.from_dict(header["layout"])
         self.encoding = Encoding.from_dict(header["encoding"])
@@ -56,6 +59,14 @@ class StoreWriter:
         Raises :class:`StoreError` if ``root`` holds something else: a file, a directory with other
         content, or a store whose identity sections differ from ``header``'s.
         """
+        if is_remote(root):
+            remote = Remote(root)
+            remote.pull_state(fresh=not join)
+            writer = cls._join(remote.local, header, out_flag) if join else cls.open(remote.local, header, out_flag)
+            writer.remote = remote
+            if not join and not writer.complete and not remote.exists(MANIFEST):
+                remote.upload(MANIFEST)
+            return writer
         root = Path(root)
         if join:
             return cls._join(root, header, out_flag)
@@ -104,6 +115,8 @@ class StoreWriter:
 
     def refresh(self) -> None:
         """Reread the progress records (other ranks' shards included); keep the valid ones."""
+        if self.remote is not None and not self.complete:
+            self.remote.pull_state(fresh=False)
         if not self.complete:
             self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
 
@@ -150,6 +163,10 @@ class StoreWriter:
         if teacher_nll is not None:
             record["teacher_nll"] = teacher_nll
         write_json(self.root / progress_name(index), record)
+        if self.remote is not None:  # the files, then the record that vouches for them
+            for entry in files:
+                self.remote.upload(entry["path"])
+            self.remote.upload(progress_name(index))
         self.done[index] = record
         return record
 
@@ -173,6 +190,10 @@ class StoreWriter:
         save(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        if self.remote is not None:
+            for path in sorted(final.rglob("*")):
+                if path.is_file():
+                    self.remote.upload(str(path.relative_to(self.root)))
 
     def finish(self) -> dict:
         """Write the complete manifest (last, atomically) and drop the progress records."""
@@ -203,6 +224,9 @@ class StoreWriter:
             "shards": shards,
         }
         write_json(self.root / MANIFEST, manifest)
+        if self.remote is not None:
+            self.remote.upload(MANIFEST)  # last: now the remote store is complete
+            self.remote.remove(PROGRESS_DIR)
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest

@@ -1,0 +1,94 @@
+"""Stores at fsspec URLs: written, resumed, read, cached and checked through a local mirror."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+
+from softcache import StoreError, open_store
+from softcache.cache_job import run_cache
+from softcache.store import StoreWriter
+
+from conftest import store_files
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTCACHE_CACHE", str(tmp_path / "cache"))
+    yield
+    fsspec.filesystem("memory").rm("/", recursive=True) if fsspec.filesystem("memory").ls("/") else None
+
+
+def test_a_store_written_to_a_url_reads_like_a_local_one(cache_config, tmp_path):
+    local = cache_config(out=str(tmp_path / "local"), targets="sampled", samples=10)
+    run_cache(local)
+    remote = cache_config(out="memory://bucket/store", targets="sampled", samples=10)
+    result = run_cache(remote)
+    assert "memory://bucket/store" in result.summary()
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/bucket/store/manifest.json") and not fs.exists("/bucket/store/progress")
+    a, b = open_store(local.out), open_store("memory://bucket/store")
+    assert a.manifest["totals"]["content_sha256"] == b.manifest["totals"]["content_sha256"]
+    for name, array in a.read(0, len(a)).items():
+        np.testing.assert_array_equal(array, b.read(0, len(b))[name])
+    assert (b.tokenizer_path / "tokenizer.json").is_file() and b.verify() == []
+    assert run_cache(remote).already_complete
+
+
+def test_an_interrupted_remote_job_resumes_from_what_was_uploaded(cache_config, tmp_path, monkeypatch):
+    reference = cache_config(out=str(tmp_path / "reference"))
+    run_cache(reference)
+    url = f"file://{tmp_path / 'bucket' / 'store'}"
+    original = StoreWriter.write_shard
+
+    def crash_on_third_shard(self, index, columns, **stats):
+        if index == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, index, columns, **stats)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_cache(cache_config(out=url))
+    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    assert len(list((tmp_path / "bucket" / "store" / "progress").iterdir())) == 2
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(url)
+    monkeypatch.setenv("SOFTCACHE_CACHE", str(tmp_path / "another-machine"))  # an empty mirror
+    result = run_cache(cache_config(out=url))
+    assert result.sequences_written == 14  # shards 2, 3, 4: the first two were downloaded, not recomputed
+    assert store_files(tmp_path / "bucket" / "store") == store_files(tmp_path / "reference")
+
+
+def test_reads_are_cached_and_checked(cache_config, tmp_path):
+    run_cache(cache_config(out="memory://bucket/cached"))
+    store = open_store("memory://bucket/cached")
+    first = store.read(0, len(store))
+    fs = fsspec.filesystem("memory")
+    shard_file = "/bucket/cached/" + store.shards[0]["files"][-1]["path"]
+    original = fs.cat_file(shard_file)
+    fs.pipe_file(shard_file, original[:-1] + bytes([original[-1] ^ 1]))  # damage the remote copy
+    again = open_store("memory://bucket/cached")  # the mirror already holds an intact copy
+    np.testing.assert_array_equal(again.read(0, len(again))["target_ids"], first["target_ids"])
+    problems = again.verify()
+    assert len(problems) == 1 and "shard 0" in problems[0] and "sha256" in problems[0]
+    fresh = open_store("memory://bucket/cached")
+    fresh.remote.local = tmp_path / "empty-mirror"  # a reader with nothing cached
+    with pytest.raises(StoreError, match="fails its sha256 checksum after download"):
+        fresh.read(0, 1)
+
+
+def test_a_student_trains_from_a_url(cache_config, tmp_path):
+    import json
+
+    from softcache.config import TrainConfig
+    from softcache.train_job import run_train
+
+    run_cache(cache_config(out="memory://bucket/train"))
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": 384, "hidden_size": 32,
+                                   "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "num_key_value_heads": 2, "max_position_embeddings": 64}))
+    result = run_train(TrainConfig(store="memory://bucket/train", student=str(student), out=str(tmp_path / "run"),
+                                   steps=3, batch_size=4, eval_fraction=0.2, num_workers=0, progress=False))
+    assert result.final_eval["tokens"] > 0 and (tmp_path / "run" / "final" / "tokenizer.json").is_file()
