@@ -88,23 +88,25 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunks", default="256,1024", help="chunk sizes of the fused loss to measure")
+    parser.add_argument("--chunk", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=MODES)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args)))
         return
     rows = []
-    for mode in MODES:
-        command = [sys.executable, __file__, "--child", mode, *sys.argv[1:]]
+    runs = [("unfused", 256)] + [("fused", int(c)) for c in args.chunks.split(",")]
+    for mode, chunk in runs:
+        command = [sys.executable, __file__, *sys.argv[1:], "--child", mode, "--chunk", str(chunk)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+        rows.append({**json.loads(output.strip().splitlines()[-1]), "chunk": chunk})
         print(rows[-1], flush=True)
     name = "" if args.device == "cpu" else f"_{torch.device(args.device).type}"
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     results = {"machine": gpu or f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads",
                "torch": torch.__version__, "positions": args.positions, "vocab": args.vocab, "hidden": args.hidden,
-               "k": args.k, "chunk": args.chunk, "device": args.device, "rows": rows}
+               "k": args.k, "device": args.device, "rows": rows}
     write_report(results, name)
 
 
@@ -117,15 +119,15 @@ def write_report(results: dict, name: str) -> None:
         "# Fused vs unfused KD loss: peak memory and time of loss + backward",
         "",
         f"{results['positions']:,} positions, vocab {results['vocab']:,}, hidden {results['hidden']}, top-{results['k']} "
-        f"targets, tail bucket, chunks of {results['chunk']} positions, on {results['machine']} (torch "
+        f"targets, tail bucket, on {results['machine']} (torch "
         f"{results['torch']}); peak memory above what was allocated before the loss; medians of 3. Produced by "
         f"`python benchmarks/fused_loss.py{'' if results['device'] == 'cpu' else ' --device ' + results['device']}`.",
         "",
-        "| loss | peak memory | of unfused | s per loss + backward | of unfused |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| loss | positions per chunk | peak memory | of unfused | s per loss + backward | of unfused |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in results["rows"]:
-        lines.append(f"| {row['mode']} | {row['peak_bytes'] / 2**20:,.0f} MiB | "
+        lines.append(f"| {row['mode']} | {row['chunk']} | {row['peak_bytes'] / 2**20:,.0f} MiB | "
                      f"{100 * row['peak_bytes'] / unfused['peak_bytes']:.0f}% | {row['seconds']:.2f} | "
                      f"{row['seconds'] / unfused['seconds']:.2f}x |")
     lines.append("")

@@ -15,6 +15,9 @@ from softcache.errors import SoftcacheError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --fused-linear auto: fuse on CPU only above this much float32 logits per micro-batch. On CPU the fused
+# loss takes 10% of the memory but 1.3-1.5x the time of the unfused one (benchmarks/results/fused_loss.md).
+FUSE_ABOVE_BYTES = 2 << 30
 # Default codes, chosen by measurement (benchmarks/results/encodings.md).
 DEFAULT_IDS = "delta"
 DEFAULT_VALUES = "log8"
@@ -189,9 +192,10 @@ class TrainConfig:
     """--device: auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."""
     chunk_tokens: int = 256
     """--chunk-tokens: positions per chunk of the loss computation."""
-    fused_linear: bool = True
-    """--fused-linear/--no-fused-linear: compute the loss from the hidden states and the output
-    projection chunk by chunk, never materialising the [B, L, V] logits (when the model allows)."""
+    fused_linear: str = "auto"
+    """--fused-linear: on, off or auto. On computes the loss from the hidden states and the output
+    projection chunk by chunk, never materialising the [B, L, V] logits (when the model allows);
+    auto turns it on on CUDA or when one micro-batch's float32 logits would exceed FUSE_ABOVE_BYTES."""
     progress: bool = True
     """--progress/--no-progress: progress bar on stderr."""
 
@@ -214,6 +218,8 @@ class TrainConfig:
                             ("--checkpoint-every", self.checkpoint_every), ("--chunk-tokens", self.chunk_tokens)):
             if value < 1:
                 raise SoftcacheError(f"{flag} must be at least 1, got {value}")
+        if self.fused_linear not in ("auto", "on", "off"):
+            raise SoftcacheError(f"--fused-linear must be auto, on or off, got {self.fused_linear!r}")
         if not self.lr > 0:
             raise SoftcacheError(f"--lr must be greater than 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache import checkpoint
-from softcache.config import RESUMABLE_CHANGES, TrainConfig
+from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
@@ -30,7 +30,7 @@ from softcache.losses import distillation_loss, linear_distillation_loss, store_
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
 from softcache.store.files import write_json
-from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
+from softcache.student import Trunk, build_student, check_compatible, fusable, output_vocab, save_student
 from softcache.teacher import resolve_device
 
 RUN_CONFIG = "config.json"
@@ -116,11 +116,13 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
         log(f"no checkpoint in {out}; starting from step 0")
     if ranks.main:
         _truncate_metrics(out / METRICS, start_step)
-    first_batch = store.read_rows([0])["input_ids"]
-    fused = config.fused_linear and fusable(model, torch.from_numpy(first_batch).to(device))
-    if config.fused_linear and not fused:
+    logits_bytes = 4 * config.batch_size * store.layout.seq_len * output_vocab(model)
+    wanted = config.fused_linear == "on" or (config.fused_linear == "auto" and (
+        device.type == "cuda" or logits_bytes > FUSE_ABOVE_BYTES))
+    fused = wanted and fusable(model, torch.from_numpy(store.read_rows([0])["input_ids"]).to(device))
+    if wanted and not fused:
         log("note: this student's logits are not a plain linear head on its hidden states; the loss is "
-            "computed from the logits (--no-fused-linear)")
+            "computed from the logits")
     trained = Trunk(model) if fused else model
     if ranks.world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index]

@@ -253,8 +253,8 @@ def test_calibration_bins_give_the_hand_computed_ece():
 
 
 def test_fused_linear_loss_trains_like_the_logits_loss(train_config, tmp_path):
-    run_train(train_config(out=str(tmp_path / "fused"), steps=4, fused_linear=True))
-    run_train(train_config(out=str(tmp_path / "logits"), steps=4, fused_linear=False))
+    run_train(train_config(out=str(tmp_path / "fused"), steps=4, fused_linear="on"))
+    run_train(train_config(out=str(tmp_path / "logits"), steps=4, fused_linear="off"))
     for a, b in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "logits")):
         assert a["kd"] == pytest.approx(b["kd"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
 
