@@ -336,6 +336,9 @@ def eval_(model_path: str, store: str, batch_size: int, max_sequences: int | Non
 @click.option("--steps", type=int, default=120, show_default=True, help="Optimiser steps of each student.")
 @click.option("--teacher", default="builtin:smollm2", show_default=True, help="Teacher (as for softcache cache).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of both students (same initialisation).")
+@click.option("--targets", type=click.Choice(["sampled", "topk"]), default="sampled", show_default=True,
+              help="The training store's targets: 50 sampled draws per position (unbiased, 32 bytes/token), or "
+                   "the top 64 ids (134 bytes/token).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 def demo(**options) -> None:
     """The whole point in one command: cache SmolLM2-135M-Instruct's next-token distributions over

@@ -80,7 +80,7 @@ class StoreDataset(IterableDataset):
 
     Each item is a dict: ``input_ids`` [B, L] int64, ``target_ids`` [B, L, k] int64,
     ``target_logprobs`` [B, L, k] float32 (padded where a position has fewer than k entries: see
-    softcache.store.encoding), ``mask`` [B, L] bool (positions with a teacher target),
+    softcache.store.encoding), ``target_mask`` [B, L, k] bool (the real entries), ``mask`` [B, L] bool (positions with a teacher target),
     ``labels`` [B, L] int64 (the true next token, -100 where there is none: the last position of
     each sequence and padding rows), and ``step`` (0-d int64: the global batch number, for resuming).
 
@@ -168,6 +168,7 @@ class StoreDataset(IterableDataset):
             "input_ids": torch.from_numpy(input_ids),
             "target_ids": torch.from_numpy(arrays["target_ids"]),
             "target_logprobs": torch.from_numpy(arrays["target_logprobs"]),
+            "target_mask": torch.from_numpy(arrays["target_logprobs"] > -np.inf),
             "mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(labels),
         }

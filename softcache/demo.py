@@ -1,7 +1,9 @@
 """The main job in one command: run the teacher once, train two students, show that distillation pays.
 
 On the built-in Python-docs corpus, split into train and held-out topics, with the built-in
-SmolLM2-135M-Instruct teacher: cache both splits, then train two students of the same small
+SmolLM2-135M-Instruct teacher: cache both splits (the training split as sampled targets, 50 draws
+per position, which did best in benchmarks/results/quality.md at 32 bytes per token; the held-out
+split as top-64, to measure KL to the teacher), then train two students of the same small
 configuration from the same initialisation for the same steps on the same batches, one with
 cross-entropy only and one distilled from the store, and compare everyone's held-out loss.
 Everything lands in one run directory; a rerun reuses the stores and the finished students.
@@ -37,7 +39,11 @@ class DemoConfig:
     out: str = "runs/demo"
     teacher: str = "builtin:smollm2"
     seq_len: int = 256
+    targets: str = "sampled"
+    """Kind of the training store's targets: sampled (``samples`` draws) or topk (``k`` ids)."""
+    samples: int = 50
     k: int = 64
+    """Ids per position of a topk training store, and of the held-out store."""
     steps: int = 120
     batch_size: int = 8
     lr: float = 3e-3
@@ -52,6 +58,7 @@ class DemoResult:
     out: Path
     rows: list[dict]
     bytes_per_token: float
+    targets: str = "top-64 ids and log-probabilities"
 
     def table(self) -> str:
         lines = ["| model | held-out CE (nats/token) | perplexity | KL to teacher | top-1 agreement | train time |",
@@ -62,7 +69,7 @@ class DemoResult:
             seconds = "" if row.get("seconds") is None else f"{row['seconds']:.0f} s"
             lines.append(f"| {row['model']} | {row['ce']:.3f} | {math.exp(row['ce']):.1f} | {kl} | {agree} | {seconds} |")
         lines.append("")
-        lines.append(f"Store: {self.bytes_per_token:.1f} bytes per token (top-64 ids and log-probabilities).")
+        lines.append(f"Training store: {self.bytes_per_token:.1f} bytes per token ({self.targets}).")
         return "\n".join(lines)
 
 
@@ -70,22 +77,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise SoftcacheError(f"--out {out} is a file; give a directory for the demo")
-    stores = {}
+    stores, names = {}, {"train": f"store-train-{config.targets}", "heldout": "store-heldout"}
     for split in ("train", "heldout"):
         _log(config, f"== teacher job: {config.teacher} over builtin:python-docs ({split} topics)")
+        targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {}
         result = run_cache(CacheConfig(teacher=config.teacher, data="builtin:python-docs", split=split,
-                                       out=str(out / f"store-{split}"), seq_len=config.seq_len, k=config.k,
-                                       batch_size=8, progress=config.progress))
+                                       out=str(out / names[split]), seq_len=config.seq_len, k=config.k,
+                                       batch_size=8, progress=config.progress, **targets))
         _log(config, result.summary())
-        stores[split] = open_store(out / f"store-{split}")
+        stores[split] = open_store(out / names[split])
     student = out / "student.json"
     student.write_text(json.dumps(STUDENT, indent=2) + "\n")
 
     rows = [{"model": f"teacher ({config.teacher})", "ce": stores["heldout"].manifest["totals"]["teacher_ce"]}]
     for name, alpha in (("student, cross-entropy only", 0.0), ("student, distilled from the store", config.alpha)):
-        run_dir = out / ("student-ce" if alpha == 0 else "student-kd")
+        run_dir = out / ("student-ce" if alpha == 0 else f"student-kd-{config.targets}")
         _log(config, f"== {name} ({config.steps} steps)")
-        train = TrainConfig(store=str(out / "store-train"), student=str(student), out=str(run_dir), steps=config.steps,
+        train = TrainConfig(store=str(out / names["train"]), student=str(student), out=str(run_dir), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, alpha=alpha, seed=config.seed,
                             eval_store=str(out / "store-heldout"), checkpoint_every=50, num_workers=0,
                             progress=config.progress, resume=(run_dir / "config.json").exists())
@@ -94,7 +102,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
         else:
             _log(config, run_train(train).summary())
         rows.append({"model": name, **_final_eval(run_dir)})
-    result = DemoResult(out, rows, stores["train"].manifest["totals"]["bytes_per_token"])
+    described = (f"{config.samples} sampled draws per position, unique ids with counts" if config.targets == "sampled"
+                 else f"top-{config.k} ids and log-probabilities")
+    result = DemoResult(out, rows, stores["train"].manifest["totals"]["bytes_per_token"], described)
     (out / "report.md").write_text(_report(config, result))
     return result
 
@@ -119,7 +129,8 @@ def _report(config: DemoConfig, result: DemoResult) -> str:
         "# softcache demo",
         "",
         f"Teacher {config.teacher}; corpus builtin:python-docs (train topics for training, every fifth topic "
-        f"held out); sequences of {config.seq_len} tokens; top-{config.k} targets. Both students: the same "
+        f"held out); sequences of {config.seq_len} tokens; training targets: {result.targets}; held-out "
+        f"targets: top-{config.k}. Both students: the same "
         f"{sum(1 for _ in STUDENT)}-key Llama config (`student.json`), seed {config.seed}, {config.steps} steps of "
         f"{config.batch_size} sequences, lr {config.lr}; the distilled one uses alpha {config.alpha}.",
         "",

@@ -93,6 +93,8 @@ def test_rows_match_the_store(store):
     assert torch.equal(batch["target_ids"], torch.from_numpy(expected["target_ids"]))
     assert torch.equal(batch["target_logprobs"], torch.from_numpy(expected["target_logprobs"]))
     assert (batch["target_logprobs"] == -torch.inf).any()  # some positions keep fewer than k ids
+    assert torch.equal(batch["target_mask"], batch["target_logprobs"] > -torch.inf)
+    assert batch["target_mask"][..., 0].all()
 
 
 def _ids(batches):

@@ -15,9 +15,12 @@ def test_demo_runs_and_reruns(tiny_teacher, tmp_path, capsys):
     assert all(row["ce"] > 0 for row in result.rows)
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "| student, distilled from the store |" in report and "bytes per token" in report
-    for part in ("store-train", "store-heldout", "student-ce/final", "student-kd/final"):
+    assert "sampled draws" in report
+    for part in ("store-train-sampled", "store-heldout", "student-ce/final", "student-kd-sampled/final"):
         assert (tmp_path / "demo" / part).exists(), part
-    mtime = (tmp_path / "demo" / "student-kd" / "final" / "config.json").stat().st_mtime
+    mtime = (tmp_path / "demo" / "student-kd-sampled" / "final" / "config.json").stat().st_mtime
     again = run_demo(config)  # reuses the stores and both students
     assert [row["ce"] for row in again.rows] == [row["ce"] for row in result.rows]
-    assert (tmp_path / "demo" / "student-kd" / "final" / "config.json").stat().st_mtime == mtime
+    assert (tmp_path / "demo" / "student-kd-sampled" / "final" / "config.json").stat().st_mtime == mtime
+    top = run_demo(DemoConfig(**{**config.__dict__, "targets": "topk"}))  # the other kind, beside it
+    assert top.rows[1]["ce"] == result.rows[1]["ce"] and (tmp_path / "demo" / "store-train-topk").is_dir()

@@ -177,3 +177,19 @@ dist.destroy_process_group()
     seen = sorted(ranks[0]["first_tokens"] + ranks[1]["first_tokens"])
     expected = sorted(open_store(store).read(0, 24)["input_ids"][:, 0].tolist())
     assert seen == expected  # every sequence once, none twice
+
+
+def test_two_ranks_write_a_store_at_a_url(cache_config, tmp_path):
+    local = cache_config(out=str(tmp_path / "local"))
+    run_cache(local)
+    remote = cache_config(out=f"file://{tmp_path / 'bucket' / 'store'}")
+    env_cache = str(tmp_path / "mirror")
+    os.environ["SOFTCACHE_CACHE"] = env_cache
+    try:
+        result = torchrun(*cache_args(remote))
+    finally:
+        del os.environ["SOFTCACHE_CACHE"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "bucket" / "store" / "progress").exists()
+    assert (open_store(str(tmp_path / "bucket" / "store")).manifest["totals"]["content_sha256"]
+            == open_store(local.out).manifest["totals"]["content_sha256"])
