@@ -124,19 +124,28 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
     ids = torch.empty(batch, length, width, dtype=torch.int64, device=logits.device)
     counts = torch.empty_like(ids)
     label_values = None if labels is None else torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
+    work = torch.empty(min(chunk_rows, length), vocab, dtype=torch.float32, device=logits.device)
     for b in range(batch):
         generator = torch.Generator(device=logits.device).manual_seed(seeds[b])
         for start in range(0, length, chunk_rows):
             rows = logits[b, start : start + chunk_rows].float()
-            probs = torch.softmax(rows / temperature if temperature != 1.0 else rows, dim=-1)
-            draws = torch.multinomial(probs, samples, replacement=True, generator=generator).sort(-1).values
+            peak = rows.max(dim=-1, keepdim=True).values
+            # Unnormalised weights exp((z - max) / T): multinomial normalises them itself, and at T = 1
+            # their sum also gives the label's log-probability, so the row is read twice, not four times.
+            weights = torch.sub(rows, peak, out=work[: len(rows)])
+            if temperature != 1.0:
+                weights.div_(temperature)
+            weights.exp_()
+            if label_values is not None:
+                y = labels[b, start : start + chunk_rows]
+                lse_1 = (peak.squeeze(-1) + weights.sum(-1).log() if temperature == 1.0
+                         else torch.logsumexp(rows, dim=-1))
+                picked = rows.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1) - lse_1
+                label_values[b, start : start + chunk_rows] = torch.where(y >= 0, picked, 0.0)
+            draws = torch.multinomial(weights, samples, replacement=True, generator=generator).sort(-1).values
             chunk_ids, chunk_counts = _unique_rows(draws, width)
             ids[b, start : start + chunk_rows] = chunk_ids
             counts[b, start : start + chunk_rows] = chunk_counts
-            if label_values is not None:
-                y = labels[b, start : start + chunk_rows]
-                picked = rows.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
-                label_values[b, start : start + chunk_rows] = torch.where(y >= 0, picked, 0.0)
     lengths = (counts > 0).sum(-1)
     logprobs = torch.log(counts.float() / samples)  # -inf in padding
     return Targets(ids, logprobs, label_values, lengths, counts)

@@ -81,3 +81,23 @@ def store_files(root: Path) -> dict[str, bytes]:
     skip = ("manifest.json", "tokenizer/", "progress/")
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+def interrupted(monkeypatch, target, name: str, at_call: int, run) -> None:
+    """Call ``run()`` while ``target.name`` raises KeyboardInterrupt on its ``at_call``-th call (a kill
+    in the middle of the job), then put the original back."""
+    original = getattr(target, name)
+    calls = {"n": 0}
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, killed)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(target, name, original)

@@ -12,6 +12,7 @@ from softcache import SoftcacheError, StoreError, open_store
 from softcache.cache_job import run_cache
 from softcache.store import StoreWriter
 
+from conftest import interrupted as interrupted_run
 from conftest import store_files
 
 
@@ -127,17 +128,7 @@ def test_resume_after_interruption_is_byte_identical(cache_config, tmp_path, mon
     run_cache(reference)
 
     interrupted = cache_config(out=str(tmp_path / "interrupted"))
-    original = StoreWriter.write_shard
-
-    def crash_on_third_shard(self, index, arrays, **stats):
-        if index == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, index, arrays, **stats)
-
-    monkeypatch.setattr(StoreWriter, "write_shard", crash_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_cache(interrupted)
-    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    interrupted_run(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(interrupted))  # during shard 2
     with pytest.raises(StoreError, match="incomplete"):
         open_store(interrupted.out)
     assert len(open_store(interrupted.out, allow_incomplete=True).shards) == 2

@@ -12,6 +12,8 @@ from softcache import open_store
 from softcache.cache_job import run_cache
 from softcache.store import StoreWriter
 
+from conftest import interrupted as interrupted_run
+
 
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -44,17 +46,7 @@ def test_two_ranks_resume_an_interrupted_store(cache_config, tmp_path, monkeypat
     reference = cache_config(out=str(tmp_path / "reference"))
     run_cache(reference)
     interrupted = cache_config(out=str(tmp_path / "interrupted"))
-    original = StoreWriter.write_shard
-
-    def crash_on_third_shard(self, index, columns, **stats):
-        if index == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, index, columns, **stats)
-
-    monkeypatch.setattr(StoreWriter, "write_shard", crash_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_cache(interrupted)
-    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    interrupted_run(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(interrupted))
     kept = {f["path"]: os.stat(tmp_path / "interrupted" / f["path"]).st_mtime_ns
             for s in open_store(interrupted.out, allow_incomplete=True).shards for f in s["files"]}
     result = torchrun(*cache_args(interrupted))
@@ -131,19 +123,9 @@ def test_a_run_resumes_on_another_number_of_ranks(student_store, tmp_path, monke
     reference = tmp_path / "reference"
     run_train(TrainConfig(store=store, student=student, out=str(reference), steps=4, batch_size=4, lr=5e-3,
                           checkpoint_every=2, num_workers=0, progress=False))
-    original_step, calls = torch.optim.AdamW.step, {"n": 0}
-
-    def killed_during_step_3(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", killed_during_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(TrainConfig(store=store, student=student, out=str(tmp_path / "run"), steps=4, batch_size=4,
-                              lr=5e-3, checkpoint_every=2, num_workers=0, progress=False))
-    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    interrupted_run(monkeypatch, torch.optim.AdamW, "step", 3, lambda: run_train(TrainConfig(
+        store=store, student=student, out=str(tmp_path / "run"), steps=4, batch_size=4, lr=5e-3, checkpoint_every=2,
+        num_workers=0, progress=False)))
     refused = torchrun(*train_args(store, student, tmp_path / "run", 4, 4, "--resume"))
     assert refused.returncode != 0 and "global batch (--batch-size x ranks): run has 4 x 1, now 4 x 2" in refused.stderr
     resumed = torchrun(*train_args(store, student, tmp_path / "run", 2, 4, "--resume"))

@@ -10,7 +10,7 @@ from softcache import StoreError, open_store
 from softcache.cache_job import run_cache
 from softcache.store import StoreWriter
 
-from conftest import store_files
+from conftest import interrupted, store_files
 
 
 @pytest.fixture(autouse=True)
@@ -40,17 +40,7 @@ def test_an_interrupted_remote_job_resumes_from_what_was_uploaded(cache_config, 
     reference = cache_config(out=str(tmp_path / "reference"))
     run_cache(reference)
     url = f"file://{tmp_path / 'bucket' / 'store'}"
-    original = StoreWriter.write_shard
-
-    def crash_on_third_shard(self, index, columns, **stats):
-        if index == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, index, columns, **stats)
-
-    monkeypatch.setattr(StoreWriter, "write_shard", crash_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_cache(cache_config(out=url))
-    monkeypatch.setattr(StoreWriter, "write_shard", original)
+    interrupted(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(cache_config(out=url)))
     assert len(list((tmp_path / "bucket" / "store" / "progress").iterdir())) == 2
     with pytest.raises(StoreError, match="incomplete"):
         open_store(url)

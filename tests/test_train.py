@@ -14,6 +14,7 @@ from softcache.config import CacheConfig, TrainConfig
 from softcache.train_job import run_train
 
 from conftest import TINY_VOCAB, make_teacher
+from conftest import interrupted as interrupted_run
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +103,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_losses(train_config, tmp_pa
     run_train(reference)
 
     interrupted = train_config(out=str(tmp_path / "interrupted"), steps=7, checkpoint_every=3, grad_accum=2)
-    original_step = torch.optim.AdamW.step
-    calls = {"n": 0}
-
-    def killed_during_step_5(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", killed_during_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(interrupted)
-    monkeypatch.setattr(torch.optim.AdamW, "step", original_step)
+    interrupted_run(monkeypatch, torch.optim.AdamW, "step", 5, lambda: run_train(interrupted))  # during step 5
     assert [m["step"] for m in metrics(tmp_path / "interrupted")] == [1, 2, 3, 4]
 
     with pytest.raises(SoftcacheError, match="already holds a training run; pass --resume"):
