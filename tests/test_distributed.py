@@ -17,8 +17,8 @@ from conftest import interrupted as interrupted_run
 
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "softcache",
-               *map(str, args)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "softcache", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -151,7 +151,7 @@ steps = [int(batch["step"]) for batch in StoreDataset({store!r}, batch_size=5, e
 json.dump({{"first_tokens": rows, "steps": steps}}, open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w"))
 dist.destroy_process_group()
 """)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
