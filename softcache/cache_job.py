@@ -107,24 +107,27 @@ def _run_cache(config: CacheConfig, ranks: Ranks) -> CacheResult:
     if writer.complete:
         return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
 
-    pending = writer.pending
-    if len(pending) < layout.num_shards:
-        log(f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
-    mine = [index for index in pending if index % ranks.world == ranks.rank]
-    todo = sum(layout.shard_bounds(i)[1] for i in mine)
-    bar = _progress(config, total=todo * config.seq_len, disable=not ranks.main)
-    started = time.perf_counter()
-    cache_many(model, corpus.input_ids, [(writer, config)], config.batch_size, device, on_batch=bar.update,
-               shards=mine)
-    seconds = time.perf_counter() - started
-    bar.close()
-    barrier(ranks)  # every rank's shards are durable
+    try:
+        pending = writer.pending
+        if len(pending) < layout.num_shards:
+            log(f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
+        mine = [index for index in pending if index % ranks.world == ranks.rank]
+        todo = sum(layout.shard_bounds(i)[1] for i in mine)
+        bar = _progress(config, total=todo * config.seq_len, disable=not ranks.main)
+        started = time.perf_counter()
+        cache_many(model, corpus.input_ids, [(writer, config)], config.batch_size, device, on_batch=bar.update,
+                   shards=mine)
+        seconds = time.perf_counter() - started
+        bar.close()
+        barrier(ranks)  # every rank's shards are durable
 
-    def finish() -> dict:
-        writer.refresh()
-        return writer.finish()
+        def finish() -> dict:
+            writer.refresh()
+            return writer.finish()
 
-    manifest = broadcast(ranks, on_main(ranks, finish))
+        manifest = broadcast(ranks, on_main(ranks, finish))
+    finally:
+        writer.release_lock()  # a job that stops early frees the store (a killed one: see take_lock)
     written = sum(layout.shard_bounds(i)[1] for i in pending)
     return CacheResult(manifest, config.out, written, seconds, already_complete=False)
 

@@ -268,6 +268,8 @@ def convert(source: str, dest: str, format_: str, progress: bool) -> None:
               help="Train a student whose tokenizer differs from the store's (its vocab must still hold the ids).")
 @click.option("--allow-incomplete", is_flag=True,
               help="Train on the finished shards of a store whose teacher job is still running or was stopped.")
+@click.option("--verify-shards/--no-verify-shards", default=True, show_default=True,
+              help="Check each shard's files against their sha256 when first read (off: trusted local disks).")
 @click.option("--num-workers", type=int, default=1, show_default=True, help="DataLoader workers reading the store.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
 @click.option("--chunk-tokens", type=int, default=256, show_default=True,

@@ -186,6 +186,8 @@ class TrainConfig:
     """--allow-tokenizer-mismatch: train a student whose tokenizer differs from the store's."""
     allow_incomplete: bool = False
     """--allow-incomplete: train on the finished shards of a store whose teacher job has not finished."""
+    verify_shards: bool = True
+    """--verify-shards/--no-verify-shards: check each shard's sha256 when first read."""
     num_workers: int = 1
     """--num-workers: DataLoader worker processes reading the store."""
     device: str = "auto"
@@ -255,5 +257,5 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed; every other field must match the saved run.
-RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "eval_every", "checkpoint_every", "device", "chunk_tokens",
-                     "fused_linear")
+RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "verify_shards", "eval_every", "checkpoint_every", "device",
+                     "chunk_tokens", "fused_linear")

@@ -94,14 +94,17 @@ class StoreDataset(IterableDataset):
         window: shards shuffled together.
         shuffle: False reads in stored order (evaluation).
         allow_incomplete: read the finished shards of a store whose teacher job has not finished.
+        verify_checksums: check each shard's files against their sha256 when first read (per worker).
     """
 
     def __init__(self, store: str, batch_size: int, seed: int = 0, start: int = 0, stop: int | None = None,
                  epochs: int | None = None, start_batch: int = 0, window: int = 4, shuffle: bool = True,
-                 world_size: int | None = None, rank: int | None = None, allow_incomplete: bool = False):
+                 world_size: int | None = None, rank: int | None = None, allow_incomplete: bool = False,
+                 verify_checksums: bool = True):
         super().__init__()
         self.path = str(store)
         self.allow_incomplete = allow_incomplete
+        self.verify_checksums = verify_checksums
         opened = open_store(store, allow_incomplete=allow_incomplete)
         stop = len(opened) if stop is None else min(stop, len(opened))
         if not 0 <= start < stop:
@@ -150,7 +153,8 @@ class StoreDataset(IterableDataset):
     def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors for sequence indices ``rows`` (-1: a padding row, all masked out)."""
         if self._store is None:
-            self._store = open_store(self.path, allow_incomplete=self.allow_incomplete)
+            self._store = open_store(self.path, allow_incomplete=self.allow_incomplete,
+                                     verify_checksums=self.verify_checksums)
         valid = rows >= 0
         arrays = self._store.read_rows(rows[valid])  # int64 ids, float32 values, gathered in one copy
         if not valid.all():  # padding rows (the end of an epoch): a point mass on id 0, masked out below

@@ -131,7 +131,8 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
     global_batch = config.batch_size * ranks.world
     reader = ReaderState(config.seed, global_batch * config.grad_accum, start_step * config.grad_accum)
     dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=train_stop,
-                           start_batch=reader.batches_consumed, allow_incomplete=config.allow_incomplete)
+                           start_batch=reader.batches_consumed, allow_incomplete=config.allow_incomplete,
+                           verify_checksums=config.verify_shards)
     loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched

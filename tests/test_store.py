@@ -221,3 +221,53 @@ def test_manifest_problems_are_one_clear_error(tmp_path):
         open_store(tmp_path / "s")
     with pytest.raises(StoreError, match="does not exist"):
         open_store(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("format_name", sorted(FORMATS))
+def test_readers_check_a_shard_when_they_first_read_it(tmp_path, format_name):
+    layout, encoding = make(9, 5, 4, 3)
+    written = write_store(tmp_path / "s", format_name, layout, encoding)
+    store = open_store(tmp_path / "s")
+    damaged = tmp_path / "s" / store.shards[1]["files"][-1]["path"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    fresh = open_store(tmp_path / "s")
+    np.testing.assert_array_equal(fresh.read(0, 3)["target_ids"], written[0]["ids"])  # shard 0 is intact
+    with pytest.raises(StoreError, match=r"shard 1 \(.*\) fails its sha256 checksum; the store is damaged"):
+        fresh.read(3, 6)
+    trusting = open_store(tmp_path / "s", verify_checksums=False)  # a trusted disk: no hashing
+    try:
+        trusting.read(3, 6)
+    except Exception as err:  # the damaged bytes may still fail to decode; never silently as a checksum error
+        assert not isinstance(err, StoreError) or "sha256" not in str(err)
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    layout, encoding = make(4, 4, 3, 2)
+    root = tmp_path / "s"
+    write_store(root, "zarr", layout, encoding, finish=False, shards=[0])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (root / "writer.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                      "since": "2026-11-29 01:00:00"}))
+        with pytest.raises(StoreError, match=rf"being written by another teacher job \(this host, pid {other.pid}"):
+            StoreWriter.open(root, header(layout, encoding, "zarr"))
+    finally:
+        other.kill()
+        other.wait()
+    writer = StoreWriter.open(root, header(layout, encoding, "zarr"))  # its job is dead: taken over
+    assert json.loads((root / "writer.lock").read_text())["pid"] != other.pid
+    (root / "writer.lock").write_text(json.dumps({"host": "gpu-node-7", "pid": 1, "since": "x"}))
+    with pytest.raises(StoreError, match=r"host gpu-node-7, pid 1.*if that job is gone, remove"):
+        StoreWriter.open(root, header(layout, encoding, "zarr"))
+    (root / "writer.lock").unlink()
+    writer = StoreWriter.open(root, header(layout, encoding, "zarr"))
+    _, count = layout.shard_bounds(1)
+    writer.write_shard(1, encode(encoding, **random_targets(count, layout.seq_len, encoding, seed=1)))
+    writer.finish()
+    assert not (root / "writer.lock").exists()  # released with the finished store

@@ -26,7 +26,10 @@ class Store:
     ``cached_shards``: how many shards a zarr reader keeps loaded (training reads a few at a time).
     """
 
-    def __init__(self, root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4):
+    def __init__(self, root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4,
+                 verify_checksums: bool = True):
+        self.verify_checksums = verify_checksums
+        """Check each shard's files against their sha256 the first time this object reads the shard."""
         self.remote = None
         """For a store at a URL: its transfers; ``root`` is then the local mirror (softcache.store.remote)."""
         if is_remote(root):
@@ -85,9 +88,15 @@ class Store:
 
     def shard_columns(self, slot: int) -> dict:
         """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
-        if self.remote is not None and slot not in self._fetched:
-            for entry in self.shards[slot]["files"]:
-                self.remote.download(entry["path"], entry)
+        if slot not in self._fetched:
+            shard = self.shards[slot]
+            for entry in shard["files"]:
+                if self.remote is not None:  # a download is checked against its sha256 anyway
+                    self.remote.download(entry["path"], entry)
+                elif self.verify_checksums and (problem := check_file(self.root, entry)):
+                    raise StoreError(f"{self.root}: shard {shard['index']} ({entry['path']}) {problem}; the store is "
+                                     f"damaged (softcache verify {self.root} lists every damaged file; restore them "
+                                     "from a copy or write the store again)")
             self._fetched.add(slot)
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
@@ -160,6 +169,9 @@ class Store:
         return problems
 
 
-def open_store(root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4) -> Store:
-    """Open the store at ``root`` for reading (either format)."""
-    return Store(root, allow_incomplete=allow_incomplete, cached_shards=cached_shards)
+def open_store(root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4,
+               verify_checksums: bool = True) -> Store:
+    """Open the store at ``root`` for reading (either format). Each shard's files are checked against
+    their sha256 when first read (``verify_checksums=False`` skips that, for trusted local disks)."""
+    return Store(root, allow_incomplete=allow_incomplete, cached_shards=cached_shards,
+                 verify_checksums=verify_checksums)

@@ -8,8 +8,11 @@ writer; the complete manifest is written last.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +95,7 @@ class StoreWriter:
             probe.unlink()
         except OSError as err:
             raise StoreError(f"{out_flag} {root} is not writable ({err.strerror})") from err
+        take_lock(root, out_flag)
         remove_temporaries(root)
         if not (root / MANIFEST).exists():
             write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
@@ -182,6 +186,10 @@ class StoreWriter:
             else:
                 assert len(value[1]) == count + 1 and value[1][-1] == len(value[0]), f"{name}: bad offsets"
 
+    def release_lock(self) -> None:
+        """Give up the writer lock if this process holds it (a job that stops without finishing)."""
+        release_lock(self.root)
+
     def save_tokenizer(self, save: Callable[[Path], object]) -> None:
         """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""
         final = self.root / TOKENIZER_DIR
@@ -224,12 +232,70 @@ class StoreWriter:
             "shards": shards,
         }
         write_json(self.root / MANIFEST, manifest)
+        (self.root / LOCK).unlink(missing_ok=True)
         if self.remote is not None:
             self.remote.upload(MANIFEST)  # last: now the remote store is complete
             self.remote.remove(PROGRESS_DIR)
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
+
+
+LOCK = "writer.lock"
+
+
+def take_lock(root: Path, out_flag: str = "--out") -> None:
+    """Make this process the store's only writer: ``root/writer.lock`` names the host and pid.
+
+    A lock held by a live process is refused with that process's host and pid; one left by a dead
+    process on this host (a killed job) is taken over. A lock from another host cannot be checked
+    from here and is refused with the path to remove if that job is gone. The lock is released when
+    the store is finished; it guards one filesystem (a remote store's lock is its local mirror's).
+    """
+    path = root / LOCK
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                host, pid = holder["host"], int(holder["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # a lock torn by a crash while it was written
+                continue
+            if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
+                path.unlink(missing_ok=True)  # ours already, or its job is dead: take it over
+                continue
+            where = "this host" if host == me["host"] else f"host {host}"
+            hint = "" if host == me["host"] else f"; if that job is gone, remove {path}"
+            raise StoreError(f"{out_flag} {root} is being written by another teacher job ({where}, pid {pid}, "
+                             f"since {holder.get('since', '?')}); wait for it to finish{hint}")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return
+    raise StoreError(f"{out_flag} {root}: could not take the writer lock {path}")
+
+
+def release_lock(root: Path) -> None:
+    path = root / LOCK
+    try:
+        if int(json.loads(path.read_text())["pid"]) == os.getpid():
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
