@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch.utils.data import DataLoader
 
@@ -142,3 +144,18 @@ def test_sequence_range_holds_out_the_tail(store):
     assert held.order(0).tolist() == list(range(18, 23))
     with pytest.raises(ValueError, match="empty sequence range"):
         StoreDataset(str(store), batch_size=4, start=23)
+
+
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), batch=st.integers(1, 9), world=st.integers(1, 5),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 5), window=st.integers(1, 4))
+def test_any_partition_gives_every_rank_equal_batches_and_every_sequence_once(sizes, batch, world, seed, epoch,
+                                                                               window):
+    order = epoch_order(sizes, seed, epoch, window)
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    per_epoch = batches_per_epoch(len(order), batch * world)
+    seen = [rank_batch(order, b, batch, world, rank) for rank in range(world) for b in range(per_epoch)]
+    assert all(len(rows) == batch for rows in seen)
+    real = [int(i) for rows in seen for i in rows if i >= 0]
+    assert sorted(real) == list(range(sum(sizes)))
+    assert per_epoch * batch * world - len(real) < batch * world  # padding only in the last global batch

@@ -289,13 +289,17 @@ def release_lock(root: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running (a killed one not yet reaped does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: a zombie has exited; only its process-table entry is left
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
