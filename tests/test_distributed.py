@@ -175,3 +175,21 @@ def test_two_ranks_write_a_store_at_a_url(cache_config, tmp_path):
     assert not (tmp_path / "bucket" / "store" / "progress").exists()
     assert (open_store(str(tmp_path / "bucket" / "store")).manifest["totals"]["content_sha256"]
             == open_store(local.out).manifest["totals"]["content_sha256"])
+
+
+def test_many_students_read_one_store_at_once(student_store, tmp_path):
+    """Three student jobs on one store at the same time: all finish, and each equals a run alone."""
+    store, student = student_store
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "softcache", *map(str, train_args(store, student, "OUT", 2, 6))]
+    jobs = [subprocess.Popen([part if part != "OUT" else str(tmp_path / f"run{i}") for part in command],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) for i in range(3)]
+    for job in jobs:
+        assert job.wait(timeout=300) == 0, job.stderr.read()[-2000:]
+    alone = subprocess.run([part if part != "OUT" else str(tmp_path / "alone") for part in command],
+                           capture_output=True, text=True, env=env)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    reference = metrics(tmp_path / "alone")
+    for i in range(3):
+        assert metrics(tmp_path / f"run{i}") == [{**m, "tokens_per_s": r["tokens_per_s"]}
+                                                  for m, r in zip(reference, metrics(tmp_path / f"run{i}"))]
