@@ -256,6 +256,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Settings that may change when a run is resumed; every other field must match the saved run.
-RESUMABLE_CHANGES = ("resume", "progress", "num_workers", "verify_shards", "eval_every", "checkpoint_every", "device",
+# Settings that may change when a run is resumed (a run directory may also be moved); every other field must
+# match the saved run.
+RESUMABLE_CHANGES = ("out", "resume", "progress", "num_workers", "verify_shards", "eval_every", "checkpoint_every", "device",
                      "chunk_tokens", "fused_linear")
