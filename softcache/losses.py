@@ -209,14 +209,18 @@ def distillation_loss(
         of the whole optimiser step (``mask.sum()``, ``(labels >= 0).sum()`` over all micro-batches
         and ranks).
     """
-    vocab = logits.shape[-1]
-    flat = (logits.reshape(-1, vocab), target_ids.reshape(-1, target_ids.shape[-1]),
-            target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
+    flat = _flattened(logits, target_ids, target_logprobs, mask, labels)
     _check_choices(kind, tail, beta)
     if kind == "fkl":
         return _FusedForwardKL.apply(*flat, tail, temperature, chunk_tokens)
     return _checkpointed_chunks(lambda *chunk: _chunk_sums(*chunk, kind, tail, temperature, beta), flat,
                                 chunk_tokens, logits.requires_grad, dtype=logits.dtype, device=logits.device)
+
+
+def _flattened(inputs, target_ids, target_logprobs, mask, labels) -> tuple:
+    """Positions flattened: inputs [n, V or H], targets [n, k], mask and labels [n]."""
+    return (inputs.reshape(-1, inputs.shape[-1]), target_ids.reshape(-1, target_ids.shape[-1]),
+            target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
 
 
 def _chunk_sums(z, ids, logprobs, valid, y, kind, tail, temperature, beta):
@@ -419,8 +423,7 @@ def linear_distillation_loss(
         weight: [V, H] output projection (``model.get_output_embeddings().weight``), no bias.
         Others as in :func:`distillation_loss`.
     """
-    flat = (hidden.reshape(-1, hidden.shape[-1]), target_ids.reshape(-1, target_ids.shape[-1]),
-            target_logprobs.reshape(-1, target_logprobs.shape[-1]), mask.reshape(-1), labels.reshape(-1))
+    flat = _flattened(hidden, target_ids, target_logprobs, mask, labels)
     _check_choices(kind, tail, beta)
     if kind == "fkl":
         return _FusedLinearForwardKL.apply(flat[0], weight, *flat[1:], tail, temperature, chunk_tokens)

@@ -117,8 +117,7 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
     if ranks.main:
         _truncate_metrics(out / METRICS, start_step)
     logits_bytes = 4 * config.batch_size * store.layout.seq_len * output_vocab(model)
-    wanted = config.fused_linear == "on" or (config.fused_linear == "auto" and (
-        device.type == "cuda" or logits_bytes > FUSE_ABOVE_BYTES))
+    wanted = fuse_wanted(config.fused_linear, device, logits_bytes)
     fused = wanted and fusable(model, torch.from_numpy(store.read_rows([0])["input_ids"]).to(device))
     if wanted and not fused:
         log("note: this student's logits are not a plain linear head on its hidden states; the loss is "
@@ -207,6 +206,11 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
         save_student(model, store, out / "final")
     barrier(ranks)
     return TrainResult(out, total_steps - start_step, final_eval, time.perf_counter() - started)
+
+
+def fuse_wanted(choice: str, device: torch.device, logits_bytes: int) -> bool:
+    """--fused-linear: on, off, or auto (on for CUDA, or above FUSE_ABOVE_BYTES of float32 logits)."""
+    return choice == "on" or (choice == "auto" and (device.type == "cuda" or logits_bytes > FUSE_ABOVE_BYTES))
 
 
 def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:

@@ -261,3 +261,13 @@ def test_only_plain_linear_heads_are_fused():
                                             num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                             final_logit_softcapping=0.5))
     assert not fusable(capped, ids)  # soft-capped logits are not hidden @ W.T
+
+
+def test_fused_linear_auto_fuses_where_memory_is_the_constraint():
+    from softcache.config import FUSE_ABOVE_BYTES
+    from softcache.train_job import fuse_wanted
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not fuse_wanted("auto", cpu, FUSE_ABOVE_BYTES)  # small logits on CPU: the faster unfused loss
+    assert fuse_wanted("auto", cpu, FUSE_ABOVE_BYTES + 1) and fuse_wanted("auto", cuda, 1)
+    assert fuse_wanted("on", cpu, 1) and not fuse_wanted("off", cuda, 10 * FUSE_ABOVE_BYTES)

@@ -48,7 +48,7 @@ class Store:
             self.shards = list(self.manifest["shards"])
         else:
             if self.remote is not None:
-                self.remote.pull_state(fresh=False)
+                self.remote.pull_state(fresh=False, files=False)  # shards are fetched when read
             records = read_progress(self.root)
             if not allow_incomplete:
                 raise StoreError(

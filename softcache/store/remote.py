@@ -16,7 +16,9 @@ store is a local directory that mirrors it, plus transfers done with fsspec:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 from softcache.errors import StoreError
@@ -102,12 +104,11 @@ class Remote:
         if self.exists(relative):
             self.fs.rm(self._remote(relative), recursive=True)
 
-    def pull_state(self, fresh: bool = True) -> None:
-        """Bring the mirror up to date with the remote store's manifest and progress records, and the
-        files those records list (what a resumed writer needs to decide what is done). ``fresh``
-        first forgets what the mirror held (a writer starting; False for other ranks joining)."""
-        import shutil
-
+    def pull_state(self, fresh: bool = True, files: bool = True) -> None:
+        """Bring the mirror up to date with the remote store's manifest and progress records, and, with
+        ``files``, the files those records list (what a resumed writer needs to decide what is done; a
+        reader fetches a shard's files when it reads the shard). ``fresh`` first forgets what the
+        mirror held (a writer starting; False for other ranks joining)."""
         from softcache.store.manifest import MANIFEST, PROGRESS_DIR
 
         if fresh and not self.exists(MANIFEST):
@@ -121,8 +122,8 @@ class Remote:
         for name in self.listdir(PROGRESS_DIR):
             if name.endswith(".json"):
                 self.download(f"{PROGRESS_DIR}/{name}")
-        import json
-
+        if not files:
+            return
         for path in sorted((self.local / PROGRESS_DIR).glob("*.json")):
             try:
                 record = json.loads(path.read_text())

@@ -75,15 +75,9 @@ class StoreWriter:
             return cls._join(root, header, out_flag)
         if root.exists() and not root.is_dir():
             raise StoreError(f"{out_flag} {root} is a file; give a directory for the store")
-        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
+        header = _stamped(header)
         if (root / MANIFEST).exists():
-            existing = read_manifest(root)
-            differences = identity_differences(existing, header)
-            if differences:
-                raise StoreError(
-                    f"{out_flag} {root} holds a different store ({'; '.join(differences)}); "
-                    "use another directory, or the settings it was written with"
-                )
+            existing = _same_store(root, header, out_flag)
             if existing["complete"]:
                 return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
         elif root.exists() and any(root.iterdir()):
@@ -106,11 +100,8 @@ class StoreWriter:
 
     @classmethod
     def _join(cls, root: Path, header: dict, out_flag: str) -> StoreWriter:
-        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
-        existing = read_manifest(root)
-        differences = identity_differences(existing, header)
-        if differences:
-            raise StoreError(f"{out_flag} {root} holds a different store ({'; '.join(differences)})")
+        header = _stamped(header)
+        existing = _same_store(root, header, out_flag)
         if existing["complete"]:
             return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
         writer = cls(root, header, {}, complete=False)
@@ -239,6 +230,21 @@ class StoreWriter:
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
+
+
+def _stamped(header: dict) -> dict:
+    """``header`` with the format name and the versions that every manifest carries."""
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
+
+
+def _same_store(root: Path, header: dict, out_flag: str) -> dict:
+    """The manifest at ``root``; raises when its identity differs from ``header``'s, naming each difference."""
+    existing = read_manifest(root)
+    differences = identity_differences(existing, header)
+    if differences:
+        raise StoreError(f"{out_flag} {root} holds a different store ({'; '.join(differences)}); "
+                         "use another directory, or the settings it was written with")
+    return existing
 
 
 LOCK = "writer.lock"
