@@ -1,25 +1,28 @@
 """Quality benchmark: does distilling from a cached store pay, and how close does it get to online KD?
 
 The real teacher (SmolLM2-135M-Instruct) and the built-in corpus (train topics; every fifth topic
-held out). Students of one configuration (the demo's), one initialisation, the same batches and
-the same number of steps:
+held out). Students of one configuration (the demo's), one initialisation per seed, the same
+batches and the same number of steps:
   ce           cross-entropy only
-  fkl-bucket   forward KL on cached top-k with the tail bucket, k = 8, 16 and 64
+  fkl-bucket   forward KL on cached top-k with the tail bucket, k = 8, 16, 64 and 1024
   fkl-renorm   the same, renormalised over the cached ids, k = 8 and 64
-  sampled      forward KL against unbiased sampled targets (count / N), N = 16 and 50; at about the
-               bytes per token of top-8 and top-16
+  sampled      forward KL against unbiased sampled targets (count / N), N = 16, 50, 100 and 200
   online       forward KL against the teacher's full distribution, teacher in memory (the expensive
                reference a user would otherwise run)
-KD variants use alpha = 0.5 (half KD, half CE on the true tokens), the online one too. Every
-training store is written in one teacher pass (softcache.cache_job.cache_many: the same code as
-`softcache cache`, one forward per batch for all of them), with the default encodings. Reported:
-held-out CE, the fraction of the CE-to-online gap each variant closes, ECE, KL to the teacher's
-top-64 and top-1 agreement on the held-out store, bytes per token, wall time of each student run
-and of the teacher job.
+KD variants use alpha = 0.5 (half KD, half CE on the true tokens), the online one too. Every row
+is trained with the first seed; the rows in SEEDED again with each further seed (another
+initialisation and batch order), and each seed's gap is measured against its own ce and online
+runs. The training stores are written by one teacher pass (softcache.cache_job.cache_many: the
+same code as `softcache cache`, one forward per batch for all of them) with the default encodings;
+stores already there are reused, and every pass is reported. Reported: held-out CE, the fraction
+of the CE-to-online gap each variant closes, ECE, KL to the teacher's top-64 and top-1 agreement
+on the held-out store, bytes per token, wall time of each student run and of the teacher job.
 
-    python benchmarks/quality.py                   # about 35 minutes on 2 CPU cores
-    python benchmarks/quality.py --steps 100       # quicker, noisier
+    python benchmarks/quality.py                   # about 95 minutes on 2 CPU cores
+    python benchmarks/quality.py --seeds 0         # one seed: about 45 minutes
+    python benchmarks/quality.py --report-only     # redraw from results/quality.json
 
+Run directories are reused: delete benchmarks/out/quality/<row> to train a row again.
 Writes benchmarks/results/quality.md, quality.json and quality.png.
 """
 
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,19 +58,28 @@ HERE = Path(__file__).parent
 
 
 TRAIN_STORES = {  # name: CacheConfig fields of the store's targets
-    "top8": {"k": 8}, "top16": {"k": 16}, "top64": {"k": 64},
+    "top8": {"k": 8}, "top16": {"k": 16}, "top64": {"k": 64}, "top1024": {"k": 1024},
     "sampled16": {"targets": "sampled", "samples": 16}, "sampled50": {"targets": "sampled", "samples": 50},
+    "sampled100": {"targets": "sampled", "samples": 100}, "sampled200": {"targets": "sampled", "samples": 200},
 }
+# Rows trained again with --seeds beyond the first (other initialisation and batch order): the
+# references and the best cached variants, to show how much of a difference is noise.
+SEEDED = ("ce", "fkl-bucket k=64", "fkl-bucket k=1024", "sampled N=50", "sampled N=100", "online full-vocab KD")
 
 
-def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int | None = None) -> float:
-    """Write every training store in one pass of the teacher over the train split; return seconds."""
+def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int | None = None) -> list[dict]:
+    """Write the training stores that are not there yet in one pass of the teacher over the train
+    split. Returns every pass so far: [{"stores": [...], "seconds": ...}] (teacher_pass.json)."""
+    record = work / "teacher_pass.json"
+    passes = json.loads(record.read_text()) if record.exists() else []
     configs = {name: CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="train",
                                  out=str(work / f"{name}-train"), seq_len=seq_len, batch_size=batch_size,
                                  max_sequences=max_sequences, progress=False, **fields)
                for name, fields in TRAIN_STORES.items()}
-    if all((Path(c.out) / "manifest.json").exists() and open_store(c.out).complete for c in configs.values()):
-        return json.loads((work / "teacher_pass.json").read_text())["seconds"]
+    missing = {name: config for name, config in configs.items()
+               if not ((Path(config.out) / "manifest.json").exists() and open_store(config.out).complete)}
+    if not missing:
+        return passes
     source = resolve_source("builtin:smollm2")
     tokenizer = load_tokenizer(source)
     corpus = pack(iter_documents("builtin:python-docs", split="train"), tokenizer, seq_len, max_sequences,
@@ -74,7 +88,7 @@ def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int |
     vocab = output_vocab_size(model)
     layout = Layout(len(corpus.input_ids), seq_len, 256)
     jobs = []
-    for config in configs.values():
+    for config in missing.values():
         header = store_header(config, layout, config.encoding(vocab), identity(source, model, torch.float32),
                               tokenizer, vocab, corpus.describe())
         writer = StoreWriter.open(config.out, header)
@@ -85,8 +99,9 @@ def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int |
     seconds = time.perf_counter() - started
     for writer, _ in jobs:
         writer.finish()
-    (work / "teacher_pass.json").write_text(json.dumps({"seconds": seconds}))
-    return seconds
+    passes.append({"stores": list(missing), "seconds": seconds})
+    record.write_text(json.dumps(passes))
+    return passes
 
 
 def online_kd(teacher, store: str, heldout: str, student_config: Path, steps: int, batch_size: int, lr: float,
@@ -136,13 +151,19 @@ def cached_run(store: Path, heldout: Path, student_config: Path, out: Path, step
     return {**lines[-1]["eval"], "seconds": seconds}
 
 
+def run_dir(work: Path, name: str, seed: int, first_seed: int) -> Path:
+    base = work / name.replace(" ", "-").replace("=", "")
+    return base if seed == first_seed else base.with_name(f"{base.name}-seed{seed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="every row is trained with the first; the rows in SEEDED with each of the others")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
     parser.add_argument("--work", default=str(HERE / "out" / "quality"))
@@ -152,44 +173,58 @@ def main() -> None:
     student_config = work / "student.json"
     student_config.write_text(json.dumps(STUDENT))
 
-    teacher_seconds = {"train (all stores, one pass)": teacher_pass(work, args.seq_len, 8, args.max_sequences)}
-    started = time.perf_counter()
-    run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="heldout",
-                          out=str(work / "top64-heldout"), seq_len=args.seq_len, k=64, batch_size=8,
-                          max_sequences=args.max_sequences, progress=False))
-    teacher_seconds["held-out"] = time.perf_counter() - started
+    passes = teacher_pass(work, args.seq_len, 8, args.max_sequences)
     heldout = work / "top64-heldout"
+    heldout_seconds = work / "heldout_pass.json"
+    if not (heldout / "manifest.json").exists() or not heldout_seconds.exists():
+        started = time.perf_counter()
+        run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="heldout",
+                              out=str(heldout), seq_len=args.seq_len, k=64, batch_size=8,
+                              max_sequences=args.max_sequences, progress=False))
+        heldout_seconds.write_text(json.dumps({"seconds": time.perf_counter() - started}))
 
-    rows = {}
     a = args.alpha
     plan = [("ce", "top64", 0.0, None), ("fkl-bucket k=8", "top8", a, "bucket"),
             ("fkl-bucket k=16", "top16", a, "bucket"), ("fkl-bucket k=64", "top64", a, "bucket"),
+            ("fkl-bucket k=1024", "top1024", a, "bucket"),
             ("fkl-renorm k=8", "top8", a, "renorm"), ("fkl-renorm k=64", "top64", a, "renorm"),
-            ("sampled N=16", "sampled16", a, None), ("sampled N=50", "sampled50", a, None)]
-    for name, store, alpha, tail in plan:
-        out = work / name.replace(" ", "-").replace("=", "")
-        rows[name] = cached_run(work / f"{store}-train", heldout, student_config, out, args.steps, args.batch_size,
-                                args.lr, args.seed, alpha, tail)
-        rows[name]["bytes_per_token"] = None if alpha == 0 else \
-            open_store(work / f"{store}-train").manifest["totals"]["bytes_per_token"]
-        print(name, rows[name], flush=True)
-    source = resolve_source("builtin:smollm2")
-    teacher = load_model(source, torch.device("cpu"), torch.float32, progress=False)
-    rows["online full-vocab KD"] = online_kd(teacher, str(work / "top64-train"), str(heldout), student_config,
-                                             args.steps, args.batch_size, args.lr, args.seed, args.alpha,
-                                             work / "online")
-    rows["online full-vocab KD"]["bytes_per_token"] = None
-    print("online", rows["online full-vocab KD"], flush=True)
+            ("sampled N=16", "sampled16", a, None), ("sampled N=50", "sampled50", a, None),
+            ("sampled N=100", "sampled100", a, None), ("sampled N=200", "sampled200", a, None)]
+    online_name = "online full-vocab KD"
+    teacher = None
+    runs = {}  # seed -> name -> result
+    for seed in args.seeds:
+        rows = runs.setdefault(seed, {})
+        for name, store, alpha, tail in plan:
+            if seed != args.seeds[0] and name not in SEEDED:
+                continue
+            rows[name] = cached_run(work / f"{store}-train", heldout, student_config,
+                                    run_dir(work, name, seed, args.seeds[0]), args.steps, args.batch_size, args.lr,
+                                    seed, alpha, tail)
+            rows[name]["bytes_per_token"] = None if alpha == 0 else \
+                open_store(work / f"{store}-train").manifest["totals"]["bytes_per_token"]
+            print(seed, name, rows[name], flush=True)
+        if teacher is None:
+            teacher = load_model(resolve_source("builtin:smollm2"), torch.device("cpu"), torch.float32,
+                                 progress=False)
+        rows[online_name] = online_kd(teacher, str(work / "top64-train"), str(heldout), student_config,
+                                      args.steps, args.batch_size, args.lr, seed, args.alpha,
+                                      run_dir(work, "online", seed, args.seeds[0]))
+        rows[online_name]["bytes_per_token"] = None
+        print(seed, "online", rows[online_name], flush=True)
+        gap = rows["ce"]["ce"] - rows[online_name]["ce"]
+        for row in rows.values():
+            row["gap_closed"] = (rows["ce"]["ce"] - row["ce"]) / gap if gap > 0 else float("nan")
 
-    gap = rows["ce"]["ce"] - rows["online full-vocab KD"]["ce"]
-    for row in rows.values():
-        row["gap_closed"] = (rows["ce"]["ce"] - row["ce"]) / gap if gap > 0 else float("nan")
+    teacher_seconds = {f"train stores {', '.join(p['stores'])}": p["seconds"] for p in passes}
+    teacher_seconds["held-out"] = json.loads(heldout_seconds.read_text())["seconds"]
     results = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "steps": args.steps, "alpha": args.alpha, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-        "seed": args.seed, "student": STUDENT, "teacher_job_seconds": teacher_seconds,
+        "seed": args.seeds[0], "seeds": args.seeds, "student": STUDENT, "teacher_job_seconds": teacher_seconds,
         "teacher_heldout_ce": open_store(heldout).manifest["totals"]["teacher_ce"],
-        "train_tokens": open_store(work / "top64-train").layout.num_tokens, "rows": rows,
+        "train_tokens": open_store(work / "top64-train").layout.num_tokens, "rows": runs[args.seeds[0]],
+        "seeded": {str(seed): rows for seed, rows in runs.items()},
     }
     write_report(results)
 
@@ -200,17 +235,20 @@ def write_report(results: dict) -> None:
     (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = results["rows"]
     online = rows["online full-vocab KD"]["seconds"]
+    seeds = results.get("seeds", [results["seed"]])
     lines = [
         "# Distillation quality: cached targets vs cross-entropy vs online KD",
         "",
         f"Teacher SmolLM2-135M-Instruct (held-out CE {results['teacher_heldout_ce']:.3f}); corpus builtin:python-docs, "
         f"{results['train_tokens']:,} training tokens (train topics), every fifth topic held out; a "
-        f"16 M-parameter Llama student (`softcache.demo.STUDENT`), seed {results['seed']}, "
+        f"16 M-parameter Llama student (`softcache.demo.STUDENT`), "
         f"{results['steps']} steps of {results['batch_size']} x {results['seq_len']} tokens, lr {results['lr']}, "
-        f"alpha {results['alpha']} for every KD row, "
-        f"the same batches for every row. CPU: {results['machine']}. Teacher job: "
+        f"alpha {results['alpha']} for every KD row, the same batches for every row of a seed. "
+        f"CPU: {results['machine']}. Teacher job (paid once for every cached row): "
         + " + ".join(f"{seconds:.0f} s ({name})" for name, seconds in results["teacher_job_seconds"].items())
-        + ", paid once for every cached row. Produced by `python benchmarks/quality.py`.",
+        + ". Produced by `python benchmarks/quality.py`.",
+        "",
+        f"Seed {seeds[0]}, every row:",
         "",
         "| student | held-out CE | gap to online KD closed | ECE | KL to teacher | top-1 agreement | bytes/token "
         "| student run | online run / this run |",
@@ -218,9 +256,33 @@ def write_report(results: dict) -> None:
     ]
     for name, row in rows.items():
         size = "" if row["bytes_per_token"] is None else f"{row['bytes_per_token']:.1f}"
-        lines.append(f"| {name} | {row['ce']:.3f} | {100 * row['gap_closed']:.0f}% | {row['ece']:.3f} | "
+        gap = "n/a" if math.isnan(row["gap_closed"]) else f"{100 * row['gap_closed']:.0f}%"
+        lines.append(f"| {name} | {row['ce']:.3f} | {gap} | {row['ece']:.3f} | "
                      f"{row['kl']:.3f} | {row['top1_agreement']:.3f} | {size} | {row['seconds']:.0f} s | "
                      f"{online / row['seconds']:.1f}x |")
+    seeded = results.get("seeded", {})
+    if len(seeded) > 1:
+        names = [name for name in rows if all(name in by_name for by_name in seeded.values())]
+        header = " / ".join(str(seed) for seed in seeded)
+        mean_ce = {name: statistics.mean(by_name[name]["ce"] for by_name in seeded.values()) for name in names}
+        mean_gap = mean_ce["ce"] - mean_ce["online full-vocab KD"]
+        online_median = statistics.median(by_name["online full-vocab KD"]["seconds"] for by_name in seeded.values())
+        lines += ["", f"Seeds {header} (another initialisation and batch order per seed). A seed's gap is measured "
+                      "against its own CE and online runs (n/a where online KD did not beat CE); the last gap "
+                      "column uses the mean CEs. Run times are medians over the seeds.",
+                  "", f"| student | held-out CE, seeds {header} | mean CE | gap closed, seeds {header} "
+                      "| gap closed, mean CEs | median run | online / this |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for name in names:
+            per_seed = [by_name[name] for by_name in seeded.values()]
+            ces = " / ".join(f"{row['ce']:.3f}" for row in per_seed)
+            gaps = " / ".join("n/a" if math.isnan(row["gap_closed"]) else f"{100 * row['gap_closed']:.0f}%"
+                              for row in per_seed)
+            closed = (mean_ce["ce"] - mean_ce[name]) / mean_gap if mean_gap > 0 else float("nan")
+            run = statistics.median(row["seconds"] for row in per_seed)
+            lines.append(f"| {name} | {ces} | {mean_ce[name]:.3f} | {gaps} | "
+                         f"{'n/a' if math.isnan(closed) else f'{100 * closed:.0f}%'} | {run:.0f} s | "
+                         f"{online_median / run:.1f}x |")
     lines += ["", "![held-out CE by student](quality.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(results, out / "quality.png")
@@ -239,14 +301,25 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     names = list(rows)
     values = [rows[n]["ce"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.barh(names, values, color=["#999999"] + ["#4477aa"] * (len(names) - 2) + ["#cc6677"])
-    for y, value in enumerate(values):
-        ax.text(value + 0.005, y, f"{value:.3f}", va="center", fontsize=9)
-    ax.set_xlim(min(values) - 0.15, max(values) + 0.08)
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    colours = ["#999999" if n == "ce" else "#cc6677" if n.startswith("online") else "#4477aa" for n in names]
+    ax.barh(names, values, color=colours)
+    seeded = results.get("seeded", {})
+    others = [(seed, by_name) for seed, by_name in seeded.items() if str(seed) != str(results["seed"])]
+    for y, name in enumerate(names):
+        ax.text(values[y] + 0.005, y, f"{values[y]:.3f}", va="center", fontsize=8)
+        extra = [by_name[name]["ce"] for _, by_name in others if name in by_name]
+        if extra:
+            ax.plot(extra, [y] * len(extra), "k|", markersize=10,
+                    label="other seeds" if name == "ce" else None)
+    every = values + [by_name[n]["ce"] for _, by_name in others for n in by_name]
+    ax.set_xlim(min(every) - 0.15, max(every) + 0.08)
     ax.invert_yaxis()
+    if others:
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("held-out cross-entropy (nats/token), lower is better")
-    ax.set_title(f"Students after {results['steps']} steps (teacher: {results['teacher_heldout_ce']:.3f})", fontsize=10)
+    ax.set_title(f"Students after {results['steps']} steps, bars: seed {results['seed']} "
+                 f"(teacher: {results['teacher_heldout_ce']:.3f})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
