@@ -18,7 +18,7 @@ stores already there are reused, and every pass is reported. Reported: held-out 
 of the CE-to-online gap each variant closes, ECE, KL to the teacher's top-64 and top-1 agreement
 on the held-out store, bytes per token, wall time of each student run and of the teacher job.
 
-    python benchmarks/quality.py                   # about 95 minutes on 2 CPU cores
+    python benchmarks/quality.py                   # about 2.5 hours on 2 CPU cores (5 seeds)
     python benchmarks/quality.py --seeds 0         # one seed: about 45 minutes
     python benchmarks/quality.py --report-only     # redraw from results/quality.json
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                         help="every row is trained with the first; the rows in SEEDED with each of the others")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
@@ -267,12 +267,15 @@ def write_report(results: dict) -> None:
         mean_ce = {name: statistics.mean(by_name[name]["ce"] for by_name in seeded.values()) for name in names}
         mean_gap = mean_ce["ce"] - mean_ce["online full-vocab KD"]
         online_median = statistics.median(by_name["online full-vocab KD"]["seconds"] for by_name in seeded.values())
-        lines += ["", f"Seeds {header} (another initialisation and batch order per seed). A seed's gap is measured "
-                      "against its own CE and online runs (n/a where online KD did not beat CE); the last gap "
-                      "column uses the mean CEs. Run times are medians over the seeds.",
-                  "", f"| student | held-out CE, seeds {header} | mean CE | gap closed, seeds {header} "
-                      "| gap closed, mean CEs | median run | online / this |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["", f"Seeds {header} (another initialisation and batch order per seed). Differences are paired "
+                      "by seed (same initialisation and batches), in nats, negative is better; s.e. is the "
+                      "standard error of their mean. A seed's gap is measured against its own CE and online runs "
+                      "(n/a where online KD did not beat CE); the last gap column uses the mean CEs. Run times "
+                      "are medians over the seeds.",
+                  "", f"| student | held-out CE, seeds {header} | mean CE | minus CE's, mean ± s.e. "
+                      f"| minus online KD's, mean ± s.e. | gap closed, seeds {header} | gap closed, mean CEs "
+                      "| median run | online / this |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name in names:
             per_seed = [by_name[name] for by_name in seeded.values()]
             ces = " / ".join(f"{row['ce']:.3f}" for row in per_seed)
@@ -280,13 +283,23 @@ def write_report(results: dict) -> None:
                               for row in per_seed)
             closed = (mean_ce["ce"] - mean_ce[name]) / mean_gap if mean_gap > 0 else float("nan")
             run = statistics.median(row["seconds"] for row in per_seed)
-            lines.append(f"| {name} | {ces} | {mean_ce[name]:.3f} | {gaps} | "
+            lines.append(f"| {name} | {ces} | {mean_ce[name]:.3f} | {paired(seeded, name, 'ce')} | "
+                         f"{paired(seeded, name, 'online full-vocab KD')} | {gaps} | "
                          f"{'n/a' if math.isnan(closed) else f'{100 * closed:.0f}%'} | {run:.0f} s | "
                          f"{online_median / run:.1f}x |")
     lines += ["", "![held-out CE by student](quality.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(results, out / "quality.png")
     print("\n".join(lines))
+
+
+def paired(seeded: dict, name: str, reference: str) -> str:
+    """Mean and standard error over seeds of (this row's CE - the reference's CE), in nats."""
+    differences = [by_name[name]["ce"] - by_name[reference]["ce"] for by_name in seeded.values()]
+    if name == reference:
+        return ""
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    return f"{statistics.mean(differences):+.3f} ± {error:.3f}"
 
 
 def plot(results: dict, path: Path) -> None:
