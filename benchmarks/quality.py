@@ -314,11 +314,14 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     names = list(rows)
     values = [rows[n]["ce"] for n in names]
-    fig, ax = plt.subplots(figsize=(8, 4.6))
-    colours = ["#999999" if n == "ce" else "#cc6677" if n.startswith("online") else "#4477aa" for n in names]
-    ax.barh(names, values, color=colours)
     seeded = results.get("seeded", {})
     others = [(seed, by_name) for seed, by_name in seeded.items() if str(seed) != str(results["seed"])]
+    if others:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.6))
+    colours = ["#999999" if n == "ce" else "#cc6677" if n.startswith("online") else "#4477aa" for n in names]
+    ax.barh(names, values, color=colours)
     for y, name in enumerate(names):
         ax.text(values[y] + 0.005, y, f"{values[y]:.3f}", va="center", fontsize=8)
         extra = [by_name[name]["ce"] for _, by_name in others if name in by_name]
@@ -333,6 +336,20 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("held-out cross-entropy (nats/token), lower is better")
     ax.set_title(f"Students after {results['steps']} steps, bars: seed {results['seed']} "
                  f"(teacher: {results['teacher_heldout_ce']:.3f})", fontsize=10)
+    if others:
+        online = "online full-vocab KD"
+        paired_names = [n for n in names if n != online and all(n in by_name for by_name in seeded.values())]
+        for y, name in enumerate(paired_names):
+            differences = [by_name[name]["ce"] - by_name[online]["ce"] for by_name in seeded.values()]
+            mean = statistics.mean(differences)
+            error = statistics.stdev(differences) / math.sqrt(len(differences))
+            right.errorbar(mean, y, xerr=error, fmt="o", color="#999999" if name == "ce" else "#4477aa", capsize=4)
+            right.text(mean, y - 0.25, f"{mean:+.3f} ± {error:.3f}", ha="center", fontsize=8)
+        right.axvline(0.0, color="#cc6677", linewidth=1)
+        right.set_yticks(range(len(paired_names)), paired_names)
+        right.set_ylim(len(paired_names) - 0.5, -0.8)
+        right.set_xlabel("CE minus online KD's CE, same seed (nats)")
+        right.set_title(f"Paired by seed, mean ± s.e. over {len(seeded)} seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
