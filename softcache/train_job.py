@@ -35,6 +35,8 @@ from softcache.teacher import resolve_device
 
 RUN_CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+# The batch tensors a training step moves to its device (a batch also carries target_mask, step and epoch).
+LOSS_INPUTS = ("input_ids", "target_ids", "target_logprobs", "mask", "labels")
 
 
 @dataclass
@@ -152,7 +154,7 @@ def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
             kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
             kd_total = ce_total = 0.0
             for index, batch in enumerate(micro):
-                batch = {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+                batch = {name: batch[name].to(device, non_blocking=True) for name in LOSS_INPUTS}
                 sync = index == len(micro) - 1 or ranks.world == 1
                 targets = (batch["target_ids"], batch["target_logprobs"], batch["mask"], batch["labels"],
                            config.loss, tail, temperature, config.beta, config.chunk_tokens)

@@ -223,7 +223,7 @@ class StoreWriter:
             "shards": shards,
         }
         write_json(self.root / MANIFEST, manifest)
-        (self.root / LOCK).unlink(missing_ok=True)
+        release_lock(self.root)
         if self.remote is not None:
             self.remote.upload(MANIFEST)  # last: now the remote store is complete
             self.remote.remove(PROGRESS_DIR)
@@ -286,6 +286,7 @@ def take_lock(root: Path, out_flag: str = "--out") -> None:
 
 
 def release_lock(root: Path) -> None:
+    """Remove ``root``'s writer lock if this process holds it."""
     path = root / LOCK
     try:
         if int(json.loads(path.read_text())["pid"]) == os.getpid():
