@@ -64,7 +64,8 @@ TRAIN_STORES = {  # name: CacheConfig fields of the store's targets
 }
 # Rows trained again with --seeds beyond the first (other initialisation and batch order): the
 # references and the best cached variants, to show how much of a difference is noise.
-SEEDED = ("ce", "fkl-bucket k=64", "fkl-bucket k=1024", "sampled N=50", "sampled N=100", "online full-vocab KD")
+ONLINE = "online full-vocab KD"
+SEEDED = ("ce", "fkl-bucket k=64", "fkl-bucket k=1024", "sampled N=50", "sampled N=100", ONLINE)
 
 
 def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int | None = None) -> list[dict]:
@@ -76,8 +77,9 @@ def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int |
                                  out=str(work / f"{name}-train"), seq_len=seq_len, batch_size=batch_size,
                                  max_sequences=max_sequences, progress=False, **fields)
                for name, fields in TRAIN_STORES.items()}
-    missing = {name: config for name, config in configs.items()
-               if not ((Path(config.out) / "manifest.json").exists() and open_store(config.out).complete)}
+    missing = {name: config for name, config in configs.items()  # absent, or stopped part-way (resumed)
+               if not ((Path(config.out) / "manifest.json").exists()
+                       and open_store(config.out, allow_incomplete=True).complete)}
     if not missing:
         return passes
     source = resolve_source("builtin:smollm2")
@@ -176,12 +178,11 @@ def main() -> None:
     passes = teacher_pass(work, args.seq_len, 8, args.max_sequences)
     heldout = work / "top64-heldout"
     heldout_seconds = work / "heldout_pass.json"
-    if not (heldout / "manifest.json").exists() or not heldout_seconds.exists():
-        started = time.perf_counter()
-        run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="heldout",
-                              out=str(heldout), seq_len=args.seq_len, k=64, batch_size=8,
-                              max_sequences=args.max_sequences, progress=False))
-        heldout_seconds.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    result = run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="heldout",
+                                   out=str(heldout), seq_len=args.seq_len, k=64, batch_size=8,
+                                   max_sequences=args.max_sequences, progress=False))
+    if not result.already_complete:  # a reused store keeps the time of the pass that wrote it
+        heldout_seconds.write_text(json.dumps({"seconds": result.seconds}))
 
     a = args.alpha
     plan = [("ce", "top64", 0.0, None), ("fkl-bucket k=8", "top8", a, "bucket"),
@@ -190,7 +191,6 @@ def main() -> None:
             ("fkl-renorm k=8", "top8", a, "renorm"), ("fkl-renorm k=64", "top64", a, "renorm"),
             ("sampled N=16", "sampled16", a, None), ("sampled N=50", "sampled50", a, None),
             ("sampled N=100", "sampled100", a, None), ("sampled N=200", "sampled200", a, None)]
-    online_name = "online full-vocab KD"
     teacher = None
     runs = {}  # seed -> name -> result
     for seed in args.seeds:
@@ -207,24 +207,22 @@ def main() -> None:
         if teacher is None:
             teacher = load_model(resolve_source("builtin:smollm2"), torch.device("cpu"), torch.float32,
                                  progress=False)
-        rows[online_name] = online_kd(teacher, str(work / "top64-train"), str(heldout), student_config,
+        rows[ONLINE] = online_kd(teacher, str(work / "top64-train"), str(heldout), student_config,
                                       args.steps, args.batch_size, args.lr, seed, args.alpha,
                                       run_dir(work, "online", seed, args.seeds[0]))
-        rows[online_name]["bytes_per_token"] = None
-        print(seed, "online", rows[online_name], flush=True)
-        gap = rows["ce"]["ce"] - rows[online_name]["ce"]
-        for row in rows.values():
-            row["gap_closed"] = (rows["ce"]["ce"] - row["ce"]) / gap if gap > 0 else float("nan")
+        rows[ONLINE]["bytes_per_token"] = None
+        print(seed, "online", rows[ONLINE], flush=True)
 
     teacher_seconds = {f"train stores {', '.join(p['stores'])}": p["seconds"] for p in passes}
-    teacher_seconds["held-out"] = json.loads(heldout_seconds.read_text())["seconds"]
+    if heldout_seconds.exists():
+        teacher_seconds["held-out"] = json.loads(heldout_seconds.read_text())["seconds"]
     results = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "steps": args.steps, "alpha": args.alpha, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
         "seed": args.seeds[0], "seeds": args.seeds, "student": STUDENT, "teacher_job_seconds": teacher_seconds,
         "teacher_heldout_ce": open_store(heldout).manifest["totals"]["teacher_ce"],
-        "train_tokens": open_store(work / "top64-train").layout.num_tokens, "rows": runs[args.seeds[0]],
-        "seeded": {str(seed): rows for seed, rows in runs.items()},
+        "train_tokens": open_store(work / "top64-train").layout.num_tokens,
+        "seeded": {str(seed): rows for seed, rows in runs.items()},  # seed -> row name -> result
     }
     write_report(results)
 
@@ -233,9 +231,10 @@ def write_report(results: dict) -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = results["rows"]
-    online = rows["online full-vocab KD"]["seconds"]
-    seeds = results.get("seeds", [results["seed"]])
+    seeded = results["seeded"]
+    rows = seeded[str(results["seed"])]
+    online = rows[ONLINE]["seconds"]
+    seeds = results["seeds"]
     lines = [
         "# Distillation quality: cached targets vs cross-entropy vs online KD",
         "",
@@ -256,17 +255,15 @@ def write_report(results: dict) -> None:
     ]
     for name, row in rows.items():
         size = "" if row["bytes_per_token"] is None else f"{row['bytes_per_token']:.1f}"
-        gap = "n/a" if math.isnan(row["gap_closed"]) else f"{100 * row['gap_closed']:.0f}%"
+        gap = percent(gap_closed(rows, name))
         lines.append(f"| {name} | {row['ce']:.3f} | {gap} | {row['ece']:.3f} | "
                      f"{row['kl']:.3f} | {row['top1_agreement']:.3f} | {size} | {row['seconds']:.0f} s | "
                      f"{online / row['seconds']:.1f}x |")
-    seeded = results.get("seeded", {})
     if len(seeded) > 1:
         names = [name for name in rows if all(name in by_name for by_name in seeded.values())]
         header = " / ".join(str(seed) for seed in seeded)
-        mean_ce = {name: statistics.mean(by_name[name]["ce"] for by_name in seeded.values()) for name in names}
-        mean_gap = mean_ce["ce"] - mean_ce["online full-vocab KD"]
-        online_median = statistics.median(by_name["online full-vocab KD"]["seconds"] for by_name in seeded.values())
+        mean_ce = {name: {"ce": statistics.mean(by_name[name]["ce"] for by_name in seeded.values())} for name in names}
+        online_median = statistics.median(by_name[ONLINE]["seconds"] for by_name in seeded.values())
         lines += ["", f"Seeds {header} (another initialisation and batch order per seed). Differences are paired "
                       "by seed (same initialisation and batches), in nats, negative is better; s.e. is the "
                       "standard error of their mean. A seed's gap is measured against its own CE and online runs "
@@ -279,25 +276,33 @@ def write_report(results: dict) -> None:
         for name in names:
             per_seed = [by_name[name] for by_name in seeded.values()]
             ces = " / ".join(f"{row['ce']:.3f}" for row in per_seed)
-            gaps = " / ".join("n/a" if math.isnan(row["gap_closed"]) else f"{100 * row['gap_closed']:.0f}%"
-                              for row in per_seed)
-            closed = (mean_ce["ce"] - mean_ce[name]) / mean_gap if mean_gap > 0 else float("nan")
+            gaps = " / ".join(percent(gap_closed(by_name, name)) for by_name in seeded.values())
             run = statistics.median(row["seconds"] for row in per_seed)
-            lines.append(f"| {name} | {ces} | {mean_ce[name]:.3f} | {paired(seeded, name, 'ce')} | "
-                         f"{paired(seeded, name, 'online full-vocab KD')} | {gaps} | "
-                         f"{'n/a' if math.isnan(closed) else f'{100 * closed:.0f}%'} | {run:.0f} s | "
-                         f"{online_median / run:.1f}x |")
+            lines.append(f"| {name} | {ces} | {mean_ce[name]['ce']:.3f} | {paired(seeded, name, 'ce')} | "
+                         f"{paired(seeded, name, ONLINE)} | {gaps} | {percent(gap_closed(mean_ce, name))} | "
+                         f"{run:.0f} s | {online_median / run:.1f}x |")
     lines += ["", "![held-out CE by student](quality.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
     plot(results, out / "quality.png")
     print("\n".join(lines))
 
 
+def gap_closed(by_name: dict, name: str) -> float:
+    """The fraction of the CE-only row's distance to online KD that row ``name`` closes (NaN where
+    online KD did not beat CE)."""
+    gap = by_name["ce"]["ce"] - by_name[ONLINE]["ce"]
+    return (by_name["ce"]["ce"] - by_name[name]["ce"]) / gap if gap > 0 else float("nan")
+
+
+def percent(fraction: float) -> str:
+    return "n/a" if math.isnan(fraction) else f"{100 * fraction:.0f}%"
+
+
 def paired(seeded: dict, name: str, reference: str) -> str:
     """Mean and standard error over seeds of (this row's CE - the reference's CE), in nats."""
-    differences = [by_name[name]["ce"] - by_name[reference]["ce"] for by_name in seeded.values()]
     if name == reference:
         return ""
+    differences = [by_name[name]["ce"] - by_name[reference]["ce"] for by_name in seeded.values()]
     error = statistics.stdev(differences) / math.sqrt(len(differences))
     return f"{statistics.mean(differences):+.3f} ± {error:.3f}"
 
@@ -311,10 +316,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
+    seeded = results["seeded"]
+    rows = seeded[str(results["seed"])]
     names = list(rows)
     values = [rows[n]["ce"] for n in names]
-    seeded = results.get("seeded", {})
     others = [(seed, by_name) for seed, by_name in seeded.items() if str(seed) != str(results["seed"])]
     if others:
         fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
@@ -337,10 +342,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title(f"Students after {results['steps']} steps, bars: seed {results['seed']} "
                  f"(teacher: {results['teacher_heldout_ce']:.3f})", fontsize=10)
     if others:
-        online = "online full-vocab KD"
-        paired_names = [n for n in names if n != online and all(n in by_name for by_name in seeded.values())]
+        paired_names = [n for n in names if n != ONLINE and all(n in by_name for by_name in seeded.values())]
         for y, name in enumerate(paired_names):
-            differences = [by_name[name]["ce"] - by_name[online]["ce"] for by_name in seeded.values()]
+            differences = [by_name[name]["ce"] - by_name[ONLINE]["ce"] for by_name in seeded.values()]
             mean = statistics.mean(differences)
             error = statistics.stdev(differences) / math.sqrt(len(differences))
             right.errorbar(mean, y, xerr=error, fmt="o", color="#999999" if name == "ce" else "#4477aa", capsize=4)
