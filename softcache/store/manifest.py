@@ -9,7 +9,11 @@ progress records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from softcache.errors import StoreError
@@ -26,6 +30,204 @@ IDENTITY = ("storage", "layout", "encoding", "targets", "teacher", "tokenizer", 
 
 def progress_name(index: int) -> str:
     return f"{PROGRESS_DIR}/shard-{index:05d}.json"
+
+
+# ---- typed sections -------------------------------------------------------------------------------
+# Each section of the manifest is a frozen dataclass, parsed and checked once here (``from_dict``);
+# ``to_dict`` writes it back with the same keys in the same order, so a store's bytes do not depend
+# on whether its header went through these types.
+
+
+class Section:
+    """Mixin of the section dataclasses: checked parsing from the manifest's JSON and back.
+
+    Fields with a default are optional facts: a store written by hand or by an older tool may lack
+    them, and ``info`` says so; a field that is present must have its type."""
+
+    _OMIT_NONE: typing.ClassVar[tuple[str, ...]] = ()
+    """Fields left out of the JSON when None (optional facts, not recorded as null)."""
+
+    @classmethod
+    def from_dict(cls, data, where: str = ""):
+        """Parse ``data`` (the section's JSON object); raise :class:`StoreError` naming ``where`` and
+        the first missing or mistyped field."""
+        name = where or cls.__name__
+        if not isinstance(data, dict):
+            raise StoreError(f"{name} is {type(data).__name__}, not an object")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                    raise StoreError(f"{name} lacks the field {field.name!r}")
+                continue
+            value = data[field.name]
+            if not _is_a(value, hints[field.name]):
+                raise StoreError(f"{name}.{field.name} is {json.dumps(value)[:40]}, not {_type_name(hints[field.name])}")
+            values[field.name] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in self._OMIT_NONE and getattr(self, f.name) is None)}
+
+
+def _is_a(value, hint) -> bool:
+    """Whether a JSON value fits a field's type (int, float, str, bool, dict, list, unions with None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_is_a(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetsSection(Section):
+    """What the stored targets mean: their kind (softcache.kinds) and the settings it reads."""
+
+    kind: str
+    temperature: float
+    """The teacher's logits were divided by this before normalising."""
+    k: int | None = None
+    """Entries per position (topk), or at most (topp)."""
+    top_p: float | None = None
+    """Mass a topp position keeps."""
+    samples: int | None = None
+    """Draws per position (sampled)."""
+    seed: int | None = None
+    """Sampling seed (sampled)."""
+
+    @classmethod
+    def for_kind(cls, kind: str, temperature: float, **settings) -> TargetsSection:
+        """The section for ``kind``, keeping only the settings that kind uses."""
+        from softcache.kinds import target_kind
+
+        return cls(kind=kind, temperature=temperature, **{name: settings[name] for name in target_kind(kind).fields})
+
+    @classmethod
+    def from_dict(cls, data, where: str = "targets") -> TargetsSection:
+        from softcache.kinds import TARGET_KINDS
+
+        section = super().from_dict(data, where)
+        if section.kind not in TARGET_KINDS:
+            raise StoreError(f"{where}.kind is {section.kind!r}, not one of {', '.join(TARGET_KINDS)}")
+        missing = [name for name in section.spec.fields if getattr(section, name) is None]
+        if missing:
+            raise StoreError(f"{where} of kind {section.kind} lacks {', '.join(missing)}")
+        if not section.temperature > 0:
+            raise StoreError(f"{where}.temperature is {section.temperature}, not greater than 0")
+        return section
+
+    @property
+    def spec(self):
+        """The :class:`~softcache.kinds.TargetKind` of these targets."""
+        from softcache.kinds import target_kind
+
+        return target_kind(self.kind)
+
+    def describe(self) -> str:
+        return self.spec.describe(self)
+
+    def to_dict(self) -> dict:
+        from softcache.kinds import POSITION_NOTE
+
+        spec = self.spec
+        return {"kind": self.kind, "temperature": self.temperature, "position": POSITION_NOTE,
+                **{name: getattr(self, name) for name in spec.fields}, **spec.manifest_notes()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherSection(Section):
+    """What the teacher is (not where it was loaded from): a resumed job must match it."""
+
+    name: str
+    """What the user gave as --teacher."""
+    gguf_file: str | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    config_sha256: str | None = None
+    """sha256 of the model config without bookkeeping keys (softcache.teacher.identity)."""
+    dtype: str | None = None
+    parameters: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSection(Section):
+    """The teacher's tokenizer, whose files the store keeps in ``directory``."""
+
+    fingerprint: str
+    """sha256 of the tokenizer's full definition (softcache.tokenizer.tokenizer_fingerprint)."""
+    vocab_size: int
+    """Logits per position of the teacher (may exceed the tokenizer's length)."""
+    tokenizer_size: int | None = None
+    eos_token_id: int | None = None
+    directory: str = TOKENIZER_DIR
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusSection(Section):
+    """Which text the store covers."""
+
+    source: str
+    documents: int | None = None
+    tokens_read: int | None = None
+    dropped_tokens: int | None = None
+    fingerprint: str
+    """sha256 of the packed token ids (softcache.corpus.PackedCorpus.fingerprint)."""
+    text_column: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSection(Section):
+    """The on-disk format and its codec; ``details`` are the format's own notes (softcache.store.registry)."""
+
+    format: str
+    codec: dict | None = None
+    details: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data, where: str = "storage") -> StorageSection:
+        from softcache.store.registry import FORMATS
+
+        if not isinstance(data, dict):
+            raise StoreError(f"{where} is {type(data).__name__}, not an object")
+        if data.get("format") not in FORMATS:
+            raise StoreError(f"{where}.format is {json.dumps(data.get('format'))}, not one of {', '.join(FORMATS)}")
+        codec = data.get("codec")
+        if codec is not None and not isinstance(codec, dict):
+            raise StoreError(f"{where}.codec is {json.dumps(codec)[:40]}, not an object")
+        return cls(format=data["format"], codec=codec, details={k: v for k, v in data.items() if k not in ("format", "codec")})
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, **({"codec": self.codec} if self.codec is not None else {}), **self.details}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Totals(Section):
+    """Sums over a complete store's shards, written with the complete manifest."""
+
+    sequences: int
+    tokens: int
+    data_bytes: int
+    bytes_per_token: float
+    content_sha256: str
+    """Digest of the decoded content, independent of format and codec (softcache.store.writer)."""
+    teacher_ce: float | None = None
+    """The teacher's mean cross-entropy on the corpus's true next tokens, nats (when every shard recorded it)."""
+
+    _OMIT_NONE = ("teacher_ce",)
 
 
 def read_manifest(root: Path) -> dict:
