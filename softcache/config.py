@@ -18,9 +18,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # --fused-linear auto: fuse on CPU only above this much float32 logits per micro-batch. On CPU the fused
 # loss takes 10% of the memory but 1.3-1.5x the time of the unfused one (benchmarks/results/fused_loss.md).
 FUSE_ABOVE_BYTES = 2 << 30
-# Default codes, chosen by measurement (benchmarks/results/encodings.md).
+# Default id code, chosen by measurement (benchmarks/results/encodings.md); each target kind names its
+# default value code (softcache.kinds).
 DEFAULT_IDS = "delta"
-DEFAULT_VALUES = "log8"
 
 
 @dataclass
@@ -46,7 +46,8 @@ class CacheConfig:
     max_sequences: int | None = None
     """--max-sequences: keep only the first N packed sequences (None: all)."""
     targets: str = "topk"
-    """--targets: topk, topp (top-p-k) or sampled (unbiased draws with counts)."""
+    """--targets: a key of ``softcache.kinds.TARGET_KINDS``: topk, topp (top-p-k) or sampled (unbiased draws
+    with counts)."""
     k: int = 64
     """--k: entries per position (topk), or at most (topp)."""
     top_p: float = 0.95
@@ -58,7 +59,7 @@ class CacheConfig:
     ids: str | None = None
     """--ids: id code, plain, delta or bitpack (default: DEFAULT_IDS)."""
     values: str | None = None
-    """--values: value code, float16 or log8 (topk/topp; default DEFAULT_VALUES); counts for sampled."""
+    """--values: value code, float16 or log8 (topk/topp; default: the kind's first value code); counts for sampled."""
     temperature: float = 1.0
     """--temperature: the teacher's logits are divided by this before normalising."""
     batch_size: int = 8
@@ -88,10 +89,11 @@ class CacheConfig:
             raise SoftcacheError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise SoftcacheError(f"--max-sequences must be at least 1, got {self.max_sequences}")
-        from softcache.store.encoding import ID_CODES, KINDS
+        from softcache.kinds import TARGET_KINDS
+        from softcache.store.encoding import ID_CODES
 
-        if self.targets not in KINDS:
-            raise SoftcacheError(f"--targets must be one of {', '.join(KINDS)}, got {self.targets!r}")
+        if self.targets not in TARGET_KINDS:
+            raise SoftcacheError(f"--targets must be one of {', '.join(TARGET_KINDS)}, got {self.targets!r}")
         if self.k < 1:
             raise SoftcacheError(f"--k must be at least 1, got {self.k}")
         if not 0 < self.top_p <= 1:
@@ -100,7 +102,7 @@ class CacheConfig:
             raise SoftcacheError(f"--samples must be at least 1, got {self.samples}")
         if self.ids is not None and self.ids not in ID_CODES:
             raise SoftcacheError(f"--ids must be one of {', '.join(ID_CODES)}, got {self.ids!r}")
-        allowed = ("counts",) if self.targets == "sampled" else ("float16", "log8")
+        allowed = sorted(TARGET_KINDS[self.targets].value_codes)
         if self.values is not None and self.values not in allowed:
             raise SoftcacheError(f"--values for --targets {self.targets} must be one of {', '.join(allowed)}, "
                                  f"got {self.values!r}")
@@ -118,14 +120,21 @@ class CacheConfig:
         if "://" not in self.out and out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the store")
 
+    def targets_section(self):
+        """The manifest's :class:`~softcache.store.manifest.TargetsSection` these flags describe."""
+        from softcache.store.manifest import TargetsSection
+
+        return TargetsSection.for_kind(self.targets, self.temperature, k=self.k, top_p=self.top_p,
+                                       samples=self.samples, seed=self.seed)
+
     def encoding(self, vocab_size: int):
         """The store's :class:`~softcache.store.encoding.Encoding` for a teacher with ``vocab_size`` ids."""
         from softcache.store.encoding import Encoding
 
-        if self.targets == "sampled":
-            return Encoding("sampled", min(self.samples, vocab_size), vocab_size, self.ids or DEFAULT_IDS,
-                            "counts", self.samples)
-        return Encoding(self.targets, self.k, vocab_size, self.ids or DEFAULT_IDS, self.values or DEFAULT_VALUES)
+        targets = self.targets_section()
+        kind = targets.spec
+        return Encoding(kind.name, kind.width(targets, vocab_size), vocab_size, self.ids or DEFAULT_IDS,
+                        self.values or kind.value_codes[0], targets.samples)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,7 +215,7 @@ class TrainConfig:
         return self.epochs or 1
 
     def validate(self) -> None:
-        from softcache.losses import KINDS, TAILS
+        from softcache.losses import DIVERGENCES, TAILS
 
         for flag, value in (("--store", self.store), ("--student", self.student), ("--out", self.out)):
             if not value:
@@ -232,8 +241,8 @@ class TrainConfig:
             raise SoftcacheError("--weight-decay and --clip-grad must be at least 0")
         if not 0 <= self.alpha <= 1:
             raise SoftcacheError(f"--alpha must be between 0 and 1, got {self.alpha}")
-        if self.loss not in KINDS:
-            raise SoftcacheError(f"--loss must be one of {', '.join(KINDS)}, got {self.loss!r}")
+        if self.loss not in DIVERGENCES:
+            raise SoftcacheError(f"--loss must be one of {', '.join(DIVERGENCES)}, got {self.loss!r}")
         if self.tail is not None and self.tail not in TAILS:
             raise SoftcacheError(f"--tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if self.temperature is not None and not self.temperature > 0:

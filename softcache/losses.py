@@ -35,7 +35,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-KINDS = ("fkl", "rkl", "jsd", "tvd")
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 TAILS = ("bucket", "renorm", "none")
 _EMPTY = -1e30  # stands in for -inf at cached ids: finite, so no NaN appears in any gradient
 
@@ -100,8 +100,8 @@ def store_tail(manifest: dict) -> str:
 
 
 def _check_choices(kind: str, tail: str, beta: float) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown KD loss {kind!r}; choose from {KINDS}")
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown KD loss {kind!r}; choose from {DIVERGENCES}")
     if tail not in TAILS:
         raise ValueError(f"unknown tail handling {tail!r}; choose from {TAILS}")
     if kind == "jsd" and not 0.0 < beta < 1.0:

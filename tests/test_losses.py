@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from softcache.losses import KINDS, TAILS, cross_entropy, distillation_loss, sparse_kd
+from softcache.losses import DIVERGENCES, TAILS, cross_entropy, distillation_loss, sparse_kd
 
 V = 40
 
@@ -94,7 +94,7 @@ def test_other_divergences_on_the_coarsened_distributions():
 def test_losses_are_zero_when_student_equals_teacher():
     z, teacher, order = setup(seed=7)
     student = teacher.detach().clone().requires_grad_()
-    for kind in KINDS:
+    for kind in DIVERGENCES:
         for tail in TAILS:
             loss = sparse_kd(student, order[:, :10], teacher.gather(-1, order[:, :10]), kind, tail)
             assert loss.abs().max() < 1e-5, (kind, tail)
@@ -182,7 +182,7 @@ def test_bad_choices_raise():
 def test_float16_targets_with_a_rounded_up_mass_stay_finite():
     z, teacher, order = setup(seed=9, dtype=torch.float32)
     values = teacher.gather(-1, order).half().float()  # k = V, sum of exp may exceed 1 slightly
-    for kind in KINDS:
+    for kind in DIVERGENCES:
         loss = sparse_kd(z, order, values, kind)
         assert torch.isfinite(loss).all() and torch.isfinite(grad(loss, z)).all()
 
@@ -228,7 +228,7 @@ def padded(ids: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, width
     return torch.where(real, ids, ids[..., :1]), values.masked_fill(~real, -math.inf)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
 def test_padding_entries_change_nothing(kind, tail):
     """A row with n real entries padded to k gives the loss and gradient of the same n entries alone."""
@@ -277,7 +277,7 @@ def test_sampled_targets_give_the_full_kd_gradient_in_expectation():
     assert (single - expected).abs().max() > (total / trials - expected).abs().max()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_linear_loss_equals_the_loss_on_materialised_logits(kind, tail, temperature):
