@@ -14,6 +14,10 @@ encoding's size and fidelity is in benchmarks/encodings.py.
 
     python benchmarks/cache_job.py                # SmolLM2-135M-Instruct, CPU, ~6 minutes
     python benchmarks/cache_job.py --rounds 5 --sequences 64
+    python benchmarks/cache_job.py --device cuda  # on a GPU machine (writes cache_job_cuda.*)
+
+The jobs are softcache.cache_job.TeacherJob, the object `softcache cache` runs, given the loaded
+teacher and packed corpus so that only the teacher pass and the writes are timed.
 
 Writes benchmarks/results/cache_job.md (and .json).
 """
@@ -21,6 +25,7 @@ Writes benchmarks/results/cache_job.md (and .json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shutil
@@ -31,13 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softcache.cache_job import cache_shards
+from softcache.cache_job import TeacherJob, load_teacher, pack_corpus
 from softcache.config import CacheConfig
-from softcache.corpus import iter_documents, pack
-from softcache.store import Encoding, Layout, StoreWriter, open_store
+from softcache.store import open_store
 from softcache.store.convert import convert_store
-from softcache.store.registry import storage_section
-from softcache.teacher import load_model, load_tokenizer, output_vocab_size, resolve_source
 
 HERE = Path(__file__).parent
 CODECS = [
@@ -51,29 +53,24 @@ CODECS = [
 ]
 
 
-def header(layout: Layout, encoding: Encoding, format_name: str) -> dict:
-    return {"storage": storage_section(format_name, layout, encoding), "layout": layout.to_dict(),
-            "encoding": encoding.to_dict(), "targets": {"kind": encoding.kind, "k": encoding.k, "temperature": 1.0},
-            "teacher": {"name": "benchmark"}, "tokenizer": {}, "corpus": {}}
-
-
-def bare_forward(model, input_ids: np.ndarray, batch_size: int) -> None:
+def bare_forward(model, input_ids: np.ndarray, batch_size: int, device: torch.device) -> None:
     with torch.inference_mode():
         for lo in range(0, len(input_ids), batch_size):
-            ids = torch.from_numpy(input_ids[lo:lo + batch_size].astype(np.int64))
+            ids = torch.from_numpy(input_ids[lo:lo + batch_size].astype(np.int64)).to(device)
             model(input_ids=ids, use_cache=False).logits  # noqa: B018 -- the work being timed
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def cache_job(model, tokenizer, input_ids, out: Path, format_name: str, args, **targets) -> float:
+def cache_job(teacher, corpus, base: CacheConfig, out: Path, **targets) -> float:
+    """Seconds of one teacher job's pass and writes into a new store at ``out`` (setup not timed)."""
     shutil.rmtree(out, ignore_errors=True)
-    layout = Layout(len(input_ids), input_ids.shape[1], args.shard_size)
-    config = CacheConfig(teacher=args.teacher, data="builtin:python-docs", out=str(out), k=args.k,
-                         batch_size=args.batch_size, **targets)
-    writer = StoreWriter.open(out, header(layout, config.encoding(output_vocab_size(model)), format_name))
-    writer.save_tokenizer(tokenizer.save_pretrained)
+    job = TeacherJob(dataclasses.replace(base, out=str(out), **targets), teacher=teacher, corpus=corpus)
+    job.load()
+    job.open_stores()
     started = time.perf_counter()
-    cache_shards(model, input_ids, writer, config, torch.device("cpu"))
-    writer.finish()
+    job.write()
+    job.finish()
     return time.perf_counter() - started
 
 
@@ -99,26 +96,28 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=str(HERE / "out"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the teacher's dtype: --dtype auto)")
     args = parser.parse_args()
     work = Path(args.work)
 
-    source = resolve_source(args.teacher)
-    tokenizer = load_tokenizer(source)
-    input_ids = pack(iter_documents("builtin:python-docs"), tokenizer, args.seq_len, args.sequences).input_ids
-    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
+    base = CacheConfig(teacher=args.teacher, data="builtin:python-docs", out=str(work / "unused"), seq_len=args.seq_len,
+                       max_sequences=args.sequences, k=args.k, batch_size=args.batch_size, shard_size=args.shard_size,
+                       device=args.device, progress=False)
+    teacher = load_teacher(base)
+    corpus = pack_corpus(base, teacher.tokenizer)
+    model, device, input_ids = teacher.model, teacher.device, corpus.input_ids
     tokens = input_ids.size
     print(f"{args.teacher}: {tokens:,} tokens per pass, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
 
-    bare_forward(model, input_ids[: args.batch_size], args.batch_size)  # warm-up
+    bare_forward(model, input_ids[: args.batch_size], args.batch_size, device)  # warm-up
     seconds = {"bare": [], "zarr": [], "arrow": [], "sampled": []}
     for round_ in range(args.rounds):
         started = time.perf_counter()
-        bare_forward(model, input_ids, args.batch_size)
+        bare_forward(model, input_ids, args.batch_size, device)
         seconds["bare"].append(time.perf_counter() - started)
         for format_name in ("zarr", "arrow"):
-            seconds[format_name].append(cache_job(model, tokenizer, input_ids, work / f"job-{format_name}", format_name, args))
-        seconds["sampled"].append(cache_job(model, tokenizer, input_ids, work / "job-sampled", "zarr", args,
-                                            targets="sampled", samples=50))
+            seconds[format_name].append(cache_job(teacher, corpus, base, work / f"job-{format_name}", format=format_name))
+        seconds["sampled"].append(cache_job(teacher, corpus, base, work / "job-sampled", targets="sampled", samples=50))
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
     ratios = {m: statistics.median(s / b for s, b in zip(seconds[m], seconds["bare"])) for m in ("zarr", "arrow", "sampled")}
 
@@ -134,9 +133,11 @@ def main() -> None:
                         "write_tokens_per_s": tokens / write_seconds, "read_tokens_per_s": read_throughput(out)})
         print(storage[-1], flush=True)
 
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}, Python {platform.python_version()}",
+        "device": device.type,
+        "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
         "teacher": args.teacher, "tokens_per_pass": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "k": args.k, "rounds": args.rounds, "seconds": seconds,
         "median_seconds": {m: statistics.median(s) for m, s in seconds.items()},
@@ -155,13 +156,15 @@ def _codec_name(codec: dict) -> str:
 def write_report(results: dict) -> None:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "cache_job.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "cache_job" if results.get("device", "cpu") == "cpu" else f"cache_job_{results['device']}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     med = results["median_seconds"]
     tokens = results["tokens_per_pass"]
     lines = [
         "# Teacher job vs bare teacher forward",
         "",
-        f"Teacher {results['teacher']} on CPU ({results['machine']}); {tokens:,} tokens per pass "
+        f"Teacher {results['teacher']} on {results.get('device', 'cpu').upper()} ({results['machine']}); "
+        f"{tokens:,} tokens per pass "
         f"(seq_len {results['seq_len']}, batch {results['batch_size']}, k {results['k']}), "
         f"{results['rounds']} interleaved rounds, medians. Produced by `python benchmarks/cache_job.py`.",
         "",
@@ -185,7 +188,7 @@ def write_report(results: dict) -> None:
         lines.append(f"| {row['format']} | {_codec_name(row['codec'])} | {row['bytes_per_token']:.1f} | "
                      f"{row['write_tokens_per_s']:,.0f} | {row['read_tokens_per_s']:,.0f} |")
     lines += ["", "Every target kind and encoding, with its fidelity: [encodings.md](encodings.md).", ""]
-    (out / "cache_job.md").write_text("\n".join(lines))
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from softcache.corpus import iter_documents, pack
+from softcache.cache_job import load_teacher, pack_corpus
+from softcache.config import CacheConfig
 from softcache.data import StoreDataset
 from softcache.store import Encoding, Layout, StoreWriter, open_store
 from softcache.store.encoding import encode
 from softcache.store.registry import storage_section
 from softcache.targets import extract_targets, sampled_targets, sequence_seed
-from softcache.teacher import load_model, load_tokenizer, output_vocab_size, resolve_source
 
 HERE = Path(__file__).parent
 TOPK = (16, 64, 128)
@@ -140,12 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
 
-    source = resolve_source(args.teacher)
-    tokenizer = load_tokenizer(source)
-    input_ids = pack(iter_documents("builtin:python-docs"), tokenizer, args.seq_len, args.sequences).input_ids
-    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
-    vocab = output_vocab_size(model)
-    data = teacher_targets(model, input_ids, args.batch_size)
+    setup = CacheConfig(teacher=args.teacher, data="builtin:python-docs", out=str(work / "unused"),
+                        seq_len=args.seq_len, max_sequences=args.sequences, device="cpu", progress=False)
+    teacher = load_teacher(setup)  # the teacher job's own loading and packing
+    input_ids = pack_corpus(setup, teacher.tokenizer).input_ids
+    vocab = teacher.vocab_size
+    data = teacher_targets(teacher.model, input_ids, args.batch_size)
 
     rows = []
     for name, encoding, targets in variants(data, vocab):

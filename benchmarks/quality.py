@@ -12,7 +12,7 @@ batches and the same number of steps:
 KD variants use alpha = 0.5 (half KD, half CE on the true tokens), the online one too. Every row
 is trained with the first seed; the rows in SEEDED again with each further seed (another
 initialisation and batch order), and each seed's gap is measured against its own ce and online
-runs. The training stores are written by one teacher pass (softcache.cache_job.cache_many: the
+runs. The training stores are written by one teacher pass (softcache.cache_job.TeacherJob: the
 same code as `softcache cache`, one forward per batch for all of them) with the default encodings;
 stores already there are reused, and every pass is reported. Reported: held-out CE, the fraction
 of the CE-to-online gap each variant closes, ECE, KL to the teacher's top-64 and top-1 agreement
@@ -38,20 +38,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from softcache.cache_job import cache_many, run_cache, store_header
+from softcache.cache_job import TeacherJob, run_cache
 from softcache.config import CacheConfig, TrainConfig
-from softcache.corpus import iter_documents, pack
 from softcache.data import StoreDataset
 from softcache.demo import STUDENT
 from softcache.evaluate import evaluate
 from softcache.optim import adamw, warmup_cosine
-from softcache.store import Layout, StoreWriter, open_store
+from softcache.store import open_store
 from softcache.student import build_student
-from softcache.teacher import identity, load_model, load_tokenizer, output_vocab_size, resolve_source
+from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
 
 HERE = Path(__file__).parent
@@ -82,25 +80,9 @@ def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int |
                        and open_store(config.out, allow_incomplete=True).complete)}
     if not missing:
         return passes
-    source = resolve_source("builtin:smollm2")
-    tokenizer = load_tokenizer(source)
-    corpus = pack(iter_documents("builtin:python-docs", split="train"), tokenizer, seq_len, max_sequences,
-                  source="builtin:python-docs")
-    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
-    vocab = output_vocab_size(model)
-    layout = Layout(len(corpus.input_ids), seq_len, 256)
-    jobs = []
-    for config in missing.values():
-        header = store_header(config, layout, config.encoding(vocab), identity(source, model, torch.float32),
-                              tokenizer, vocab, corpus.describe())
-        writer = StoreWriter.open(config.out, header)
-        writer.save_tokenizer(tokenizer.save_pretrained)
-        jobs.append((writer, config))
-    started = time.perf_counter()
-    cache_many(model, corpus.input_ids, jobs, batch_size, torch.device("cpu"))
-    seconds = time.perf_counter() - started
-    for writer, _ in jobs:
-        writer.finish()
+    job = TeacherJob(list(missing.values()))  # what `softcache cache` runs, for several stores at once
+    job.run()
+    seconds = job.seconds  # the teacher pass and the writes, not loading
     passes.append({"stores": list(missing), "seconds": seconds})
     record.write_text(json.dumps(passes))
     return passes

@@ -5,8 +5,8 @@ Same student (benchmarks/configs/student-30m.json, vocab 49,152), same batches f
 mode back to back:
   ce -- input_ids from the store, ``model(input_ids, labels=labels).loss`` (what a user runs without
         softcache), backward, AdamW step;
-  kd -- the full batch from the store, ``distillation_loss`` (forward KL, tail bucket) with alpha 0.5,
-        backward, AdamW step.
+  kd -- the full batch from the store, the student job's loss (``DistillationLoss``: forward KL, tail
+        bucket) with alpha 0.5, backward, AdamW step.
 Medians over rounds of the per-round mean step time. Then the reader alone: StoreDataset batches
 per second for each format and DataLoader worker count, in tokens/s, against what the KD step consumes.
 
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache.data import StoreDataset
-from softcache.losses import distillation_loss
+from softcache.losses import DistillationLoss
 from softcache.optim import adamw
 from softcache.store import open_store
 from softcache.student import build_student
@@ -50,9 +50,11 @@ def ce_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+KD_LOSS = DistillationLoss("fkl", "bucket")
+
+
 def kd_step(model, optimizer, batch) -> None:
-    logits = model(input_ids=batch["input_ids"]).logits
-    kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"], batch["labels"])
+    kd, ce = KD_LOSS(model(input_ids=batch["input_ids"]).logits, batch)
     (0.5 * kd / batch["mask"].sum().clamp_min(1) + 0.5 * ce / (batch["labels"] >= 0).sum().clamp_min(1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,14 +1,19 @@
 """The teacher job: run a causal LM over a corpus once and store its next-token distributions.
 
-Reads top to bottom: resolve the teacher, pack the corpus, open (or resume) the store, run the
-teacher shard by shard with writes overlapped in the background, write the manifest last.
+:class:`TeacherJob` reads as its steps: load the teacher (:func:`load_teacher`), pack the corpus
+(:func:`pack_corpus`), open (or resume) each store, run the teacher shard by shard with the writes
+overlapped in the background, and finish each store with its manifest written last. One job can
+write several stores from one teacher pass (same teacher and corpus, other targets or formats);
+``run_cache`` and ``cache_many`` are its one-call forms, and the benchmarks build the same object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,28 +21,26 @@ import torch
 
 from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
-from softcache.corpus import iter_documents, pack
+from softcache.corpus import PackedCorpus, iter_documents, pack
 from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
-from softcache.store import Encoding, Layout, StoreWriter
+from softcache.logs import note, notes
+from softcache.models import max_positions, output_vocab, resolve_device, resolve_dtype
+from softcache.store import Layout, StoreWriter
+from softcache.store.manifest import CorpusSection, TeacherSection, TokenizerSection
 from softcache.store.registry import storage_section
-from softcache.targets import extract_targets, sampled_targets, sequence_seed, topp_targets
-from softcache.teacher import (
-    identity,
-    load_model,
-    load_tokenizer,
-    max_positions,
-    output_vocab_size,
-    resolve_device,
-    resolve_dtype,
-    resolve_source,
-    tokenizer_fingerprint,
-)
+from softcache.teacher import TeacherSource, identity, load_model, load_tokenizer, resolve_source
+from softcache.tokenizer import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+# Settings every store of one teacher pass shares (the rest describe each store's own targets and files).
+PASS_SETTINGS = ("teacher", "gguf_file", "data", "text_column", "split", "seq_len", "max_sequences", "batch_size",
+                 "shard_size", "device", "dtype")
 
 
 @dataclass
 class CacheResult:
-    """What a teacher job did; ``summary()`` is its one-line report."""
+    """What a teacher job did for one store; ``summary()`` is its one-line report."""
 
     manifest: dict
     out: str
@@ -59,6 +62,157 @@ class CacheResult:
         )
 
 
+@dataclass
+class Teacher:
+    """A loaded teacher: the model in eval mode on its device, its tokenizer and what it is."""
+
+    source: TeacherSource
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    identity: TeacherSection
+    vocab_size: int
+    """Logits per position."""
+
+
+def load_teacher(config: CacheConfig, ranks: Ranks = Ranks(), tokenizer=None) -> Teacher:
+    """Resolve ``--teacher``/``--device``/``--dtype`` and load the model (and its tokenizer, unless
+    given) on this rank's device."""
+    source = resolve_source(config.teacher, config.gguf_file)
+    device = ranks.device(resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, device)
+    note(ranks, f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})"
+         + (f", {ranks.world} ranks" if ranks.world > 1 else ""))
+    tokenizer = tokenizer or load_tokenizer(source)
+    model = load_model(source, device, dtype, config.progress and ranks.main)
+    return Teacher(source, model, tokenizer, device, identity(source, model, dtype), output_vocab(model))
+
+
+def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> PackedCorpus:
+    """``--data`` read, tokenized with the teacher's tokenizer and packed into ``--seq-len`` sequences."""
+    corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer, config.seq_len,
+                  config.max_sequences, source=config.data)
+    note(ranks, f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
+                f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
+    return corpus
+
+
+class TeacherJob:
+    """One teacher pass writing one or more stores; ``run()`` does every step in order.
+
+    Args:
+        configs: one :class:`CacheConfig` per store; they must agree on ``PASS_SETTINGS``.
+        ranks: this process's place in a torchrun job (rank 0 creates and finishes the stores; each
+            rank writes the shards whose index is its rank modulo the world size).
+        teacher, corpus: already loaded ones to reuse (a benchmark timing several jobs); loaded
+            from the first config when None.
+    """
+
+    def __init__(self, configs: CacheConfig | Sequence[CacheConfig], ranks: Ranks = Ranks(),
+                 teacher: Teacher | None = None, corpus: PackedCorpus | None = None):
+        self.configs = [configs] if isinstance(configs, CacheConfig) else list(configs)
+        if not self.configs:
+            raise ValueError("a teacher job needs at least one store")
+        for config in self.configs:
+            config.validate()
+        first = self.configs[0]
+        for config in self.configs[1:]:
+            differing = [name for name in PASS_SETTINGS if getattr(config, name) != getattr(first, name)]
+            if differing:
+                raise SoftcacheError(f"stores written by one teacher pass must share {', '.join(differing)}; "
+                                     f"{config.out} differs from {first.out}")
+        outs = [config.out for config in self.configs]
+        if len(set(outs)) != len(outs):
+            raise SoftcacheError("two stores of one teacher pass have the same --out")
+        self.ranks = ranks
+        self.teacher = teacher
+        self.corpus = corpus
+        self.writers: list[StoreWriter] = []
+        self.seconds = 0.0
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the teacher and pack the corpus (unless given), and check the settings against them."""
+        first = self.configs[0]
+        if self.corpus is None:  # before the model: a bad --data fails in seconds
+            tokenizer = self.teacher.tokenizer if self.teacher else load_tokenizer(resolve_source(first.teacher,
+                                                                                                  first.gguf_file))
+            self.corpus = pack_corpus(first, tokenizer, self.ranks)
+        if self.teacher is None:
+            self.teacher = load_teacher(first, self.ranks, tokenizer)
+        for config in self.configs:
+            targets = config.targets_section()
+            if problem := targets.spec.check(targets, self.teacher.vocab_size):
+                raise SoftcacheError(problem)
+        if (limit := max_positions(self.teacher.model)) is not None and first.seq_len > limit:
+            raise SoftcacheError(f"--seq-len {first.seq_len} exceeds the teacher's {limit:,} positions")
+
+    def open_stores(self) -> None:
+        """Create or resume each store (rank 0; the other ranks join once it has)."""
+        layout = Layout(len(self.corpus.input_ids), self.configs[0].seq_len, self.configs[0].shard_size)
+        for config in self.configs:
+            header = store_header(config, layout, self.teacher, self.corpus)
+
+            def create(config=config, header=header) -> StoreWriter:
+                writer = StoreWriter.open(config.out, header)
+                if not writer.complete:
+                    writer.save_tokenizer(self.teacher.tokenizer.save_pretrained)
+                return writer
+
+            self.writers.append(on_main(self.ranks, create) or StoreWriter.open(config.out, header, join=True))
+        for writer, config in zip(self.writers, self.configs):
+            done = writer.layout.num_shards - len(writer.pending)
+            if not writer.complete and done:
+                where = f"{config.out}: " if len(self.configs) > 1 else ""
+                note(self.ranks, f"{where}resuming: {done} of {writer.layout.num_shards} shards already written")
+
+    def write(self, on_batch=None) -> None:
+        """The teacher loop over this rank's pending shards of every store still open."""
+        jobs = [(w, c) for w, c in zip(self.writers, self.configs) if not w.complete]
+        if not jobs:
+            return
+        mine = [i for i in sorted(set().union(*(w.pending for w, _ in jobs))) if i % self.ranks.world == self.ranks.rank]
+        layout = jobs[0][0].layout
+        total = sum(layout.shard_bounds(i)[1] for i in mine) * layout.seq_len
+        with _progress(self.configs[0], total, disable=not self.ranks.main) as bar:
+            started = time.perf_counter()
+            teacher_loop(self.teacher.model, self.corpus.input_ids, jobs, self.configs[0].batch_size,
+                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine)
+            self.seconds = time.perf_counter() - started
+        barrier(self.ranks)  # every rank's shards are durable
+
+    def finish(self) -> list[dict]:
+        """Write each store's complete manifest (rank 0) and return the manifests on every rank."""
+
+        def finish_all() -> list[dict]:
+            manifests = []
+            for writer in self.writers:
+                writer.refresh()
+                manifests.append(writer.finish())
+            return manifests
+
+        return broadcast(self.ranks, on_main(self.ranks, finish_all))
+
+    def run(self) -> list[CacheResult]:
+        """Load, open, write and finish; one :class:`CacheResult` per store."""
+        with notes(self.configs[0].progress):
+            self.load()
+            try:
+                self.open_stores()
+                started_complete = [w.complete for w in self.writers]
+                pending = [list(w.pending) for w in self.writers]
+                self.write()
+                manifests = self.finish()
+            finally:
+                for writer in self.writers:
+                    writer.release_lock()  # a job that stops early frees its stores (a killed one: see take_lock)
+        layout = self.writers[0].layout
+        return [CacheResult(manifest, config.out, sum(layout.shard_bounds(i)[1] for i in todo), self.seconds,
+                            already_complete=complete)
+                for manifest, config, todo, complete in zip(manifests, self.configs, pending, started_complete)]
+
+
 def run_cache(config: CacheConfig) -> CacheResult:
     """Run the teacher job described by ``config`` (creating or resuming ``config.out``).
 
@@ -67,79 +221,17 @@ def run_cache(config: CacheConfig) -> CacheResult:
     manifest once every rank has finished. A shard's content does not depend on the number of
     ranks, so the store's content digest does not either.
     """
-    config.validate()
+    return cache_many([config])[0]
+
+
+def cache_many(configs: Sequence[CacheConfig]) -> list[CacheResult]:
+    """Write several stores in one teacher pass (one forward per batch for all of them); see :class:`TeacherJob`."""
     with process_group("gloo") as ranks:
-        return _run_cache(config, ranks)
+        return TeacherJob(configs, ranks).run()
 
 
-def _run_cache(config: CacheConfig, ranks: Ranks) -> CacheResult:
-    log = (lambda message: _log(config, message)) if ranks.main else (lambda message: None)
-    source = resolve_source(config.teacher, config.gguf_file)
-    device = ranks.device(resolve_device(config.device))
-    dtype = resolve_dtype(config.dtype, device)
-    log(f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})"
-        + (f", {ranks.world} ranks" if ranks.world > 1 else ""))
-
-    tokenizer = load_tokenizer(source)
-    corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer,
-                  config.seq_len, config.max_sequences, source=config.data)
-    log(f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
-        f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
-
-    model = load_model(source, device, dtype, config.progress and ranks.main)
-    vocab = output_vocab_size(model)
-    if config.targets != "sampled" and config.k > vocab:
-        raise SoftcacheError(f"--k {config.k} is larger than the teacher's vocabulary ({vocab:,} ids)")
-    if (limit := max_positions(model)) is not None and config.seq_len > limit:
-        raise SoftcacheError(f"--seq-len {config.seq_len} exceeds the teacher's {limit:,} positions")
-
-    layout = Layout(len(corpus.input_ids), config.seq_len, config.shard_size)
-    encoding = config.encoding(vocab)
-    header = store_header(config, layout, encoding, identity(source, model, dtype), tokenizer, vocab, corpus.describe())
-
-    def create() -> StoreWriter:
-        writer = StoreWriter.open(config.out, header)
-        if not writer.complete:
-            writer.save_tokenizer(tokenizer.save_pretrained)
-        return writer
-
-    writer = on_main(ranks, create) or StoreWriter.open(config.out, header, join=True)
-    if writer.complete:
-        return CacheResult(writer.header, config.out, 0, 0.0, already_complete=True)
-
-    try:
-        pending = writer.pending
-        if len(pending) < layout.num_shards:
-            log(f"resuming: {layout.num_shards - len(pending)} of {layout.num_shards} shards already written")
-        mine = [index for index in pending if index % ranks.world == ranks.rank]
-        todo = sum(layout.shard_bounds(i)[1] for i in mine)
-        bar = _progress(config, total=todo * config.seq_len, disable=not ranks.main)
-        started = time.perf_counter()
-        cache_many(model, corpus.input_ids, [(writer, config)], config.batch_size, device, on_batch=bar.update,
-                   shards=mine)
-        seconds = time.perf_counter() - started
-        bar.close()
-        barrier(ranks)  # every rank's shards are durable
-
-        def finish() -> dict:
-            writer.refresh()
-            return writer.finish()
-
-        manifest = broadcast(ranks, on_main(ranks, finish))
-    finally:
-        writer.release_lock()  # a job that stops early frees the store (a killed one: see take_lock)
-    written = sum(layout.shard_bounds(i)[1] for i in pending)
-    return CacheResult(manifest, config.out, written, seconds, already_complete=False)
-
-
-def cache_shards(model, input_ids: np.ndarray, writer: StoreWriter, config: CacheConfig, device: torch.device,
-                 on_batch=None) -> None:
-    """The teacher loop for one store: :func:`cache_many` with a single job."""
-    cache_many(model, input_ids, [(writer, config)], config.batch_size, device, on_batch)
-
-
-def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
-               device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
+def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
+                 device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
@@ -149,8 +241,7 @@ def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cache
     Args:
         input_ids: the [num_sequences, seq_len] packed corpus.
         jobs: (writer, config) pairs; every writer has the same layout, and each config gives its
-            store's targets (kind, k, top_p, samples, seed, temperature). One teacher pass writes
-            every pending shard of every writer.
+            store's targets. One teacher pass writes every pending shard of every writer.
         batch_size: sequences per forward pass.
         on_batch: called with the batch's token count after each forward pass.
         shards: write only these shard indices (this rank's part of a multi-rank job).
@@ -160,10 +251,11 @@ def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cache
     pending = sorted(set().union(*(writer.pending for writer, _ in jobs)))
     if shards is not None:
         pending = sorted(set(pending) & set(shards))
+    targets = [config.targets_section() for _, config in jobs]
     with contextlib.ExitStack() as stack, torch.inference_mode():
         background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
         for index in pending:
-            wanted = [(b, config) for b, (writer, config) in zip(background, jobs) if index in writer.pending]
+            wanted = [(b, t) for b, t, (writer, _) in zip(background, targets, jobs) if index in writer.pending]
             first, count = layout.shard_bounds(index)
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
             for lo in range(first, first + count, batch_size):
@@ -172,23 +264,13 @@ def cache_many(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cache
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
                 labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
                 logits = model(input_ids=ids, use_cache=False).logits
-                for writer_thread, config in wanted:
-                    targets = extract(logits, labels, config, first_sequence=lo)
-                    writer_thread.submit(index, lo, host_ids, for_storage(targets),
-                                         -targets.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
+                for writer_thread, section in wanted:
+                    extracted = section.spec.extract(logits, labels, section, first_sequence=lo)
+                    writer_thread.submit(index, lo, host_ids, for_storage(extracted),
+                                         -extracted.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 del logits
                 if on_batch is not None:
                     on_batch(ids.numel())
-
-
-def extract(logits: torch.Tensor, labels: torch.Tensor, config: CacheConfig, first_sequence: int):
-    """The targets ``config`` asks for, of a batch whose first row is global sequence ``first_sequence``."""
-    if config.targets == "sampled":
-        seeds = [sequence_seed(config.seed, first_sequence + b) for b in range(logits.shape[0])]
-        return sampled_targets(logits, config.samples, seeds, config.temperature, labels)
-    if config.targets == "topp":
-        return topp_targets(logits, config.k, config.top_p, config.temperature, labels)
-    return extract_targets(logits, config.k, config.temperature, labels)
 
 
 def for_storage(targets) -> dict:
@@ -200,44 +282,24 @@ def for_storage(targets) -> dict:
     }
 
 
-def store_header(config: CacheConfig, layout: Layout, encoding: Encoding, teacher: dict, tokenizer, vocab: int,
-            corpus: dict) -> dict:
+def store_header(config: CacheConfig, layout: Layout, teacher: Teacher, corpus: PackedCorpus) -> dict:
     """Every manifest section except the shard table; the identity sections decide resumes."""
+    encoding = config.encoding(teacher.vocab_size)
+    tokenizer = TokenizerSection(fingerprint=tokenizer_fingerprint(teacher.tokenizer), vocab_size=teacher.vocab_size,
+                                 tokenizer_size=len(teacher.tokenizer), eos_token_id=teacher.tokenizer.eos_token_id)
+    described = CorpusSection(**corpus.describe(),
+                              text_column=None if config.data.startswith("builtin:") else config.text_column,
+                              split=config.split)
     return {
         "storage": storage_section(config.format, layout, encoding),
         "layout": layout.to_dict(),
         "encoding": encoding.to_dict(),
-        "targets": targets_section(config),
-        "teacher": teacher,
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": vocab,
-            "tokenizer_size": len(tokenizer),
-            "eos_token_id": tokenizer.eos_token_id,
-            "directory": "tokenizer",
-        },
-        "corpus": {**corpus, "text_column": None if config.data.startswith("builtin:") else config.text_column,
-                   "split": config.split},
+        "targets": config.targets_section().to_dict(),
+        "teacher": teacher.identity.to_dict(),
+        "tokenizer": tokenizer.to_dict(),
+        "corpus": described.to_dict(),
         "config": config.to_dict(),
     }
-
-
-def targets_section(config: CacheConfig) -> dict:
-    """What the targets mean: the manifest's ``targets`` section."""
-    section = {"kind": config.targets, "temperature": config.temperature,
-               "position": "entry i of a sequence is the teacher's distribution over the token after token i"}
-    if config.targets == "sampled":
-        return {**section, "samples": config.samples, "seed": config.seed,
-                "values": "count / samples estimates the teacher's probability without bias; no tail",
-                "tail": "none"}
-    section.update({"k": config.k} if config.targets == "topk" else {"k": config.k, "top_p": config.top_p})
-    return {**section, "values": "natural-log probabilities normalised over the full vocabulary",
-            "tail": "bucket: 1 - sum(exp(target_logprobs)) is the teacher's probability mass outside the stored ids"}
-
-
-def _log(config: CacheConfig, message: str) -> None:
-    if config.progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _progress(config: CacheConfig, total: int, disable: bool = False):
@@ -245,3 +307,4 @@ def _progress(config: CacheConfig, total: int, disable: bool = False):
 
     return tqdm(total=total, unit="tok", unit_scale=True, desc="teacher", disable=disable or not config.progress,
                 file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+

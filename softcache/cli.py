@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 import click
@@ -17,6 +16,7 @@ import click
 from softcache import __version__
 from softcache.config import DTYPES, CacheConfig, TrainConfig
 from softcache.errors import SoftcacheError
+from softcache.logs import show_on_stderr
 
 
 class _Group(click.Group):
@@ -52,6 +52,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     softcache eval    CE, perplexity, KL and top-1 agreement of a model on a store
     """
     ctx.obj = {"debug": debug}
+    show_on_stderr()  # the jobs' notes and warnings (softcache.logs)
 
 
 @main.command()
@@ -111,9 +112,10 @@ def cache(format_: str, **options) -> None:
           --out runs/smol-top64 --seq-len 512 --max-sequences 64
     """
     from softcache.cache_job import run_cache
+    from softcache.distributed import launched_as_main
 
     result = run_cache(CacheConfig(format=format_, **options))
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary for a torchrun job
+    if launched_as_main():  # one summary for a torchrun job
         click.echo(result.summary())
 
 
@@ -129,35 +131,33 @@ def info(store: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**opened.manifest, "summary": summary}, indent=2))
         return
-    m = opened.manifest
-    teacher, targets = m["teacher"], m["targets"]
+    m, teacher, targets, encoding = opened.manifest, opened.teacher, opened.targets, opened.encoding
     state = "complete" if opened.complete else (
         f"INCOMPLETE: {len(opened.shards)} of {opened.layout.num_shards} "
         "shards written; rerun its softcache cache command to finish it")
     rows = [
-        ("store", lambda: f"{store} ({m['storage']['format']}, format v{m['format_version']}, "
+        ("store", lambda: f"{store} ({opened.storage.format}, format v{m['format_version']}, "
                           f"softcache {m.get('softcache_version')})"),
         ("state", lambda: state),
-        ("teacher", lambda: f"{teacher['name']}" + (f" [{teacher['gguf_file']}]" if teacher.get("gguf_file") else "")
-         + f" ({teacher['architecture']}, {teacher['parameters']:,} parameters, {teacher['dtype']})"),
-        ("tokenizer", lambda: f"vocab {m['tokenizer']['vocab_size']:,}, fingerprint {m['tokenizer']['fingerprint'][:16]}"),
-        ("targets", lambda: f"{_describe_targets(targets)} at temperature {targets['temperature']:g} "
-                            f"(ids {m['encoding']['ids']}, values {m['encoding']['values']}, "
-                            f"codec {_codec(m['storage'])})"),
+        ("teacher", lambda: teacher.name + (f" [{teacher.gguf_file}]" if teacher.gguf_file else "")
+         + f" ({teacher.architecture}, {teacher.parameters:,} parameters, {teacher.dtype})"),
+        ("tokenizer", lambda: f"vocab {opened.tokenizer.vocab_size:,}, fingerprint {opened.tokenizer.fingerprint[:16]}"),
+        ("targets", lambda: f"{targets.describe()} at temperature {targets.temperature:g} "
+                            f"(ids {encoding.ids}, values {encoding.values}, codec {_codec(opened.storage.codec)})"),
         ("sequences", lambda: f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x "
                               f"{opened.layout.seq_len} tokens = {summary['tokens']:,} tokens"),
         ("shards", lambda: f"{len(opened.shards)} of {opened.layout.num_shards} "
                            f"({opened.layout.shard_size} sequences each)"),
         ("size", lambda: f"{summary['data_bytes'] / 1e6:,.2f} MB, {summary['bytes_per_token']:.1f} bytes/token"),
-        ("corpus", lambda: f"{m['corpus']['source']}, {m['corpus']['documents']:,} documents, "
-                           f"fingerprint {m['corpus']['fingerprint'][:16]}"),
+        ("corpus", lambda: f"{opened.corpus.source}, {opened.corpus.documents:,} documents, "
+                           f"fingerprint {opened.corpus.fingerprint[:16]}"),
     ]
     rows = [(name, _or_not_recorded(describe)) for name, describe in rows]
-    if "teacher_ce" in m.get("totals", {}):
-        ce = m["totals"]["teacher_ce"]
+    if opened.totals is not None and opened.totals.teacher_ce is not None:
+        ce = opened.totals.teacher_ce
         rows.append(("teacher CE", f"{ce:.4f} nats per token on this corpus (perplexity {math.exp(ce):.2f})"))
-    if "totals" in m:
-        rows.append(("content", f"sha256 {m['totals']['content_sha256']}"))
+    if opened.totals is not None:
+        rows.append(("content", f"sha256 {opened.totals.content_sha256}"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
@@ -179,16 +179,8 @@ def _or_not_recorded(describe) -> str:
         return "(not recorded in the manifest)"
 
 
-def _describe_targets(targets: dict) -> str:
-    if targets["kind"] == "sampled":
-        return f"{targets['samples']} sampled draws (unique ids with counts, seed {targets['seed']})"
-    if targets["kind"] == "topp":
-        return f"top-p {targets['top_p']:g} (at most {targets['k']} ids) log-probs"
-    return f"top-{targets['k']} log-probs"
-
-
-def _codec(storage: dict) -> str:
-    codec = storage.get("codec", {"name": "none"})
+def _codec(codec: dict | None) -> str:
+    codec = codec or {"name": "none"}
     name = codec["name"] + (f"-{codec['cname']}" if "cname" in codec else "")
     return name + (f"-{codec['level']}" if "level" in codec else "") + ("+shuffle" if codec.get("shuffle") else "")
 
@@ -315,7 +307,7 @@ def eval_(model_path: str, store: str, batch_size: int, max_sequences: int | Non
     from softcache.evaluate import evaluate
     from softcache.store import open_store
     from softcache.student import build_student, check_compatible
-    from softcache.teacher import resolve_device
+    from softcache.models import resolve_device
 
     if batch_size < 1 or (max_sequences is not None and max_sequences < 1):
         raise SoftcacheError("--batch-size and --max-sequences must be at least 1")
@@ -324,7 +316,7 @@ def eval_(model_path: str, store: str, batch_size: int, max_sequences: int | Non
     check_compatible(model, opened, model_path, allow_tokenizer_mismatch=False)
     target = resolve_device(device)
     metrics = evaluate(model.to(target), store, stop=max_sequences, batch_size=batch_size, device=target,
-                       temperature=opened.manifest["targets"]["temperature"],
+                       temperature=opened.targets.temperature,
                        autocast_dtype=torch.bfloat16 if target.type == "cuda" else None)
     if as_json:
         click.echo(json.dumps(metrics))

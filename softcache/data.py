@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
+from softcache.distributed import environment
 from softcache.store import open_store
 
 
@@ -63,16 +64,6 @@ class ReaderState:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def environment() -> tuple[int, int, int, int]:
-    """(rank, world size, worker id, workers): the one place that reads the process's environment."""
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank, world, worker, workers
 
 
 class StoreDataset(IterableDataset):

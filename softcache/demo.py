@@ -12,17 +12,19 @@ Everything lands in one run directory; a rerun reuses the stores and the finishe
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softcache.cache_job import run_cache
 from softcache.config import CacheConfig, TrainConfig
 from softcache.errors import SoftcacheError
+from softcache.logs import notes
 from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
 
+log = logging.getLogger(__name__)
 # A ~16 M-parameter Llama (12.6 M of it the tied 49,152 x 256 embedding): small enough to train in
 # minutes on two CPU cores, big enough to learn something from 100k tokens.
 STUDENT = {
@@ -58,7 +60,7 @@ class DemoResult:
     out: Path
     rows: list[dict]
     bytes_per_token: float
-    targets: str = "top-64 ids and log-probabilities"
+    targets: str = "top-64 log-probs"
 
     def table(self) -> str:
         lines = ["| model | held-out CE (nats/token) | perplexity | KL to teacher | top-1 agreement | train time |",
@@ -74,37 +76,42 @@ class DemoResult:
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
+    """Both teacher jobs, both students and the report; notes are logged unless ``progress`` is off."""
+    with notes(config.progress):
+        return _run(config)
+
+
+def _run(config: DemoConfig) -> DemoResult:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise SoftcacheError(f"--out {out} is a file; give a directory for the demo")
     stores, names = {}, {"train": f"store-train-{config.targets}", "heldout": "store-heldout"}
     for split in ("train", "heldout"):
-        _log(config, f"== teacher job: {config.teacher} over builtin:python-docs ({split} topics)")
+        log.info(f"== teacher job: {config.teacher} over builtin:python-docs ({split} topics)")
         targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {}
         result = run_cache(CacheConfig(teacher=config.teacher, data="builtin:python-docs", split=split,
                                        out=str(out / names[split]), seq_len=config.seq_len, k=config.k,
                                        batch_size=8, progress=config.progress, **targets))
-        _log(config, result.summary())
+        log.info(result.summary())
         stores[split] = open_store(out / names[split])
     student = out / "student.json"
     student.write_text(json.dumps(STUDENT, indent=2) + "\n")
 
-    rows = [{"model": f"teacher ({config.teacher})", "ce": stores["heldout"].manifest["totals"]["teacher_ce"]}]
+    rows = [{"model": f"teacher ({config.teacher})", "ce": stores["heldout"].totals.teacher_ce}]
     for name, alpha in (("student, cross-entropy only", 0.0), ("student, distilled from the store", config.alpha)):
         run_dir = out / ("student-ce" if alpha == 0 else f"student-kd-{config.targets}")
-        _log(config, f"== {name} ({config.steps} steps)")
+        log.info(f"== {name} ({config.steps} steps)")
         train = TrainConfig(store=str(out / names["train"]), student=str(student), out=str(run_dir), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, alpha=alpha, seed=config.seed,
                             eval_store=str(out / "store-heldout"), checkpoint_every=50, num_workers=0,
                             progress=config.progress, resume=(run_dir / "config.json").exists())
         if (run_dir / "final").is_dir() and _finished(run_dir, train):
-            _log(config, f"{run_dir} is already trained; reusing it")
+            log.info(f"{run_dir} is already trained; reusing it")
         else:
-            _log(config, run_train(train).summary())
+            log.info(run_train(train).summary())
         rows.append({"model": name, **_final_eval(run_dir)})
-    described = (f"{config.samples} sampled draws per position, unique ids with counts" if config.targets == "sampled"
-                 else f"top-{config.k} ids and log-probabilities")
-    result = DemoResult(out, rows, stores["train"].manifest["totals"]["bytes_per_token"], described)
+    train = stores["train"]
+    result = DemoResult(out, rows, train.totals.bytes_per_token, train.targets.describe())
     (out / "report.md").write_text(_report(config, result))
     return result
 
@@ -137,8 +144,3 @@ def _report(config: DemoConfig, result: DemoResult) -> str:
         result.table(),
         "",
     ])
-
-
-def _log(config: DemoConfig, message: str) -> None:
-    if config.progress:
-        print(message, file=sys.stderr, flush=True)

@@ -2,7 +2,9 @@
 
 Jobs launched with ``torchrun --nproc-per-node N -m softcache ...`` see ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK`` in their environment; :func:`process_group` joins torch.distributed's group then and
-is a no-op otherwise, so a single process needs nothing set up.
+is a no-op otherwise, so a single process needs nothing set up. This module is the one place that
+reads where a process stands: the launcher's environment (:func:`process_group`) and, inside a
+DataLoader worker, the rank and worker ids (:func:`environment`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import get_worker_info
 
 from softcache.errors import SoftcacheError
 
@@ -41,18 +44,36 @@ class Ranks:
 def process_group(backend: str):
     """Join torchrun's process group (``backend``: gloo or nccl) when launched with WORLD_SIZE > 1;
     yield this process's :class:`Ranks`. The group is left when the block ends."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield Ranks()
         return
     if dist.is_initialized():  # the caller already joined: use its group, leave it alone
-        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        yield _joined()
         return
     dist.init_process_group(backend=backend)
     try:
-        yield Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        yield _joined()
     finally:
         dist.destroy_process_group()
+
+
+def launched_as_main() -> bool:
+    """Whether this process is rank 0 of its launch (True outside torchrun), without joining a group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _joined() -> Ranks:
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def environment() -> tuple[int, int, int, int]:
+    """(rank, world size, DataLoader worker id, workers) of the calling process or loader worker."""
+    rank, world = 0, 1
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank, world, worker, workers
 
 
 def barrier(ranks: Ranks) -> None:

@@ -26,13 +26,12 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     Returns a dict: ``ce`` (nats per token), ``perplexity``, ``kl`` (nats per position), ``top1_agreement``
     (fraction of positions where the student's most likely token is the teacher's), ``ece`` (expected
     calibration error: sum over bins of |accuracy - confidence| weighted by the bin's share), ``tokens``.
-    ``tail``: how KL treats the mass outside the stored ids (default: the store's own, see
-    :func:`softcache.losses.store_tail`).
+    ``tail``: how KL treats the mass outside the stored ids (default: the default of the store's
+    target kind, softcache.kinds).
     """
-    from softcache.losses import store_tail
     from softcache.store import open_store
 
-    tail = tail or store_tail(open_store(store).manifest)
+    tail = tail or open_store(store).targets.spec.default_tail
     was_training = model.training
     model.eval()
     device = torch.device(device)

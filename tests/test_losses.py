@@ -303,3 +303,34 @@ def test_linear_loss_equals_the_loss_on_materialised_logits(kind, tail, temperat
     grads_ref = torch.autograd.grad(0.3 * kd_ref + 0.7 * ce_ref, (hidden, weight))
     for got, want in zip(grads, grads_ref):  # the fused paths work in float32 chunks
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_loss_object_is_the_loss_functions_behind_one_call(kind):
+    """DistillationLoss(settings)(output, batch): logits and Projected(hidden, weight) give the values
+    and gradients of distillation_loss and linear_distillation_loss with the same settings."""
+    from softcache.losses import DistillationLoss, Projected, linear_distillation_loss
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(2, 4, V, generator=g, dtype=torch.float64) * 2, -1).topk(5, dim=-1)
+    labels = torch.randint(0, V, (2, 4), generator=g)
+    labels[:, -1] = -100
+    batch = {"target_ids": teacher.indices, "target_logprobs": teacher.values,
+             "mask": torch.tensor([[True] * 4, [True, True, False, False]]), "labels": labels}
+    loss = DistillationLoss(kind, "bucket", temperature=1.5, beta=0.3, chunk_tokens=3)
+    settings = (kind, "bucket", 1.5, 0.3, 3)
+    args = (batch["target_ids"], batch["target_logprobs"], batch["mask"], labels)
+    logits = hidden @ weight.T
+    for got, want in ((loss(logits, batch), distillation_loss(logits, *args, *settings)),
+                      (loss(Projected(hidden, weight), batch), linear_distillation_loss(hidden, weight, *args, *settings))):
+        torch.testing.assert_close(got, want)
+        grads = torch.autograd.grad(got[0] + got[1], (hidden, weight), retain_graph=True)
+        grads_ref = torch.autograd.grad(want[0] + want[1], (hidden, weight), retain_graph=True)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="unknown tail"):
+        DistillationLoss("fkl", "drop")
+    with pytest.raises(ValueError, match="beta"):
+        DistillationLoss("jsd", beta=1.0)

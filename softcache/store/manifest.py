@@ -122,9 +122,6 @@ class TargetsSection(Section):
         section = super().from_dict(data, where)
         if section.kind not in TARGET_KINDS:
             raise StoreError(f"{where}.kind is {section.kind!r}, not one of {', '.join(TARGET_KINDS)}")
-        missing = [name for name in section.spec.fields if getattr(section, name) is None]
-        if missing:
-            raise StoreError(f"{where} of kind {section.kind} lacks {', '.join(missing)}")
         if not section.temperature > 0:
             raise StoreError(f"{where}.temperature is {section.temperature}, not greater than 0")
         return section
@@ -257,6 +254,18 @@ def read_manifest(root: Path) -> dict:
     if missing:
         raise StoreError(f"{path} lacks required fields: {', '.join(missing)}")
     return manifest
+
+
+SECTIONS = {"storage": StorageSection, "targets": TargetsSection, "teacher": TeacherSection,
+            "tokenizer": TokenizerSection, "corpus": CorpusSection}
+
+
+def read_sections(manifest: dict, path: Path) -> dict:
+    """The manifest's typed sections by name (``totals``: None before the store is complete); raises
+    :class:`StoreError` naming ``path`` and the field when one is missing or has the wrong type."""
+    sections = {name: cls.from_dict(manifest[name], f"{path}: {name}") for name, cls in SECTIONS.items()}
+    sections["totals"] = Totals.from_dict(manifest["totals"], f"{path}: totals") if "totals" in manifest else None
+    return sections
 
 
 def identity_differences(existing: dict, wanted: dict) -> list[str]:

@@ -15,7 +15,19 @@ from softcache.errors import StoreError
 from softcache.store.encoding import Encoding, concat, decode, take
 from softcache.store.files import check_file
 from softcache.store.layout import Layout
-from softcache.store.manifest import MANIFEST, TOKENIZER_DIR, read_manifest, read_progress
+from softcache.store.manifest import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    CorpusSection,
+    StorageSection,
+    TargetsSection,
+    TeacherSection,
+    TokenizerSection,
+    Totals,
+    read_manifest,
+    read_progress,
+    read_sections,
+)
 from softcache.store.registry import make_format
 from softcache.store.remote import Remote, is_remote
 
@@ -43,6 +55,15 @@ class Store:
         self.layout = Layout.from_dict(self.manifest["layout"])
         self.encoding = Encoding.from_dict(self.manifest["encoding"])
         self.format = make_format(self.manifest["storage"])
+        sections = read_sections(self.manifest, self.root / MANIFEST)
+        self.targets: TargetsSection = sections["targets"]
+        """What the targets are (``store.targets.kind``, ``.temperature``, ``.spec``: softcache.kinds)."""
+        self.teacher: TeacherSection = sections["teacher"]
+        self.tokenizer: TokenizerSection = sections["tokenizer"]
+        self.corpus: CorpusSection = sections["corpus"]
+        self.storage: StorageSection = sections["storage"]
+        self.totals: Totals | None = sections["totals"]
+        """Sums over the shards; None until the store is complete."""
         self.cached_shards = cached_shards
         if self.manifest["complete"]:
             self.shards = list(self.manifest["shards"])
