@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from softcache import __version__
 from softcache.errors import StoreError
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
 from softcache.store.encoding import Encoding, num_rows
@@ -36,6 +35,7 @@ from softcache.store.manifest import (
 )
 from softcache.store.registry import make_format
 from softcache.store.remote import Remote, is_remote
+from softcache.version import __version__
 
 
 class StoreWriter:
