@@ -10,7 +10,7 @@ import pytest
 from softcache import StoreError, open_store
 from softcache.store import FORMATS, Encoding, Layout, StoreWriter, id_dtype_for
 from softcache.store.convert import convert_store
-from softcache.store.encoding import encode
+from softcache.store.encoding import Ragged, encode
 from softcache.store.registry import storage_section
 
 
@@ -87,6 +87,23 @@ def test_roundtrip(tmp_path, format_name, vocab):
     with pytest.raises(IndexError):
         store.read(10, 12)
     assert store.verify() == []
+
+
+@pytest.mark.parametrize("format_name", sorted(FORMATS))
+def test_readers_return_the_columns_written(tmp_path, format_name):
+    layout = Layout(5, 4, 5)
+    encoding = Encoding("topp", 3, 70000, ids="bitpack", values="log8")
+    writer = StoreWriter.open(tmp_path / "s", header(layout, encoding, format_name))
+    columns = encode(encoding, **random_targets(5, 4, encoding, seed=0))
+    writer.write_shard(0, columns)
+    writer.finish()
+    read = open_store(tmp_path / "s").shard_columns(0)
+    assert list(read) == list(encoding.columns)
+    for name, value in columns.items():
+        assert isinstance(read[name], Ragged) == isinstance(value, Ragged), name
+        for got, want in zip(read[name], value) if isinstance(value, Ragged) else [(read[name], value)]:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want)
 
 
 def test_extreme_ids_roundtrip(tmp_path):

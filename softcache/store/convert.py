@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
+from softcache.store.encoding import Ragged
 from softcache.store.reader import open_store
 from softcache.store.registry import storage_section
 from softcache.store.writer import StoreWriter, derived_header
@@ -37,7 +38,7 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
         if store.tokenizer_path.is_dir():
             writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
         for index in writer.pending:
-            columns = {name: tuple(np.ascontiguousarray(a) for a in value) if isinstance(value, tuple)
+            columns = {name: Ragged(*map(np.ascontiguousarray, value)) if isinstance(value, Ragged)
                        else np.ascontiguousarray(value) for name, value in store.shard_columns(index).items()}
             writer.write_shard(index, columns, teacher_nll=store.shards[index].get("teacher_nll"))
             if on_shard is not None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from softcache.store.encoding import Ragged
+
 TMP_MARK = ".tmp-"
 _HASH_BLOCK = 1 << 22
 
@@ -89,7 +91,7 @@ def content_sha256(columns: dict) -> str:
     digest = hashlib.sha256()
     for name, value in columns.items():
         digest.update(name.encode())
-        for array in value if isinstance(value, tuple) else (value,):
+        for array in value if isinstance(value, Ragged) else (value,):
             digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
     return digest.hexdigest()
 

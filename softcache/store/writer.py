@@ -20,7 +20,7 @@ import numpy as np
 
 from softcache.errors import StoreError
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
-from softcache.store.encoding import Encoding, num_rows
+from softcache.store.encoding import Encoding, Ragged, num_rows
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
@@ -170,12 +170,12 @@ class StoreWriter:
         assert num_rows(columns) == count, f"{num_rows(columns)} sequences for a shard of {count}"
         for name in self.encoding.columns:
             value = columns[name]
-            array = value[0] if isinstance(value, tuple) else value
+            array = value.values if isinstance(value, Ragged) else value
             assert array.dtype == self.encoding.dtype(name), f"{name}: {array.dtype} != {self.encoding.dtype(name)}"
-            if not isinstance(value, tuple):
-                assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
+            if isinstance(value, Ragged):
+                assert len(value.offsets) == count + 1 and value.offsets[-1] == len(value.values), f"{name}: bad offsets"
             else:
-                assert len(value[1]) == count + 1 and value[1][-1] == len(value[0]), f"{name}: bad offsets"
+                assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
 
     def release_lock(self) -> None:
         """Give up the writer lock if this process holds it (a job that stops without finishing)."""
