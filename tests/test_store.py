@@ -219,6 +219,36 @@ def test_convert_roundtrip(tmp_path, source_format, dest_format):
     assert b.verify() == [] and c.verify() == []
 
 
+def test_leaving_the_writer_block_frees_the_lock_also_on_an_error(tmp_path):
+    layout, encoding = make(4, 4, 3, 2)
+    root = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="the teacher crashed"):
+        with StoreWriter.open(root, header(layout, encoding, "zarr")) as writer:
+            assert (root / "writer.lock").is_file()
+            writer.write_shard(0, encode(encoding, **random_targets(2, layout.seq_len, encoding, seed=0)))
+            raise RuntimeError("the teacher crashed")
+    assert not (root / "writer.lock").exists()
+    with StoreWriter.open(root, header(layout, encoding, "zarr")) as writer:
+        assert writer.pending == [1]
+    assert not (root / "writer.lock").exists()  # left without finishing, and without an error
+
+
+def test_an_interrupted_conversion_frees_dest_and_resumes(tmp_path):
+    layout, encoding = make(7, 5, 4, 3)
+    write_store(tmp_path / "a", "zarr", layout, encoding)
+
+    def stop_after_first(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(tmp_path / "a", tmp_path / "b", "arrow", on_shard=stop_after_first)
+    assert not (tmp_path / "b" / "writer.lock").exists() and (tmp_path / "b" / "progress").is_dir()
+    done = []
+    convert_store(tmp_path / "a", tmp_path / "b", "arrow", on_shard=done.append)
+    assert done == [1, 2] and open_store(tmp_path / "b").verify() == []
+
+
 def test_manifest_problems_are_one_clear_error(tmp_path):
     layout, encoding = make(4, 4, 3, 2)
     write_store(tmp_path / "s", "zarr", layout, encoding)

@@ -31,10 +31,9 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
         storage=storage_section(format_name, store.layout, store.encoding, codec),
         converted_from={"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]},
     )
-    writer = StoreWriter.open(dest, header, out_flag="DEST")
-    if writer.complete:
-        return writer.header
-    try:
+    with StoreWriter.open(dest, header, out_flag="DEST") as writer:  # a conversion that stops early frees DEST
+        if writer.complete:
+            return writer.header
         if store.tokenizer_path.is_dir():
             writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
         for index in writer.pending:
@@ -44,8 +43,6 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
             if on_shard is not None:
                 on_shard(index)
         manifest = writer.finish()
-    finally:
-        writer.release_lock()  # a conversion that stops early frees DEST for the rerun
     if manifest["totals"]["content_sha256"] != store.manifest["totals"]["content_sha256"]:
         raise StoreError(f"converting {source} to {dest} changed the content digest; the new store is not equivalent")
     return manifest

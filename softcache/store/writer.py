@@ -3,7 +3,8 @@
 :class:`StoreWriter` owns a store directory for one job. Opening it either starts a new store,
 resumes an unfinished one whose identity matches (skipping every shard with a valid progress
 record), or refuses with the list of differences. Shards are written one at a time by exactly one
-writer; the complete manifest is written last.
+writer; the complete manifest is written last. The writer is a context manager: leaving its block,
+finished or not, frees the store's writer lock, so an interrupted job can be rerun at once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from softcache.version import __version__
 
 
 class StoreWriter:
-    """Writes the shards of one store; use :meth:`open`, then :meth:`write_shard`, then :meth:`finish`."""
+    """Writes the shards of one store: ``with StoreWriter.open(...) as writer:``, then
+    :meth:`write_shard` for each pending shard, then :meth:`finish`."""
 
     def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool, remote: Remote | None = None):
         self.root = root
@@ -180,6 +182,12 @@ class StoreWriter:
     def release_lock(self) -> None:
         """Give up the writer lock if this process holds it (a job that stops without finishing)."""
         release_lock(self.root)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release_lock()  # finished or not (an error, an interrupt): the rerun must not be refused
 
     def save_tokenizer(self, save: Callable[[Path], object]) -> None:
         """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""
