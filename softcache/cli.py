@@ -165,7 +165,7 @@ def info(store: str, as_json: bool) -> None:
 
 def _summary(opened) -> dict:
     sequences = len(opened)
-    data_bytes = sum(s["bytes"] for s in opened.shards)
+    data_bytes = sum(s.bytes for s in opened.shards)
     tokens = sequences * opened.layout.seq_len
     return {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
             "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
@@ -202,7 +202,7 @@ def verify(store: str) -> None:
 
     opened = open_store(store, allow_incomplete=True)
     problems = opened.verify()
-    files = sum(len(s["files"]) for s in opened.shards) + len(opened.manifest.get("files", []))
+    files = sum(len(s.files) for s in opened.shards) + len(opened.manifest.get("files", []))
     if problems:
         for problem in problems:
             click.echo(f"error: {store}: {problem}", err=True)

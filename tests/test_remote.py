@@ -57,7 +57,7 @@ def test_reads_are_cached_and_checked(cache_config, tmp_path):
     store = open_store("memory://bucket/cached")
     first = store.read(0, len(store))
     fs = fsspec.filesystem("memory")
-    shard_file = "/bucket/cached/" + store.shards[0]["files"][-1]["path"]
+    shard_file = "/bucket/cached/" + store.shards[0].files[-1].path
     original = fs.cat_file(shard_file)
     fs.pipe_file(shard_file, original[:-1] + bytes([original[-1] ^ 1]))  # damage the remote copy
     again = open_store("memory://bucket/cached")  # the mirror already holds an intact copy

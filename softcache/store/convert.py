@@ -39,7 +39,7 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
         for index in writer.pending:
             columns = {name: Ragged(*map(np.ascontiguousarray, value)) if isinstance(value, Ragged)
                        else np.ascontiguousarray(value) for name, value in store.shard_columns(index).items()}
-            writer.write_shard(index, columns, teacher_nll=store.shards[index].get("teacher_nll"))
+            writer.write_shard(index, columns, teacher_nll=store.shards[index].teacher_nll)
             if on_shard is not None:
                 on_shard(index)
         manifest = writer.finish()

@@ -1,8 +1,9 @@
 """Reading and verifying a store, whatever its format.
 
-:class:`Store` maps sequence numbers to shards through the manifest's shard table and returns
-numpy arrays. A store whose teacher job has not finished is refused unless the caller asks for
-its complete part (``allow_incomplete=True``), which then reads only shards with a progress record.
+:class:`Store` maps sequence numbers to shards through the manifest's shard table (parsed once, into
+:class:`~softcache.store.manifest.ShardRecord` objects) and returns numpy arrays. A store whose
+teacher job has not finished is refused unless the caller asks for its complete part
+(``allow_incomplete=True``), which then reads only shards with a progress record.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from softcache.errors import StoreError
 from softcache.store.encoding import Encoding, concat, decode, take
 from softcache.store.files import check_file
 from softcache.store.layout import Layout
-from softcache.store.manifest import MANIFEST, TOKENIZER_DIR, read_manifest, read_progress
+from softcache.store.manifest import (
+    MANIFEST,
+    TOKENIZER_DIR,
+    FileEntry,
+    ShardRecord,
+    manifest_table,
+    read_manifest,
+    read_progress,
+)
 from softcache.store.registry import make_format
 from softcache.store.remote import Remote, is_remote
 
@@ -44,8 +53,11 @@ class Store:
         self.encoding = Encoding.from_dict(self.manifest["encoding"])
         self.format = make_format(self.manifest["storage"])
         self.cached_shards = cached_shards
+        manifest_path = self.root / MANIFEST
+        self.tokenizer_files: list[FileEntry] = manifest_table(self.manifest, "files", FileEntry, manifest_path)
+        """The tokenizer's files (the complete manifest's ``files``), checked by :meth:`verify`."""
         if self.manifest["complete"]:
-            self.shards = list(self.manifest["shards"])
+            shards = manifest_table(self.manifest, "shards", ShardRecord, manifest_path)
         else:
             if self.remote is not None:
                 self.remote.pull_state(fresh=False, files=False)  # shards are fetched when read
@@ -57,13 +69,15 @@ class Store:
                     "softcache cache command to finish it, or read the finished part on purpose "
                     "(softcache train --allow-incomplete; open_store(..., allow_incomplete=True))"
                 )
-            self.shards = [records[i] for i in sorted(records)]
-        self._ends = np.cumsum([s["count"] for s in self.shards], dtype=np.int64)
+            shards = [records[i] for i in sorted(records)]
+        self.shards: list[ShardRecord] = shards
+        """The readable shards in order: the manifest's shard table, or the progress records."""
+        self._ends = np.cumsum([s.count for s in self.shards], dtype=np.int64)
         self._reader = None
         self._fetched: set[int] = set()
         if self.remote is not None:
-            for entry in self.manifest.get("files", []):  # the tokenizer
-                self.remote.download(entry["path"], entry)
+            for entry in self.tokenizer_files:
+                self.remote.download(entry.path, entry)
 
     @property
     def complete(self) -> bool:
@@ -90,17 +104,17 @@ class Store:
         """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
         if slot not in self._fetched:
             shard = self.shards[slot]
-            for entry in shard["files"]:
+            for entry in shard.files:
                 if self.remote is not None:  # a download is checked against its sha256 anyway
-                    self.remote.download(entry["path"], entry)
+                    self.remote.download(entry.path, entry)
                 elif self.verify_checksums and (problem := check_file(self.root, entry)):
-                    raise StoreError(f"{self.root}: shard {shard['index']} ({entry['path']}) {problem}; the store is "
+                    raise StoreError(f"{self.root}: shard {shard.index} ({entry.path}) {problem}; the store is "
                                      f"damaged (softcache verify {self.root} lists every damaged file; restore them "
                                      "from a copy or write the store again)")
             self._fetched.add(slot)
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
-        return self._reader.load(self.shards[slot]["index"])
+        return self._reader.load(self.shards[slot].index)
 
     def read_columns(self, indices) -> dict:
         """The encoded columns of sequences ``indices`` (any order, repeats allowed), in that order.
@@ -115,7 +129,7 @@ class Store:
         parts = []
         for slot in np.unique(slots):
             where = order[slots[order] == slot]
-            local = indices[where] - (int(self._ends[slot]) - self.shards[slot]["count"])
+            local = indices[where] - (int(self._ends[slot]) - self.shards[slot].count)
             parts.append(take(self.shard_columns(int(slot)), local))
         if not parts:
             return take(self.shard_columns(0), np.zeros(0, dtype=np.int64)) if self.shards else {}
@@ -145,27 +159,27 @@ class Store:
         problems = []
         if self.remote is not None:  # check the remote files, through fresh downloads
             for shard in self.shards:
-                for entry in shard["files"]:
+                for entry in shard.files:
                     try:
-                        self.remote.download(entry["path"])
+                        self.remote.download(entry.path)
                     except StoreError as err:
-                        problems.append(f"shard {shard['index']}: {err}")
-            for entry in self.manifest.get("files", []):
+                        problems.append(f"shard {shard.index}: {err}")
+            for entry in self.tokenizer_files:
                 try:
-                    self.remote.download(entry["path"])
+                    self.remote.download(entry.path)
                 except StoreError as err:
                     problems.append(str(err))
         if not self.complete:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
         for shard in self.shards:
-            for entry in shard["files"]:
+            for entry in shard.files:
                 problem = check_file(self.root, entry)
                 if problem:
-                    problems.append(f"shard {shard['index']}: {entry['path']} {problem}")
-        for entry in self.manifest.get("files", []):
+                    problems.append(f"shard {shard.index}: {entry.path} {problem}")
+        for entry in self.tokenizer_files:
             problem = check_file(self.root, entry)
             if problem:
-                problems.append(f"{entry['path']} {problem}")
+                problems.append(f"{entry.path} {problem}")
         return problems
 
 

@@ -15,6 +15,7 @@ store is a local directory that mirrors it, plus transfers done with fsspec:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from softcache.errors import StoreError
 from softcache.store.files import TMP_MARK, check_file, fsync_path
+from softcache.store.manifest import MANIFEST, PROGRESS_DIR, FileEntry, ShardRecord
 
 CACHE_ENV = "SOFTCACHE_CACHE"
 
@@ -71,10 +73,10 @@ class Remote:
             return []
         return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
-    def download(self, relative: str, entry: dict | None = None) -> Path:
+    def download(self, relative: str, entry: FileEntry | None = None) -> Path:
         """Copy ``relative`` into the mirror (under a temporary name, then renamed) and return its local
-        path. With a shard-table ``entry`` ({"bytes", "sha256"}), a local copy that already matches
-        is kept, and a download that does not match is refused."""
+        path. With its shard-table ``entry``, a local copy that already matches is kept, and a
+        download that does not match is refused."""
         target = self.local / relative
         if entry is not None and target.is_file() and check_file(self.local, entry) is None:
             return target
@@ -86,7 +88,7 @@ class Remote:
             partial.unlink(missing_ok=True)
             raise StoreError(f"{self.url}: {relative} is missing") from err
         if entry is not None:
-            problem = check_file(self.local, {**entry, "path": str(partial.relative_to(self.local))})
+            problem = check_file(self.local, dataclasses.replace(entry, path=str(partial.relative_to(self.local))))
             if problem:
                 partial.unlink(missing_ok=True)
                 raise StoreError(f"{self.url}: {relative} {problem} after download; the remote store is damaged")
@@ -109,8 +111,6 @@ class Remote:
         ``files``, the files those records list (what a resumed writer needs to decide what is done; a
         reader fetches a shard's files when it reads the shard). ``fresh`` first forgets what the
         mirror held (a writer starting; False for other ranks joining)."""
-        from softcache.store.manifest import MANIFEST, PROGRESS_DIR
-
         if fresh and not self.exists(MANIFEST):
             shutil.rmtree(self.local, ignore_errors=True)  # the remote store is new: so is its mirror
             self.local.mkdir(parents=True, exist_ok=True)
@@ -126,8 +126,8 @@ class Remote:
             return
         for path in sorted((self.local / PROGRESS_DIR).glob("*.json")):
             try:
-                record = json.loads(path.read_text())
-                for entry in record["files"]:
-                    self.download(entry["path"], entry)
-            except (ValueError, KeyError, TypeError, StoreError):
+                record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
+                for entry in record.files:
+                    self.download(entry.path, entry)
+            except (ValueError, StoreError):
                 continue  # an unusable record: the writer will redo that shard

@@ -29,7 +29,9 @@ from softcache.store.manifest import (
     MANIFEST,
     PROGRESS_DIR,
     TOKENIZER_DIR,
+    ShardRecord,
     identity_differences,
+    manifest_table,
     progress_name,
     read_manifest,
     read_progress,
@@ -43,7 +45,8 @@ class StoreWriter:
     """Writes the shards of one store: ``with StoreWriter.open(...) as writer:``, then
     :meth:`write_shard` for each pending shard, then :meth:`finish`."""
 
-    def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool, remote: Remote | None = None):
+    def __init__(self, root: Path, header: dict, done: dict[int, ShardRecord], complete: bool,
+                 remote: Remote | None = None):
         self.root = root
         self.remote = remote
         """For a store at a URL: its transfers; ``root`` is then the local mirror."""
@@ -52,6 +55,7 @@ class StoreWriter:
         self.encoding = Encoding.from_dict(header["encoding"])
         self.format = make_format(header["storage"])
         self.done = done
+        """Records of the shards written so far (all of them once complete), by shard index."""
         self.complete = complete
 
     @classmethod
@@ -81,7 +85,7 @@ class StoreWriter:
         if (root / MANIFEST).exists():
             existing = _same_store(root, header, out_flag)
             if existing["complete"]:
-                return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
+                return cls(root, existing, _shard_table(root, existing), complete=True)
         elif root.exists() and any(root.iterdir()):
             raise StoreError(f"{out_flag} {root} is not empty and holds no softcache store; give a new or empty directory")
         try:
@@ -105,7 +109,7 @@ class StoreWriter:
         header = _stamped(header)
         existing = _same_store(root, header, out_flag)
         if existing["complete"]:
-            return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
+            return cls(root, existing, _shard_table(root, existing), complete=True)
         writer = cls(root, header, {}, complete=False)
         writer.refresh()
         return writer
@@ -122,17 +126,17 @@ class StoreWriter:
         """Shard indices still to write, in order."""
         return [i for i in range(self.layout.num_shards) if i not in self.done]
 
-    def _record_is_valid(self, index: int, record: dict) -> bool:
+    def _record_is_valid(self, index: int, record: ShardRecord) -> bool:
         """A progress record counts only if it is for this layout and its files are intact."""
         try:
             first, count = self.layout.shard_bounds(index)
-            if (record["first"], record["count"]) != (first, count):
+            if (record.first, record.count) != (first, count):
                 return False
-            return all(check_file(self.root, f) is None for f in record["files"])
-        except (IndexError, KeyError, TypeError, OSError):
+            return all(check_file(self.root, f) is None for f in record.files)
+        except (IndexError, OSError):
             return False
 
-    def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> dict:
+    def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> ShardRecord:
         """Write shard ``index`` (its encoded columns, see softcache.store.encoding) durably and
         record it as done.
 
@@ -148,21 +152,13 @@ class StoreWriter:
                 f"could not write shard {index} of {self.root} ({err.strerror or err}); the shards written "
                 "so far are kept: fix the problem and rerun the same command to resume"
             ) from err
-        files = [describe_file(self.root, f) for f in written]
-        record = {
-            "index": index,
-            "first": first,
-            "count": count,
-            "bytes": sum(f["bytes"] for f in files),
-            "content_sha256": content_sha256(columns),
-            "files": files,
-        }
-        if teacher_nll is not None:
-            record["teacher_nll"] = teacher_nll
-        write_json(self.root / progress_name(index), record)
+        files = tuple(describe_file(self.root, f) for f in written)
+        record = ShardRecord(index=index, first=first, count=count, bytes=sum(f.bytes for f in files),
+                             content_sha256=content_sha256(columns), files=files, teacher_nll=teacher_nll)
+        write_json(self.root / progress_name(index), record.to_dict())
         if self.remote is not None:  # the files, then the record that vouches for them
             for entry in files:
-                self.remote.upload(entry["path"])
+                self.remote.upload(entry.path)
             self.remote.upload(progress_name(index))
         self.done[index] = record
         return record
@@ -215,7 +211,7 @@ class StoreWriter:
             for p in sorted(tokenizer_dir.rglob("*"))
             if p.is_file()
         ]
-        data_bytes = sum(s["bytes"] for s in shards)
+        data_bytes = sum(s.bytes for s in shards)
         manifest = {
             **self.header,
             "complete": True,
@@ -227,8 +223,8 @@ class StoreWriter:
                 "content_sha256": store_content_digest(shards),
                 **teacher_cross_entropy(shards),
             },
-            "files": extra,
-            "shards": shards,
+            "files": [entry.to_dict() for entry in extra],
+            "shards": [shard.to_dict() for shard in shards],
         }
         write_json(self.root / MANIFEST, manifest)
         release_lock(self.root)
@@ -253,6 +249,11 @@ def _same_store(root: Path, header: dict, out_flag: str) -> dict:
         raise StoreError(f"{out_flag} {root} holds a different store ({'; '.join(differences)}); "
                          "use another directory, or the settings it was written with")
     return existing
+
+
+def _shard_table(root: Path, manifest: dict) -> dict[int, ShardRecord]:
+    """The records of a complete store's shards, by shard index."""
+    return {shard.index: shard for shard in manifest_table(manifest, "shards", ShardRecord, root / MANIFEST)}
 
 
 LOCK = "writer.lock"
@@ -325,19 +326,19 @@ def derived_header(manifest: dict, **changes) -> dict:
     return {**{key: value for key, value in manifest.items() if key not in BOOKKEEPING}, **changes}
 
 
-def teacher_cross_entropy(shards: list[dict]) -> dict:
+def teacher_cross_entropy(shards: list[ShardRecord]) -> dict:
     """{"teacher_ce": mean nats per labelled position} when every shard recorded the teacher's loss."""
-    if not shards or any("teacher_nll" not in s for s in shards):
+    if not shards or any(s.teacher_nll is None for s in shards):
         return {}
-    count = sum(s["teacher_nll"]["count"] for s in shards)
-    return {"teacher_ce": sum(s["teacher_nll"]["sum"] for s in shards) / max(count, 1)}
+    count = sum(s.teacher_nll["count"] for s in shards)
+    return {"teacher_ce": sum(s.teacher_nll["sum"] for s in shards) / max(count, 1)}
 
 
-def store_content_digest(shards: list[dict]) -> str:
-    """Digest of a store's content, independent of format and codec: sha256 of the shard digests."""
+def store_content_digest(shards: list[ShardRecord]) -> str:
+    """Digest of a store's content, independent of format and codec: sha256 of the shards' digests, in order."""
     import hashlib
 
     digest = hashlib.sha256()
     for shard in shards:
-        digest.update(bytes.fromhex(shard["content_sha256"]))
+        digest.update(bytes.fromhex(shard.content_sha256))
     return digest.hexdigest()
