@@ -3,7 +3,8 @@
 :class:`Store` maps sequence numbers to shards through the manifest's shard table (parsed once, into
 :class:`~softcache.store.manifest.ShardRecord` objects) and returns numpy arrays. A store whose
 teacher job has not finished is refused unless the caller asks for its complete part
-(``allow_incomplete=True``), which then reads only shards with a progress record.
+(``allow_incomplete=True``), which then reads only shards with a progress record. A store at a URL
+is read through a local mirror, each file fetched when first needed (softcache.store.storage).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from softcache.store.manifest import (
     read_progress,
 )
 from softcache.store.registry import make_format
-from softcache.store.remote import Remote, is_remote
+from softcache.store.storage import open_storage
 
 
 class Store:
@@ -39,15 +40,10 @@ class Store:
                  verify_checksums: bool = True):
         self.verify_checksums = verify_checksums
         """Check each shard's files against their sha256 the first time this object reads the shard."""
-        self.remote = None
-        """For a store at a URL: its transfers; ``root`` is then the local mirror (softcache.store.remote)."""
-        if is_remote(root):
-            self.remote = Remote(root)
-            if not self.remote.exists(MANIFEST):
-                raise StoreError(f"{root} is not a softcache store (no {MANIFEST})")
-            self.remote.download(MANIFEST)
-            root = self.remote.local
-        self.root = Path(root)
+        self.storage = open_storage(root)
+        """Where the store's files are (softcache.store.storage); ``root`` is its local directory."""
+        self.storage.pull_manifest()
+        self.root = self.storage.local
         self.manifest = read_manifest(self.root)
         self.layout = Layout.from_dict(self.manifest["layout"])
         self.encoding = Encoding.from_dict(self.manifest["encoding"])
@@ -59,8 +55,7 @@ class Store:
         if self.manifest["complete"]:
             shards = manifest_table(self.manifest, "shards", ShardRecord, manifest_path)
         else:
-            if self.remote is not None:
-                self.remote.pull_state(fresh=False, files=False)  # shards are fetched when read
+            self.storage.pull_state(fresh=False, files=False)  # shards are fetched when read
             records = read_progress(self.root)
             if not allow_incomplete:
                 raise StoreError(
@@ -75,9 +70,8 @@ class Store:
         self._ends = np.cumsum([s.count for s in self.shards], dtype=np.int64)
         self._reader = None
         self._fetched: set[int] = set()
-        if self.remote is not None:
-            for entry in self.tokenizer_files:
-                self.remote.download(entry.path, entry)
+        for entry in self.tokenizer_files:
+            self.storage.fetch(entry.path, entry)
 
     @property
     def complete(self) -> bool:
@@ -104,10 +98,10 @@ class Store:
         """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
         if slot not in self._fetched:
             shard = self.shards[slot]
+            check = self.verify_checksums and not self.storage.checks_fetches  # a download is checked anyway
             for entry in shard.files:
-                if self.remote is not None:  # a download is checked against its sha256 anyway
-                    self.remote.download(entry.path, entry)
-                elif self.verify_checksums and (problem := check_file(self.root, entry)):
+                self.storage.fetch(entry.path, entry)
+                if check and (problem := check_file(self.root, entry)):
                     raise StoreError(f"{self.root}: shard {shard.index} ({entry.path}) {problem}; the store is "
                                      f"damaged (softcache verify {self.root} lists every damaged file; restore them "
                                      "from a copy or write the store again)")
@@ -157,18 +151,17 @@ class Store:
     def verify(self) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is intact)."""
         problems = []
-        if self.remote is not None:  # check the remote files, through fresh downloads
-            for shard in self.shards:
-                for entry in shard.files:
-                    try:
-                        self.remote.download(entry.path)
-                    except StoreError as err:
-                        problems.append(f"shard {shard.index}: {err}")
-            for entry in self.tokenizer_files:
+        for shard in self.shards:  # a remote store's files are fetched again: the remote copies are checked
+            for entry in shard.files:
                 try:
-                    self.remote.download(entry.path)
+                    self.storage.fetch(entry.path)
                 except StoreError as err:
-                    problems.append(str(err))
+                    problems.append(f"shard {shard.index}: {err}")
+        for entry in self.tokenizer_files:
+            try:
+                self.storage.fetch(entry.path)
+            except StoreError as err:
+                problems.append(str(err))
         if not self.complete:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
         for shard in self.shards:

@@ -1,7 +1,8 @@
 """Stores at fsspec URLs (``s3://``, ``gs://``, ``memory://``, ``file://``, ...), through a local mirror.
 
 The formats read and write local files (memory maps, zarr's local store, atomic renames). A remote
-store is a local directory that mirrors it, plus transfers done with fsspec:
+store is a local directory that mirrors it, plus transfers done with fsspec (:class:`Remote`, the
+URL case of softcache.store.storage's :class:`~softcache.store.storage.Storage`):
 
 - writing: the job writes the mirror as usual and uploads each shard's files, then the shard's
   progress record, and, last, the complete manifest, so no manifest ever lists a shard that is not
@@ -44,6 +45,9 @@ def mirror_dir(url: str) -> Path:
 class Remote:
     """Transfers between a store at ``url`` and its local mirror ``local``."""
 
+    checks_fetches = True
+    """Every download with an entry is checked against its size and sha256."""
+
     def __init__(self, url: str, local: Path | None = None):
         import fsspec
 
@@ -73,9 +77,9 @@ class Remote:
             return []
         return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
-    def download(self, relative: str, entry: FileEntry | None = None) -> Path:
-        """Copy ``relative`` into the mirror (under a temporary name, then renamed) and return its local
-        path. With its shard-table ``entry``, a local copy that already matches is kept, and a
+    def fetch(self, relative: str, entry: FileEntry | None = None) -> Path:
+        """Download ``relative`` into the mirror (under a temporary name, then renamed) and return its
+        local path. With its shard-table ``entry``, a local copy that already matches is kept, and a
         download that does not match is refused."""
         target = self.local / relative
         if entry is not None and target.is_file() and check_file(self.local, entry) is None:
@@ -95,8 +99,11 @@ class Remote:
         os.replace(partial, target)
         return target
 
-    def upload(self, relative: str) -> None:
-        """Copy the mirror's ``relative`` to the remote store (parents created as needed)."""
+    def upload(self, relative: str, replace: bool = True) -> None:
+        """Copy the mirror's ``relative`` to the remote store (parents created as needed);
+        ``replace=False`` leaves a remote file already there as it is."""
+        if not replace and self.exists(relative):
+            return
         remote = self._remote(relative)
         parent = remote.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
@@ -105,6 +112,12 @@ class Remote:
     def remove(self, relative: str) -> None:
         if self.exists(relative):
             self.fs.rm(self._remote(relative), recursive=True)
+
+    def pull_manifest(self) -> None:
+        """Download the manifest (a reader opening the store); a URL without one is not a store."""
+        if not self.exists(MANIFEST):
+            raise StoreError(f"{self.url} is not a softcache store (no {MANIFEST})")
+        self.fetch(MANIFEST)
 
     def pull_state(self, fresh: bool = True, files: bool = True) -> None:
         """Bring the mirror up to date with the remote store's manifest and progress records, and, with
@@ -117,17 +130,17 @@ class Remote:
             return
         if fresh:
             shutil.rmtree(self.local / PROGRESS_DIR, ignore_errors=True)
-        self.download(MANIFEST)
+        self.fetch(MANIFEST)
         fsync_path(self.local / MANIFEST)
         for name in self.listdir(PROGRESS_DIR):
             if name.endswith(".json"):
-                self.download(f"{PROGRESS_DIR}/{name}")
+                self.fetch(f"{PROGRESS_DIR}/{name}")
         if not files:
             return
         for path in sorted((self.local / PROGRESS_DIR).glob("*.json")):
             try:
                 record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
                 for entry in record.files:
-                    self.download(entry.path, entry)
+                    self.fetch(entry.path, entry)
             except (ValueError, StoreError):
                 continue  # an unusable record: the writer will redo that shard

@@ -5,6 +5,11 @@ resumes an unfinished one whose identity matches (skipping every shard with a va
 record), or refuses with the list of differences. Shards are written one at a time by exactly one
 writer; the complete manifest is written last. The writer is a context manager: leaving its block,
 finished or not, frees the store's writer lock, so an interrupted job can be rerun at once.
+
+The writer works in a local directory and publishes through its
+:class:`~softcache.store.storage.Storage` as it goes (a no-op for a local store; uploads from a
+local mirror for a store at a URL): each shard's files, then its progress record, and the complete
+manifest last.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from softcache.store.manifest import (
     read_progress,
 )
 from softcache.store.registry import make_format
-from softcache.store.remote import Remote, is_remote
+from softcache.store.storage import Storage, open_storage
 from softcache.version import __version__
 
 
@@ -45,11 +50,10 @@ class StoreWriter:
     """Writes the shards of one store: ``with StoreWriter.open(...) as writer:``, then
     :meth:`write_shard` for each pending shard, then :meth:`finish`."""
 
-    def __init__(self, root: Path, header: dict, done: dict[int, ShardRecord], complete: bool,
-                 remote: Remote | None = None):
-        self.root = root
-        self.remote = remote
-        """For a store at a URL: its transfers; ``root`` is then the local mirror."""
+    def __init__(self, storage: Storage, header: dict, done: dict[int, ShardRecord], complete: bool):
+        self.storage = storage
+        """Where the store is published (softcache.store.storage); ``root`` is its local directory."""
+        self.root = storage.local
         self.header = header
         self.layout = Layout.from_dict(header["layout"])
         self.encoding = Encoding.from_dict(header["encoding"])
@@ -60,7 +64,8 @@ class StoreWriter:
 
     @classmethod
     def open(cls, root: str | Path, header: dict, out_flag: str = "--out", join: bool = False) -> StoreWriter:
-        """Start or resume the store at ``root`` described by ``header`` (a manifest without shards).
+        """Start or resume the store at ``root`` (a path or an fsspec URL) described by ``header`` (a
+        manifest without shards).
 
         ``join=True`` is for the other ranks of a multi-rank job, once rank 0 has opened the store:
         it checks the identity but creates nothing and removes nothing (another rank may be writing).
@@ -68,24 +73,26 @@ class StoreWriter:
         Raises :class:`StoreError` if ``root`` holds something else: a file, a directory with other
         content, or a store whose identity sections differ from ``header``'s.
         """
-        if is_remote(root):
-            remote = Remote(root)
-            remote.pull_state(fresh=not join)
-            writer = cls._join(remote.local, header, out_flag) if join else cls.open(remote.local, header, out_flag)
-            writer.remote = remote
-            if not join and not writer.complete and not remote.exists(MANIFEST):
-                remote.upload(MANIFEST)
-            return writer
-        root = Path(root)
+        storage = open_storage(root)
+        storage.pull_state(fresh=not join)  # a store at a URL: what it holds so far, into the mirror
         if join:
-            return cls._join(root, header, out_flag)
+            return cls._join(storage, header, out_flag)
+        writer = cls._start(storage, header, out_flag)
+        if not writer.complete:
+            storage.upload(MANIFEST, replace=False)  # a new store's first manifest, never over a published one
+        return writer
+
+    @classmethod
+    def _start(cls, storage: Storage, header: dict, out_flag: str) -> StoreWriter:
+        """Open the store in ``storage.local`` as its only writer: create it or resume it."""
+        root = storage.local
         if root.exists() and not root.is_dir():
             raise StoreError(f"{out_flag} {root} is a file; give a directory for the store")
         header = _stamped(header)
         if (root / MANIFEST).exists():
             existing = _same_store(root, header, out_flag)
             if existing["complete"]:
-                return cls(root, existing, _shard_table(root, existing), complete=True)
+                return cls(storage, existing, _shard_table(root, existing), complete=True)
         elif root.exists() and any(root.iterdir()):
             raise StoreError(f"{out_flag} {root} is not empty and holds no softcache store; give a new or empty directory")
         try:
@@ -99,27 +106,30 @@ class StoreWriter:
         remove_temporaries(root)
         if not (root / MANIFEST).exists():
             write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
-        writer = cls(root, header, {}, complete=False)
+        writer = cls(storage, header, {}, complete=False)
         writer.format.prepare(root, writer.layout, writer.encoding)
-        writer.refresh()
+        writer._keep_valid_progress()
         return writer
 
     @classmethod
-    def _join(cls, root: Path, header: dict, out_flag: str) -> StoreWriter:
+    def _join(cls, storage: Storage, header: dict, out_flag: str) -> StoreWriter:
         header = _stamped(header)
-        existing = _same_store(root, header, out_flag)
+        existing = _same_store(storage.local, header, out_flag)
         if existing["complete"]:
-            return cls(root, existing, _shard_table(root, existing), complete=True)
-        writer = cls(root, header, {}, complete=False)
-        writer.refresh()
+            return cls(storage, existing, _shard_table(storage.local, existing), complete=True)
+        writer = cls(storage, header, {}, complete=False)
+        writer._keep_valid_progress()
         return writer
 
     def refresh(self) -> None:
         """Reread the progress records (other ranks' shards included); keep the valid ones."""
-        if self.remote is not None and not self.complete:
-            self.remote.pull_state(fresh=False)
         if not self.complete:
-            self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
+            self.storage.pull_state(fresh=False)
+            self._keep_valid_progress()
+
+    def _keep_valid_progress(self) -> None:
+        """``done`` from the progress records in ``root`` (already pulled), the valid ones only."""
+        self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
 
     @property
     def pending(self) -> list[int]:
@@ -156,10 +166,9 @@ class StoreWriter:
         record = ShardRecord(index=index, first=first, count=count, bytes=sum(f.bytes for f in files),
                              content_sha256=content_sha256(columns), files=files, teacher_nll=teacher_nll)
         write_json(self.root / progress_name(index), record.to_dict())
-        if self.remote is not None:  # the files, then the record that vouches for them
-            for entry in files:
-                self.remote.upload(entry.path)
-            self.remote.upload(progress_name(index))
+        for entry in files:  # published: the files, then the record that vouches for them
+            self.storage.upload(entry.path)
+        self.storage.upload(progress_name(index))
         self.done[index] = record
         return record
 
@@ -171,7 +180,8 @@ class StoreWriter:
             array = value.values if isinstance(value, Ragged) else value
             assert array.dtype == self.encoding.dtype(name), f"{name}: {array.dtype} != {self.encoding.dtype(name)}"
             if isinstance(value, Ragged):
-                assert len(value.offsets) == count + 1 and value.offsets[-1] == len(value.values), f"{name}: bad offsets"
+                offsets = value.offsets
+                assert len(offsets) == count + 1 and offsets[-1] == len(value.values), f"{name}: bad offsets"
             else:
                 assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
 
@@ -193,10 +203,9 @@ class StoreWriter:
         save(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        if self.remote is not None:
-            for path in sorted(final.rglob("*")):
-                if path.is_file():
-                    self.remote.upload(str(path.relative_to(self.root)))
+        for path in sorted(final.rglob("*")):
+            if path.is_file():
+                self.storage.upload(str(path.relative_to(self.root)))
 
     def finish(self) -> dict:
         """Write the complete manifest (last, atomically) and drop the progress records."""
@@ -228,9 +237,8 @@ class StoreWriter:
         }
         write_json(self.root / MANIFEST, manifest)
         release_lock(self.root)
-        if self.remote is not None:
-            self.remote.upload(MANIFEST)  # last: now the remote store is complete
-            self.remote.remove(PROGRESS_DIR)
+        self.storage.upload(MANIFEST)  # last: now a remote store is complete too
+        self.storage.remove(PROGRESS_DIR)
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
