@@ -110,7 +110,8 @@ class ZarrReader:
         columns = {}
         for name in self.encoding.columns:
             data = np.asarray(group[name][...])
-            columns[name] = Ragged(data, np.asarray(group[f"{name}_offsets"][...])) if f"{name}_offsets" in group else data
+            offsets = f"{name}_offsets"
+            columns[name] = Ragged(data, np.asarray(group[offsets][...])) if offsets in group else data
         self._cache[index] = columns
         while len(self._cache) > self.cached_shards:
             self._cache.popitem(last=False)
