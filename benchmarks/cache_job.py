@@ -65,13 +65,13 @@ def bare_forward(model, input_ids: np.ndarray, batch_size: int, device: torch.de
 def cache_job(teacher, corpus, base: CacheConfig, out: Path, **targets) -> float:
     """Seconds of one teacher job's pass and writes into a new store at ``out`` (setup not timed)."""
     shutil.rmtree(out, ignore_errors=True)
-    job = TeacherJob(dataclasses.replace(base, out=str(out), **targets), teacher=teacher, corpus=corpus)
-    job.load()
-    job.open_stores()
-    started = time.perf_counter()
-    job.write()
-    job.finish()
-    return time.perf_counter() - started
+    with TeacherJob(dataclasses.replace(base, out=str(out), **targets), teacher=teacher, corpus=corpus) as job:
+        job.load()
+        job.open_stores()
+        started = time.perf_counter()
+        job.write()
+        job.finish()
+        return time.perf_counter() - started
 
 
 def read_throughput(root: Path, repeats: int = 3) -> float:

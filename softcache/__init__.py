@@ -1,9 +1,8 @@
 """softcache: offline knowledge distillation from cached teacher targets."""
 
-__version__ = "0.1.0"
-
-from softcache.errors import SoftcacheError, StoreError  # noqa: E402
-from softcache.store import FORMATS, Store, open_store  # noqa: E402
+from softcache.errors import SoftcacheError, StoreError
+from softcache.store import FORMATS, Store, open_store
+from softcache.version import __version__
 
 __all__ = ["FORMATS", "SoftcacheError", "Store", "StoreDataset", "StoreError", "__version__", "open_store"]
 

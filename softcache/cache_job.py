@@ -98,7 +98,8 @@ def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> Packe
 
 
 class TeacherJob:
-    """One teacher pass writing one or more stores; ``run()`` does every step in order.
+    """One teacher pass writing one or more stores; ``run()`` does every step in order. Used step by
+    step, the job is a context manager: leaving it releases the writer locks of the stores it opened.
 
     Args:
         configs: one :class:`CacheConfig` per store; they must agree on ``PASS_SETTINGS``.
@@ -129,6 +130,13 @@ class TeacherJob:
         self.corpus = corpus
         self.writers: list[StoreWriter] = []
         self.seconds = 0.0
+        self._held = contextlib.ExitStack()  # the open writers: leaving the job releases their locks
+
+    def __enter__(self) -> TeacherJob:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held.close()  # a job that stops early frees its stores (a killed one: see take_lock)
 
     # ---- steps ---------------------------------------------------------------------------------
 
@@ -160,7 +168,8 @@ class TeacherJob:
                     writer.save_tokenizer(self.teacher.tokenizer.save_pretrained)
                 return writer
 
-            self.writers.append(on_main(self.ranks, create) or StoreWriter.open(config.out, header, join=True))
+            writer = on_main(self.ranks, create) or StoreWriter.open(config.out, header, join=True)
+            self.writers.append(self._held.enter_context(writer))
         for writer, config in zip(self.writers, self.configs):
             done = writer.layout.num_shards - len(writer.pending)
             if not writer.complete and done:
@@ -196,17 +205,13 @@ class TeacherJob:
 
     def run(self) -> list[CacheResult]:
         """Load, open, write and finish; one :class:`CacheResult` per store."""
-        with notes(self.configs[0].progress):
+        with notes(self.configs[0].progress), self:
             self.load()
-            try:
-                self.open_stores()
-                started_complete = [w.complete for w in self.writers]
-                pending = [list(w.pending) for w in self.writers]
-                self.write()
-                manifests = self.finish()
-            finally:
-                for writer in self.writers:
-                    writer.release_lock()  # a job that stops early frees its stores (a killed one: see take_lock)
+            self.open_stores()
+            started_complete = [w.complete for w in self.writers]
+            pending = [list(w.pending) for w in self.writers]
+            self.write()
+            manifests = self.finish()
         layout = self.writers[0].layout
         return [CacheResult(manifest, config.out, sum(layout.shard_bounds(i)[1] for i in todo), self.seconds,
                             already_complete=complete)

@@ -14,12 +14,12 @@ from collections.abc import Callable
 
 import click
 
-from softcache import __version__
 from softcache.config import CacheConfig, EvalConfig, TrainConfig
 from softcache.errors import SoftcacheError
 from softcache.logs import show_on_stderr
 from softcache.settings import Setting, check_settings, load_settings, settings_of
 from softcache.store import FORMATS
+from softcache.version import __version__
 
 
 class _Group(click.Group):
@@ -152,14 +152,14 @@ def info(store: str, as_json: bool) -> None:
         f"INCOMPLETE: {len(opened.shards)} of {opened.layout.num_shards} "
         "shards written; rerun its softcache cache command to finish it")
     rows = [
-        ("store", lambda: f"{store} ({opened.storage.format}, format v{m['format_version']}, "
+        ("store", lambda: f"{store} ({opened.format.name}, format v{m['format_version']}, "
                           f"softcache {m.get('softcache_version')})"),
         ("state", lambda: state),
         ("teacher", lambda: teacher.name + (f" [{teacher.gguf_file}]" if teacher.gguf_file else "")
          + f" ({teacher.architecture}, {teacher.parameters:,} parameters, {teacher.dtype})"),
         ("tokenizer", lambda: f"vocab {opened.tokenizer.vocab_size:,}, fingerprint {opened.tokenizer.fingerprint[:16]}"),
         ("targets", lambda: f"{targets.describe()} at temperature {targets.temperature:g} "
-                            f"(ids {encoding.ids}, values {encoding.values}, codec {_codec(opened.storage.codec)})"),
+                            f"(ids {encoding.ids}, values {encoding.values}, codec {_codec(opened.format.codec)})"),
         ("sequences", lambda: f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x "
                               f"{opened.layout.seq_len} tokens = {summary['tokens']:,} tokens"),
         ("shards", lambda: f"{len(opened.shards)} of {opened.layout.num_shards} "
@@ -181,7 +181,7 @@ def info(store: str, as_json: bool) -> None:
 
 def _summary(opened) -> dict:
     sequences = len(opened)
-    data_bytes = sum(s["bytes"] for s in opened.shards)
+    data_bytes = sum(s.bytes for s in opened.shards)
     tokens = sequences * opened.layout.seq_len
     return {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
             "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
@@ -210,7 +210,7 @@ def verify(store: str) -> None:
 
     opened = open_store(store, allow_incomplete=True)
     problems = opened.verify()
-    files = sum(len(s["files"]) for s in opened.shards) + len(opened.manifest.get("files", []))
+    files = sum(len(s.files) for s in opened.shards) + len(opened.tokenizer_files)
     if problems:
         for problem in problems:
             click.echo(f"error: {store}: {problem}", err=True)

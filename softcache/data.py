@@ -102,7 +102,7 @@ class StoreDataset(IterableDataset):
             raise ValueError(f"empty sequence range [{start}, {stop}) of a store with {len(opened)} sequences")
         self.start = start
         self.num_sequences = stop - start
-        self.shard_sizes = _clip([s["count"] for s in opened.shards], start, stop)
+        self.shard_sizes = _clip([s.count for s in opened.shards], start, stop)
         self.batch_size = batch_size
         self.seed = seed
         self.epochs = epochs

@@ -39,7 +39,7 @@ def test_two_rank_teacher_job_writes_the_one_rank_store(cache_config, tmp_path):
     a, b = open_store(one.out), open_store(two.out)
     assert b.complete and b.verify() == []
     assert a.manifest["totals"]["content_sha256"] == b.manifest["totals"]["content_sha256"]
-    assert [s["content_sha256"] for s in a.shards] == [s["content_sha256"] for s in b.shards]
+    assert [s.content_sha256 for s in a.shards] == [s.content_sha256 for s in b.shards]
 
 
 def test_two_ranks_resume_an_interrupted_store(cache_config, tmp_path, monkeypatch):
@@ -47,8 +47,8 @@ def test_two_ranks_resume_an_interrupted_store(cache_config, tmp_path, monkeypat
     run_cache(reference)
     interrupted = cache_config(out=str(tmp_path / "interrupted"))
     interrupted_run(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(interrupted))
-    kept = {f["path"]: os.stat(tmp_path / "interrupted" / f["path"]).st_mtime_ns
-            for s in open_store(interrupted.out, allow_incomplete=True).shards for f in s["files"]}
+    kept = {f.path: os.stat(tmp_path / "interrupted" / f.path).st_mtime_ns
+            for s in open_store(interrupted.out, allow_incomplete=True).shards for f in s.files}
     result = torchrun(*cache_args(interrupted))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {path: os.stat(tmp_path / "interrupted" / path).st_mtime_ns for path in kept} == kept  # not rewritten

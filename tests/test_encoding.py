@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softcache.store.encoding import LOG8_STEP, Encoding, concat, decode, encode, take
+from softcache.store.encoding import LOG8_STEP, RAGGED, Encoding, Ragged, concat, decode, encode, take
 
 
 def canonical(ids: np.ndarray, values: np.ndarray) -> list:
@@ -130,9 +130,16 @@ def test_take_and_concat_select_sequences():
     both = concat([a, b])
     whole_ids, whole_values = decode(encoding, both)
     rows = np.array([4, 0, 3, 3])
-    ids, values = decode(encoding, take(both, rows))
+    taken = take(both, rows)
+    ids, values = decode(encoding, taken)
     np.testing.assert_array_equal(ids, whole_ids[rows])
     np.testing.assert_array_equal(values, whole_values[rows])
+    for name in RAGGED:  # ragged columns stay Ragged, with offsets that span their entries
+        for columns, n in ((a, 3), (both, 5), (taken, 4)):
+            assert isinstance(columns[name], Ragged) and len(columns[name].offsets) == n + 1
+            assert columns[name].offsets[-1] == len(columns[name].values)
+    np.testing.assert_array_equal(taken["target_values"].values[:taken["target_values"].offsets[1]],
+                                  b["target_values"].values[b["target_values"].offsets[1]:b["target_values"].offsets[2]])
 
 
 def test_codes_are_small():

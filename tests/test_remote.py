@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 import fsspec
 import numpy as np
 import pytest
 
 from softcache import StoreError, open_store
 from softcache.cache_job import run_cache
-from softcache.store import StoreWriter
+from softcache.store import FORMATS, StoreWriter
+from softcache.store.files import describe_file
+from softcache.store.remote import Remote
+from softcache.store.storage import Local, Storage, open_storage
 
 from conftest import interrupted, store_files
+from test_store import make, write_store
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +63,7 @@ def test_reads_are_cached_and_checked(cache_config, tmp_path):
     store = open_store("memory://bucket/cached")
     first = store.read(0, len(store))
     fs = fsspec.filesystem("memory")
-    shard_file = "/bucket/cached/" + store.shards[0]["files"][-1]["path"]
+    shard_file = "/bucket/cached/" + store.shards[0].files[-1].path
     original = fs.cat_file(shard_file)
     fs.pipe_file(shard_file, original[:-1] + bytes([original[-1] ^ 1]))  # damage the remote copy
     again = open_store("memory://bucket/cached")  # the mirror already holds an intact copy
@@ -65,7 +71,7 @@ def test_reads_are_cached_and_checked(cache_config, tmp_path):
     problems = again.verify()
     assert len(problems) == 1 and "shard 0" in problems[0] and "sha256" in problems[0]
     fresh = open_store("memory://bucket/cached")
-    fresh.remote.local = tmp_path / "empty-mirror"  # a reader with nothing cached
+    fresh.storage.local = tmp_path / "empty-mirror"  # a reader with nothing cached
     with pytest.raises(StoreError, match="fails its sha256 checksum after download"):
         fresh.read(0, 1)
 
@@ -84,3 +90,63 @@ def test_a_student_trains_from_a_url(cache_config, tmp_path):
     result = run_train(TrainConfig(store="memory://bucket/train", student=str(student), out=str(tmp_path / "run"),
                                    steps=3, batch_size=4, eval_fraction=0.2, num_workers=0, progress=False))
     assert result.final_eval["tokens"] > 0 and (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+
+
+def test_local_and_remote_storage_share_one_interface(tmp_path):
+    local, remote = open_storage(tmp_path / "store"), open_storage("memory://bucket/interface")
+    assert type(local) is Local and type(remote) is Remote
+    assert not (tmp_path / "store").exists()  # a local storage creates nothing
+    for storage in (local, remote):
+        assert isinstance(storage, Storage)
+        for name in ("pull_manifest", "pull_state", "fetch", "upload", "remove"):
+            assert inspect.signature(getattr(type(storage), name)) == inspect.signature(getattr(Storage, name)), name
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "a.bin").write_bytes(b"local")
+    local.upload("a.bin")
+    local.remove("a.bin")
+    assert local.fetch("a.bin", describe_file(tmp_path / "store", "a.bin")) == tmp_path / "store" / "a.bin"
+    assert (tmp_path / "store" / "a.bin").read_bytes() == b"local"  # a local store is its own copy
+    (remote.local / "a.bin").write_bytes(b"first")
+    remote.upload("a.bin")
+    (remote.local / "a.bin").write_bytes(b"second")
+    remote.upload("a.bin", replace=False)
+    assert fsspec.filesystem("memory").cat_file("/bucket/interface/a.bin") == b"first"
+    remote.remove("a.bin")
+    with pytest.raises(StoreError, match="a.bin is missing"):
+        remote.fetch("a.bin")
+
+
+@pytest.mark.parametrize("format_name", sorted(FORMATS))
+def test_a_store_written_through_a_url_has_the_local_bytes_and_rows(tmp_path, format_name):
+    layout, encoding = make(10, 4, 3, 3, ids="delta")
+    rows = np.random.default_rng(0).integers(0, 10, 16)
+    for name, finish, shards in (("whole", True, None), ("part", False, [0, 2])):
+        write_store(tmp_path / name, format_name, layout, encoding, finish=finish, shards=shards)
+        write_store(f"memory://bucket/{name}", format_name, layout, encoding, finish=finish, shards=shards)
+        fs = fsspec.filesystem("memory")
+        published = {path[len(f"/bucket/{name}/"):]: fs.cat_file(path) for path in fs.find(f"/bucket/{name}")}
+        local = {str(p.relative_to(tmp_path / name)): p.read_bytes() for p in (tmp_path / name).rglob("*")
+                 if p.is_file() and p.name != "writer.lock"}  # the lock guards the mirror; it is not published
+        assert published == local and "manifest.json" in local and "tokenizer/tokenizer.json" in local
+        a = open_store(tmp_path / name, allow_incomplete=True)
+        b = open_store(f"memory://bucket/{name}", allow_incomplete=True)
+        assert a.shards == b.shards
+        for column, array in a.read_rows(rows % len(a)).items():
+            np.testing.assert_array_equal(array, b.read_rows(rows % len(b))[column])
+
+
+def test_a_remote_writer_publishes_files_then_their_record_then_the_manifest(tmp_path, monkeypatch):
+    calls = []
+    upload, remove = Remote.upload, Remote.remove
+    monkeypatch.setattr(Remote, "upload", lambda self, relative, replace=True: (
+        calls.append(("upload", relative, replace)), upload(self, relative, replace)))
+    monkeypatch.setattr(Remote, "remove", lambda self, relative: (calls.append(("remove", relative)),
+                                                                  remove(self, relative)))
+    layout, encoding = make(5, 4, 3, 2)
+    write_store("memory://bucket/ordered", "arrow", layout, encoding)
+    assert calls[0] == ("upload", "manifest.json", False)  # a new store's first manifest
+    assert calls[1] == ("upload", "tokenizer/tokenizer.json", True)
+    shard_calls = [(name, relative) for name, relative, *_ in calls[2:-2]]
+    assert shard_calls == [("upload", relative) for index in range(3) for relative in
+                           (f"shards/shard-0000{index}.arrow", f"progress/shard-0000{index}.json")]
+    assert calls[-2:] == [("upload", "manifest.json", True), ("remove", "progress")]

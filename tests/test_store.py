@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from softcache import StoreError, open_store
 from softcache.store import FORMATS, Encoding, Layout, StoreWriter, id_dtype_for
 from softcache.store.convert import convert_store
-from softcache.store.encoding import encode
+from softcache.store.encoding import Ragged, encode
+from softcache.store.manifest import ShardRecord
 from softcache.store.registry import storage_section
 
 
@@ -87,6 +89,23 @@ def test_roundtrip(tmp_path, format_name, vocab):
     with pytest.raises(IndexError):
         store.read(10, 12)
     assert store.verify() == []
+
+
+@pytest.mark.parametrize("format_name", sorted(FORMATS))
+def test_readers_return_the_columns_written(tmp_path, format_name):
+    layout = Layout(5, 4, 5)
+    encoding = Encoding("topp", 3, 70000, ids="bitpack", values="log8")
+    writer = StoreWriter.open(tmp_path / "s", header(layout, encoding, format_name))
+    columns = encode(encoding, **random_targets(5, 4, encoding, seed=0))
+    writer.write_shard(0, columns)
+    writer.finish()
+    read = open_store(tmp_path / "s").shard_columns(0)
+    assert list(read) == list(encoding.columns)
+    for name, value in columns.items():
+        assert isinstance(read[name], Ragged) == isinstance(value, Ragged), name
+        for got, want in zip(read[name], value) if isinstance(value, Ragged) else [(read[name], value)]:
+            assert got.dtype == want.dtype, name
+            np.testing.assert_array_equal(got, want)
 
 
 def test_extreme_ids_roundtrip(tmp_path):
@@ -174,11 +193,11 @@ def test_verify_names_flipped_byte_and_missing_shard(tmp_path, format_name):
     write_store(tmp_path / "s", format_name, layout, encoding)
     store = open_store(tmp_path / "s")
     assert store.verify() == []
-    flipped = tmp_path / "s" / store.shards[1]["files"][-1]["path"]
+    flipped = tmp_path / "s" / store.shards[1].files[-1].path
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
-    (tmp_path / "s" / store.shards[2]["files"][0]["path"]).unlink()
+    (tmp_path / "s" / store.shards[2].files[0].path).unlink()
     (tmp_path / "s" / "tokenizer" / "tokenizer.json").write_text('{"changed": true}')
     problems = store.verify()
     assert len(problems) == 3
@@ -200,6 +219,36 @@ def test_convert_roundtrip(tmp_path, source_format, dest_format):
         np.testing.assert_array_equal(array, b.read(0, 7)[name])
     assert (tmp_path / "b" / "tokenizer" / "tokenizer.json").exists()
     assert b.verify() == [] and c.verify() == []
+
+
+def test_leaving_the_writer_block_frees_the_lock_also_on_an_error(tmp_path):
+    layout, encoding = make(4, 4, 3, 2)
+    root = tmp_path / "s"
+    with pytest.raises(RuntimeError, match="the teacher crashed"):
+        with StoreWriter.open(root, header(layout, encoding, "zarr")) as writer:
+            assert (root / "writer.lock").is_file()
+            writer.write_shard(0, encode(encoding, **random_targets(2, layout.seq_len, encoding, seed=0)))
+            raise RuntimeError("the teacher crashed")
+    assert not (root / "writer.lock").exists()
+    with StoreWriter.open(root, header(layout, encoding, "zarr")) as writer:
+        assert writer.pending == [1]
+    assert not (root / "writer.lock").exists()  # left without finishing, and without an error
+
+
+def test_an_interrupted_conversion_frees_dest_and_resumes(tmp_path):
+    layout, encoding = make(7, 5, 4, 3)
+    write_store(tmp_path / "a", "zarr", layout, encoding)
+
+    def stop_after_first(index):
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(tmp_path / "a", tmp_path / "b", "arrow", on_shard=stop_after_first)
+    assert not (tmp_path / "b" / "writer.lock").exists() and (tmp_path / "b" / "progress").is_dir()
+    done = []
+    convert_store(tmp_path / "a", tmp_path / "b", "arrow", on_shard=done.append)
+    assert done == [1, 2] and open_store(tmp_path / "b").verify() == []
 
 
 def test_manifest_problems_are_one_clear_error(tmp_path):
@@ -228,7 +277,7 @@ def test_readers_check_a_shard_when_they_first_read_it(tmp_path, format_name):
     layout, encoding = make(9, 5, 4, 3)
     written = write_store(tmp_path / "s", format_name, layout, encoding)
     store = open_store(tmp_path / "s")
-    damaged = tmp_path / "s" / store.shards[1]["files"][-1]["path"]
+    damaged = tmp_path / "s" / store.shards[1].files[-1].path
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0x01
     damaged.write_bytes(bytes(data))
@@ -271,3 +320,54 @@ def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     writer.write_shard(1, encode(encoding, **random_targets(count, layout.seq_len, encoding, seed=1)))
     writer.finish()
     assert not (root / "writer.lock").exists()  # released with the finished store
+
+
+def test_shard_records_write_back_key_for_key(tmp_path):
+    layout, encoding = make(5, 4, 3, 3)
+    root = tmp_path / "s"
+    with StoreWriter.open(root, header(layout, encoding, "zarr")) as writer:
+        for index, nll in ((0, {"sum": 12.25, "count": 11}), (1, None)):
+            _, count = layout.shard_bounds(index)
+            record = writer.write_shard(index, encode(encoding, **random_targets(count, 4, encoding, index)), nll)
+            text = (root / "progress" / f"shard-0000{index}.json").read_text()
+            parsed = ShardRecord.from_dict(json.loads(text))
+            assert parsed == record and json.dumps(parsed.to_dict(), indent=2) + "\n" == text
+            assert list(parsed.to_dict()) == ["index", "first", "count", "bytes", "content_sha256", "files"] + (
+                ["teacher_nll"] if nll else [])
+            assert [list(f) for f in parsed.to_dict()["files"]] == [["path", "bytes", "sha256"]] * len(record.files)
+        writer.finish()
+    store = open_store(root)
+    assert store.shards == list(writer.done.values()) and store.shards[0].teacher_nll == {"sum": 12.25, "count": 11}
+    table = json.loads((root / "manifest.json").read_text())["shards"]
+    assert json.dumps([s.to_dict() for s in store.shards]) == json.dumps(table)
+
+
+def test_a_malformed_progress_record_is_ignored_and_its_shard_rewritten(tmp_path):
+    layout, encoding = make(10, 4, 3, 3)
+    write_store(tmp_path / "s", "arrow", layout, encoding, finish=False, shards=[0, 1, 2])
+    for index, change in ((1, {"count": "3"}), (2, {"files": {"path": "shards/shard-00002.arrow"}})):
+        path = tmp_path / "s" / "progress" / f"shard-0000{index}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    assert [s.index for s in open_store(tmp_path / "s", allow_incomplete=True).shards] == [0]
+    assert StoreWriter.open(tmp_path / "s", header(layout, encoding, "arrow")).pending == [1, 2, 3]
+
+
+@pytest.mark.parametrize("key,damage,message", [
+    ("shards", lambda shards: [shards[0], {**shards[1], "count": "3"}], r"shards\[1\]\.count is \"3\", not int"),
+    ("shards", lambda shards: [{**shards[0], "files": [{"path": "x", "bytes": 1}]}],
+     r"shards\[0\]\.files\[0\] lacks the field 'sha256'"),
+    ("shards", lambda shards: {"0": shards[0]}, r"shards is \{.*, not a list"),
+    ("files", lambda files: [{**files[0], "bytes": None}], r"files\[0\]\.bytes is null, not int"),
+])
+def test_a_damaged_table_in_a_complete_manifest_is_a_store_error_naming_it(tmp_path, key, damage, message):
+    layout, encoding = make(4, 4, 3, 2)
+    write_store(tmp_path / "s", "zarr", layout, encoding)
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, key: damage(manifest[key])}))
+    expected = rf"{re.escape(str(path))}: {message}; the store's manifest is damaged"
+    with pytest.raises(StoreError, match=expected):
+        open_store(tmp_path / "s")
+    if key == "shards":  # a writer reopening the complete store reads its shard table too
+        with pytest.raises(StoreError, match=expected):
+            StoreWriter.open(tmp_path / "s", header(layout, encoding, "zarr"))

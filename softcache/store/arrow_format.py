@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
-from softcache.store.encoding import Encoding
+from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import atomic_file
 from softcache.store.layout import Layout
 
@@ -52,9 +51,9 @@ class ArrowFormat:
         arrays = []
         for name in encoding.columns:
             value = columns[name]
-            if isinstance(value, tuple):
-                flat, offsets = value
-                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat)))
+            if isinstance(value, Ragged):
+                offsets = pa.array(value.offsets, pa.int64())
+                arrays.append(pa.LargeListArray.from_arrays(offsets, pa.array(value.values)))
             else:
                 arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(value.reshape(-1)), layout.seq_len))
         batch = pa.record_batch(arrays, schema=_schema(layout, encoding))
@@ -88,6 +87,6 @@ class ArrowReader:
                 if name in self.encoding.fixed_columns:
                     columns[name] = flat.reshape(batch.num_rows, self.layout.seq_len)
                 else:
-                    columns[name] = (flat, column.offsets.to_numpy(zero_copy_only=True))
+                    columns[name] = Ragged(flat, column.offsets.to_numpy(zero_copy_only=True))
             self._shards[index] = columns
         return self._shards[index]

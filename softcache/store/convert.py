@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
+from softcache.store.encoding import Ragged
 from softcache.store.reader import open_store
 from softcache.store.registry import storage_section
 from softcache.store.writer import StoreWriter, derived_header
@@ -30,21 +31,18 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
         storage=storage_section(format_name, store.layout, store.encoding, codec),
         converted_from={"storage": store.manifest["storage"], "content_sha256": store.manifest["totals"]["content_sha256"]},
     )
-    writer = StoreWriter.open(dest, header, out_flag="DEST")
-    if writer.complete:
-        return writer.header
-    try:
+    with StoreWriter.open(dest, header, out_flag="DEST") as writer:  # a conversion that stops early frees DEST
+        if writer.complete:
+            return writer.header
         if store.tokenizer_path.is_dir():
             writer.save_tokenizer(lambda directory: shutil.copytree(store.tokenizer_path, directory))
         for index in writer.pending:
-            columns = {name: tuple(np.ascontiguousarray(a) for a in value) if isinstance(value, tuple)
+            columns = {name: Ragged(*map(np.ascontiguousarray, value)) if isinstance(value, Ragged)
                        else np.ascontiguousarray(value) for name, value in store.shard_columns(index).items()}
-            writer.write_shard(index, columns, teacher_nll=store.shards[index].get("teacher_nll"))
+            writer.write_shard(index, columns, teacher_nll=store.shards[index].teacher_nll)
             if on_shard is not None:
                 on_shard(index)
         manifest = writer.finish()
-    finally:
-        writer.release_lock()  # a conversion that stops early frees DEST for the rerun
     if manifest["totals"]["content_sha256"] != store.manifest["totals"]["content_sha256"]:
         raise StoreError(f"converting {source} to {dest} changed the content digest; the new store is not equivalent")
     return manifest

@@ -8,14 +8,12 @@ losses. Slot 0 is always a real entry.
 
 On disk, per sequence, there are *fixed* columns of ``seq_len`` values (``input_ids``, and when
 needed ``target_lengths`` and ``target_tail``) and *ragged* columns holding only the real entries,
-position after position (``target_ids``, ``target_values``), with per-sequence offsets. Nothing
-is stored for padding.
+position after position (``target_ids``, ``target_values``), with per-sequence offsets: a
+:class:`Ragged` pair. Nothing is stored for padding.
 
-Target kinds:
-- ``topk``: the k most probable ids (k entries everywhere; no lengths column).
-- ``topp``: the smallest set of most probable ids whose mass reaches p, at most k.
-- ``sampled``: ``samples`` draws with replacement from the teacher; unique ids with counts. The
-  target count / samples is an unbiased estimate of the teacher's distribution (no tail).
+What the targets mean is their kind (softcache.kinds.TARGET_KINDS: top-k, top-p, sampled): the
+kind says whether every position keeps exactly k entries (then no lengths column is stored) and
+which value codes can hold it.
 
 Id codes (``ids``):
 - ``plain``: ids in uint16 (vocabularies up to 65,536) or int32.
@@ -40,10 +38,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-KINDS = ("topk", "topp", "sampled")
+from softcache.kinds import TARGET_KINDS
+
 ID_CODES = ("plain", "delta", "bitpack")
 VALUE_CODES = ("float16", "log8", "counts")
 LOG8_STEP = 20.0 / 255
@@ -71,8 +71,9 @@ class Encoding:
     """What the targets are and how they are coded; saved as the manifest's ``encoding`` section."""
 
     kind: str
+    """A key of softcache.kinds.TARGET_KINDS."""
     k: int
-    """Entries per position: exactly k for topk, at most k for topp and sampled."""
+    """Entries per position: exactly k for a fixed-length kind (topk), else at most k."""
     vocab_size: int
     ids: str = "plain"
     values: str = "float16"
@@ -80,13 +81,14 @@ class Encoding:
     """Draws per position (sampled targets only)."""
 
     def __post_init__(self):
-        assert self.kind in KINDS and self.ids in ID_CODES and self.values in VALUE_CODES, self
-        assert (self.values == "counts") == (self.kind == "sampled"), "sampled targets, and only they, store counts"
+        assert self.kind in TARGET_KINDS and self.ids in ID_CODES and self.values in VALUE_CODES, self
+        assert self.values in TARGET_KINDS[self.kind].value_codes, f"{self.kind} targets cannot be stored as {self.values}"
+        assert (self.values == "counts") == (self.samples is not None), "counts need the number of draws"
         assert 1 <= self.k <= self.vocab_size
 
     @property
     def fixed_length(self) -> bool:
-        return self.kind == "topk"
+        return TARGET_KINDS[self.kind].fixed_length
 
     @property
     def bits(self) -> int:
@@ -126,20 +128,29 @@ class Encoding:
         return cls(**{f.name: data.get(f.name) for f in dataclasses.fields(cls) if f.name in data})
 
 
-# ---- columns: fixed arrays [n, L] and ragged (flat, offsets[n + 1]) per sequence ----------------
+# ---- columns: fixed arrays [n, L] and ragged (values, offsets[n + 1]) per sequence --------------
+
+class Ragged(NamedTuple):
+    """A ragged column of n sequences: their entries one after another, and where each one starts."""
+
+    values: np.ndarray
+    """[total] entries in the column's on-disk dtype (bitpacked ids: the packed bytes, uint8)."""
+    offsets: np.ndarray
+    """[n + 1] int64: sequence i's entries (bitpacked: bytes) are ``values[offsets[i]:offsets[i + 1]]``."""
+
 
 def take(columns: dict, rows: np.ndarray) -> dict:
     """The columns of sequences ``rows`` (positions inside ``columns``, any order, repeats allowed)."""
     out = {}
     for name, value in columns.items():
-        if isinstance(value, tuple):
+        if isinstance(value, Ragged):
             flat, offsets = value
             starts, stops = offsets[rows], offsets[rows + 1]
             sizes = stops - starts
             new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
             np.cumsum(sizes, out=new_offsets[1:])
             index = np.arange(new_offsets[-1], dtype=np.int64) + np.repeat(starts - new_offsets[:-1], sizes)
-            out[name] = (flat[index], new_offsets)
+            out[name] = Ragged(flat[index], new_offsets)
         else:
             out[name] = value[rows]
     return out
@@ -151,11 +162,11 @@ def concat(parts: list[dict]) -> dict:
         return parts[0]
     out = {}
     for name, value in parts[0].items():
-        if isinstance(value, tuple):
-            flats = [p[name][0] for p in parts]
+        if isinstance(value, Ragged):
+            flats = [p[name].values for p in parts]
             shifts = np.cumsum([0] + [len(f) for f in flats[:-1]])
-            offsets = np.concatenate([[0]] + [p[name][1][1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
-            out[name] = (np.concatenate(flats), offsets)
+            offsets = np.concatenate([[0]] + [p[name].offsets[1:] + s for p, s in zip(parts, shifts)]).astype(np.int64)
+            out[name] = Ragged(np.concatenate(flats), offsets)
         else:
             out[name] = np.concatenate([p[name] for p in parts])
     return out
@@ -203,16 +214,16 @@ def encode(encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, values: n
             log_tail = _log1mexp(np.minimum(_logsumexp(np.where(valid, values, -np.inf)), 0.0))
         columns["target_tail"] = np.asarray(log_tail, dtype=np.float64).astype(np.float16)
     columns["target_ids"] = _encode_ids(encoding, ids, valid, per_sequence, entry_offsets)
-    columns["target_values"] = (_encode_values(encoding, values, valid), entry_offsets)
+    columns["target_values"] = Ragged(_encode_values(encoding, values, valid), entry_offsets)
     return columns
 
 
-def _encode_ids(encoding: Encoding, ids: np.ndarray, valid: np.ndarray, per_sequence, entry_offsets):
+def _encode_ids(encoding: Encoding, ids: np.ndarray, valid: np.ndarray, per_sequence, entry_offsets) -> Ragged:
     if encoding.ids == "delta":
         previous = np.concatenate([np.zeros_like(ids[..., :1]), ids[..., :-1]], axis=-1)
-        return (ids - previous)[valid].astype(encoding.dtype("target_ids")), entry_offsets
+        return Ragged((ids - previous)[valid].astype(encoding.dtype("target_ids")), entry_offsets)
     if encoding.ids == "plain":
-        return ids[valid].astype(encoding.dtype("target_ids")), entry_offsets
+        return Ragged(ids[valid].astype(encoding.dtype("target_ids")), entry_offsets)
     bits = encoding.bits
     flat = ids[valid].astype(np.uint64)
     sizes = (per_sequence * bits + 7) // 8
@@ -225,7 +236,7 @@ def _encode_ids(encoding: Encoding, ids: np.ndarray, valid: np.ndarray, per_sequ
     id_bits = ((flat[:, None] >> np.arange(bits, dtype=np.uint64)) & 1).astype(np.uint8)
     stream = np.zeros(int(byte_offsets[-1]) * 8, dtype=np.uint8)
     stream[(start_bit[:, None] + np.arange(bits)).reshape(-1)] = id_bits.reshape(-1)
-    return np.packbits(stream, bitorder="little"), byte_offsets
+    return Ragged(np.packbits(stream, bitorder="little"), byte_offsets)
 
 
 def _encode_values(encoding: Encoding, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -251,7 +262,7 @@ def decode(encoding: Encoding, columns: dict) -> tuple[np.ndarray, np.ndarray]:
         lengths = columns["target_lengths"].reshape(-1).astype(np.int64)
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
-    ids = _decode_ids(encoding, columns["target_ids"], columns["target_values"][1], lengths, starts)
+    ids = _decode_ids(encoding, columns["target_ids"], columns["target_values"].offsets, lengths, starts)
     logprobs = _decode_values(encoding, columns, lengths, starts)
     if encoding.fixed_length:
         return ids.reshape(n, length, k), logprobs.reshape(n, length, k)
@@ -264,7 +275,7 @@ def decode(encoding: Encoding, columns: dict) -> tuple[np.ndarray, np.ndarray]:
     return out_ids.reshape(n, length, k), out_values.reshape(n, length, k)
 
 
-def _decode_ids(encoding: Encoding, column, entry_offsets, lengths, starts) -> np.ndarray:
+def _decode_ids(encoding: Encoding, column: Ragged, entry_offsets, lengths, starts) -> np.ndarray:
     flat, offsets = column
     if encoding.ids == "plain":
         return flat.astype(np.int64)
@@ -286,7 +297,7 @@ def _decode_ids(encoding: Encoding, column, entry_offsets, lengths, starts) -> n
 
 
 def _decode_values(encoding: Encoding, columns: dict, lengths, starts) -> np.ndarray:
-    flat = columns["target_values"][0]
+    flat = columns["target_values"].values
     if encoding.values == "float16":
         return flat.astype(np.float32)
     if encoding.values == "counts":

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from softcache.store.encoding import Ragged
+from softcache.store.manifest import FileEntry
+
 TMP_MARK = ".tmp-"
 _HASH_BLOCK = 1 << 22
 
@@ -64,21 +67,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_file(root: Path, relative: str) -> dict:
+def describe_file(root: Path, relative: str) -> FileEntry:
     """The shard-table entry of one file: its path relative to the store, size and sha256."""
     path = root / relative
-    return {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return FileEntry(path=relative, bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
-def check_file(root: Path, entry: dict) -> str | None:
-    """What is wrong with the file a shard-table ``entry`` describes, or None when it is intact."""
-    path = root / entry["path"]
+def check_file(root: Path, entry: FileEntry) -> str | None:
+    """What is wrong with the file a shard-table ``entry`` describes (under ``root``), or None when it
+    is intact."""
+    path = root / entry.path
     if not path.is_file():
         return "is missing"
     size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"has {size} bytes, expected {entry['bytes']}"
-    if sha256_file(path) != entry["sha256"]:
+    if size != entry.bytes:
+        return f"has {size} bytes, expected {entry.bytes}"
+    if sha256_file(path) != entry.sha256:
         return "fails its sha256 checksum"
     return None
 
@@ -89,7 +93,7 @@ def content_sha256(columns: dict) -> str:
     digest = hashlib.sha256()
     for name, value in columns.items():
         digest.update(name.encode())
-        for array in value if isinstance(value, tuple) else (value,):
+        for array in value if isinstance(value, Ragged) else (value,):
             digest.update(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)
     return digest.hexdigest()
 

@@ -289,13 +289,78 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def read_progress(root: Path) -> dict[int, dict]:
-    """Shard records of an unfinished job, by shard index; unreadable records are ignored."""
+def read_progress(root: Path) -> dict[int, ShardRecord]:
+    """Shard records of an unfinished job, by shard index; unreadable or malformed records are ignored
+    (their shards count as not written)."""
     records = {}
     for path in sorted((root / PROGRESS_DIR).glob("shard-*.json")):
         try:
-            record = json.loads(path.read_text())
-            records[int(record["index"])] = record
-        except (OSError, ValueError, KeyError, TypeError):
+            record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
+        except (OSError, ValueError, StoreError):
             continue
+        records[record.index] = record
     return records
+
+
+# ---- the shard table ------------------------------------------------------------------------------
+# A shard's record is written to progress/ once the shard is durable, and copied into the complete
+# manifest's ``shards``. Both are parsed here, where a store is opened; ``to_dict`` writes a record
+# back key for key (teacher_nll only when it was recorded).
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry(Section):
+    """One file of a store, as its shard table (or the manifest's ``files``) lists it."""
+
+    path: str
+    """Relative to the store's root, "/"-separated."""
+    bytes: int
+    """Size in bytes."""
+    sha256: str
+    """Hex digest of the file's bytes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardRecord(Section):
+    """One finished shard: where its sequences are, what its files are, and digests to check both."""
+
+    index: int
+    first: int
+    """Global index of the shard's first sequence."""
+    count: int
+    """Sequences in the shard."""
+    bytes: int
+    """Size of its files together, in bytes."""
+    content_sha256: str
+    """Digest of its columns, independent of format and codec (softcache.store.files.content_sha256)."""
+    files: tuple[FileEntry, ...]
+    teacher_nll: dict | None = None
+    """{"sum": nats, "count": positions}: the teacher's summed cross-entropy on the shard's labelled
+    positions (its true next tokens), when the job measured it."""
+
+    _OMIT_NONE = ("teacher_nll",)
+
+    @classmethod
+    def from_dict(cls, data, where: str = "shard record") -> ShardRecord:
+        if isinstance(data, dict) and "files" in data:
+            files = data["files"]
+            if not isinstance(files, list):
+                raise StoreError(f"{where}.files is {json.dumps(files)[:40]}, not a list")
+            data = {**data, "files": tuple(FileEntry.from_dict(entry, f"{where}.files[{i}]")
+                                           for i, entry in enumerate(files))}
+        return super().from_dict(data, where)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "files": [entry.to_dict() for entry in self.files]}
+
+
+def manifest_table(manifest: dict, key: str, section: type[Section], path: Path) -> list:
+    """A complete manifest's list ``key`` (``"shards"``: ShardRecord, ``"files"``: FileEntry), parsed;
+    absent is empty, and a malformed one is a :class:`StoreError` naming ``path`` (the manifest)."""
+    rows = manifest.get(key, [])
+    try:
+        if not isinstance(rows, list):
+            raise StoreError(f"{path}: {key} is {json.dumps(rows)[:40]}, not a list")
+        return [section.from_dict(row, f"{path}: {key}[{i}]") for i, row in enumerate(rows)]
+    except StoreError as err:
+        raise StoreError(f"{err}; the store's manifest is damaged") from None

@@ -1,8 +1,10 @@
 """Reading and verifying a store, whatever its format.
 
-:class:`Store` maps sequence numbers to shards through the manifest's shard table and returns
-numpy arrays. A store whose teacher job has not finished is refused unless the caller asks for
-its complete part (``allow_incomplete=True``), which then reads only shards with a progress record.
+:class:`Store` maps sequence numbers to shards through the manifest's shard table (parsed once, into
+:class:`~softcache.store.manifest.ShardRecord` objects) and returns numpy arrays. A store whose
+teacher job has not finished is refused unless the caller asks for its complete part
+(``allow_incomplete=True``), which then reads only shards with a progress record. A store at a URL
+is read through a local mirror, each file fetched when first needed (softcache.store.storage).
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from softcache.store.manifest import (
     MANIFEST,
     TOKENIZER_DIR,
     CorpusSection,
-    StorageSection,
+    FileEntry,
+    ShardRecord,
     TargetsSection,
     TeacherSection,
     TokenizerSection,
     Totals,
+    manifest_table,
     read_manifest,
     read_progress,
     read_sections,
 )
 from softcache.store.registry import make_format
-from softcache.store.remote import Remote, is_remote
+from softcache.store.storage import open_storage
 
 
 class Store:
@@ -42,34 +46,31 @@ class Store:
                  verify_checksums: bool = True):
         self.verify_checksums = verify_checksums
         """Check each shard's files against their sha256 the first time this object reads the shard."""
-        self.remote = None
-        """For a store at a URL: its transfers; ``root`` is then the local mirror (softcache.store.remote)."""
-        if is_remote(root):
-            self.remote = Remote(root)
-            if not self.remote.exists(MANIFEST):
-                raise StoreError(f"{root} is not a softcache store (no {MANIFEST})")
-            self.remote.download(MANIFEST)
-            root = self.remote.local
-        self.root = Path(root)
+        self.storage = open_storage(root)
+        """Where the store's files are (softcache.store.storage); ``root`` is its local directory."""
+        self.storage.pull_manifest()
+        self.root = self.storage.local
         self.manifest = read_manifest(self.root)
         self.layout = Layout.from_dict(self.manifest["layout"])
         self.encoding = Encoding.from_dict(self.manifest["encoding"])
-        self.format = make_format(self.manifest["storage"])
         sections = read_sections(self.manifest, self.root / MANIFEST)
+        self.format = make_format(self.manifest["storage"])
+        """The on-disk format (``.name``, ``.codec``) the manifest's storage section describes."""
         self.targets: TargetsSection = sections["targets"]
         """What the targets are (``store.targets.kind``, ``.temperature``, ``.spec``: softcache.kinds)."""
         self.teacher: TeacherSection = sections["teacher"]
         self.tokenizer: TokenizerSection = sections["tokenizer"]
         self.corpus: CorpusSection = sections["corpus"]
-        self.storage: StorageSection = sections["storage"]
         self.totals: Totals | None = sections["totals"]
         """Sums over the shards; None until the store is complete."""
         self.cached_shards = cached_shards
+        manifest_path = self.root / MANIFEST
+        self.tokenizer_files: list[FileEntry] = manifest_table(self.manifest, "files", FileEntry, manifest_path)
+        """The tokenizer's files (the complete manifest's ``files``), checked by :meth:`verify`."""
         if self.manifest["complete"]:
-            self.shards = list(self.manifest["shards"])
+            shards = manifest_table(self.manifest, "shards", ShardRecord, manifest_path)
         else:
-            if self.remote is not None:
-                self.remote.pull_state(fresh=False, files=False)  # shards are fetched when read
+            self.storage.pull_state(fresh=False, files=False)  # shards are fetched when read
             records = read_progress(self.root)
             if not allow_incomplete:
                 raise StoreError(
@@ -78,13 +79,14 @@ class Store:
                     "softcache cache command to finish it, or read the finished part on purpose "
                     "(softcache train --allow-incomplete; open_store(..., allow_incomplete=True))"
                 )
-            self.shards = [records[i] for i in sorted(records)]
-        self._ends = np.cumsum([s["count"] for s in self.shards], dtype=np.int64)
+            shards = [records[i] for i in sorted(records)]
+        self.shards: list[ShardRecord] = shards
+        """The readable shards in order: the manifest's shard table, or the progress records."""
+        self._ends = np.cumsum([s.count for s in self.shards], dtype=np.int64)
         self._reader = None
         self._fetched: set[int] = set()
-        if self.remote is not None:
-            for entry in self.manifest.get("files", []):  # the tokenizer
-                self.remote.download(entry["path"], entry)
+        for entry in self.tokenizer_files:
+            self.storage.fetch(entry.path, entry)
 
     @property
     def complete(self) -> bool:
@@ -111,17 +113,17 @@ class Store:
         """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
         if slot not in self._fetched:
             shard = self.shards[slot]
-            for entry in shard["files"]:
-                if self.remote is not None:  # a download is checked against its sha256 anyway
-                    self.remote.download(entry["path"], entry)
-                elif self.verify_checksums and (problem := check_file(self.root, entry)):
-                    raise StoreError(f"{self.root}: shard {shard['index']} ({entry['path']}) {problem}; the store is "
+            check = self.verify_checksums and not self.storage.checks_fetches  # a download is checked anyway
+            for entry in shard.files:
+                self.storage.fetch(entry.path, entry)
+                if check and (problem := check_file(self.root, entry)):
+                    raise StoreError(f"{self.root}: shard {shard.index} ({entry.path}) {problem}; the store is "
                                      f"damaged (softcache verify {self.root} lists every damaged file; restore them "
                                      "from a copy or write the store again)")
             self._fetched.add(slot)
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
-        return self._reader.load(self.shards[slot]["index"])
+        return self._reader.load(self.shards[slot].index)
 
     def read_columns(self, indices) -> dict:
         """The encoded columns of sequences ``indices`` (any order, repeats allowed), in that order.
@@ -136,7 +138,7 @@ class Store:
         parts = []
         for slot in np.unique(slots):
             where = order[slots[order] == slot]
-            local = indices[where] - (int(self._ends[slot]) - self.shards[slot]["count"])
+            local = indices[where] - (int(self._ends[slot]) - self.shards[slot].count)
             parts.append(take(self.shard_columns(int(slot)), local))
         if not parts:
             return take(self.shard_columns(0), np.zeros(0, dtype=np.int64)) if self.shards else {}
@@ -164,29 +166,28 @@ class Store:
     def verify(self) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is intact)."""
         problems = []
-        if self.remote is not None:  # check the remote files, through fresh downloads
-            for shard in self.shards:
-                for entry in shard["files"]:
-                    try:
-                        self.remote.download(entry["path"])
-                    except StoreError as err:
-                        problems.append(f"shard {shard['index']}: {err}")
-            for entry in self.manifest.get("files", []):
+        for shard in self.shards:  # a remote store's files are fetched again: the remote copies are checked
+            for entry in shard.files:
                 try:
-                    self.remote.download(entry["path"])
+                    self.storage.fetch(entry.path)
                 except StoreError as err:
-                    problems.append(str(err))
+                    problems.append(f"shard {shard.index}: {err}")
+        for entry in self.tokenizer_files:
+            try:
+                self.storage.fetch(entry.path)
+            except StoreError as err:
+                problems.append(str(err))
         if not self.complete:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
         for shard in self.shards:
-            for entry in shard["files"]:
+            for entry in shard.files:
                 problem = check_file(self.root, entry)
                 if problem:
-                    problems.append(f"shard {shard['index']}: {entry['path']} {problem}")
-        for entry in self.manifest.get("files", []):
+                    problems.append(f"shard {shard.index}: {entry.path} {problem}")
+        for entry in self.tokenizer_files:
             problem = check_file(self.root, entry)
             if problem:
-                problems.append(f"{entry['path']} {problem}")
+                problems.append(f"{entry.path} {problem}")
         return problems
 
 

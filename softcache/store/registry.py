@@ -18,7 +18,7 @@ from softcache.store.zarr_format import ZarrFormat
 
 class ShardReader(Protocol):
     def load(self, index: int) -> dict:
-        """Every column of shard ``index``, in on-disk dtypes (fixed: [count, L]; ragged: (flat, offsets))."""
+        """Every column of shard ``index``, in on-disk dtypes (fixed: [count, L]; ragged: a Ragged)."""
 
 
 class StoreFormat(Protocol):

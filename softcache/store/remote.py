@@ -1,7 +1,8 @@
 """Stores at fsspec URLs (``s3://``, ``gs://``, ``memory://``, ``file://``, ...), through a local mirror.
 
 The formats read and write local files (memory maps, zarr's local store, atomic renames). A remote
-store is a local directory that mirrors it, plus transfers done with fsspec:
+store is a local directory that mirrors it, plus transfers done with fsspec (:class:`Remote`, the
+URL case of softcache.store.storage's :class:`~softcache.store.storage.Storage`):
 
 - writing: the job writes the mirror as usual and uploads each shard's files, then the shard's
   progress record, and, last, the complete manifest, so no manifest ever lists a shard that is not
@@ -15,6 +16,7 @@ store is a local directory that mirrors it, plus transfers done with fsspec:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from softcache.errors import StoreError
 from softcache.store.files import TMP_MARK, check_file, fsync_path
+from softcache.store.manifest import MANIFEST, PROGRESS_DIR, FileEntry, ShardRecord
 
 CACHE_ENV = "SOFTCACHE_CACHE"
 
@@ -41,6 +44,9 @@ def mirror_dir(url: str) -> Path:
 
 class Remote:
     """Transfers between a store at ``url`` and its local mirror ``local``."""
+
+    checks_fetches = True
+    """Every download with an entry is checked against its size and sha256."""
 
     def __init__(self, url: str, local: Path | None = None):
         import fsspec
@@ -71,10 +77,10 @@ class Remote:
             return []
         return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
 
-    def download(self, relative: str, entry: dict | None = None) -> Path:
-        """Copy ``relative`` into the mirror (under a temporary name, then renamed) and return its local
-        path. With a shard-table ``entry`` ({"bytes", "sha256"}), a local copy that already matches
-        is kept, and a download that does not match is refused."""
+    def fetch(self, relative: str, entry: FileEntry | None = None) -> Path:
+        """Download ``relative`` into the mirror (under a temporary name, then renamed) and return its
+        local path. With its shard-table ``entry``, a local copy that already matches is kept, and a
+        download that does not match is refused."""
         target = self.local / relative
         if entry is not None and target.is_file() and check_file(self.local, entry) is None:
             return target
@@ -86,15 +92,18 @@ class Remote:
             partial.unlink(missing_ok=True)
             raise StoreError(f"{self.url}: {relative} is missing") from err
         if entry is not None:
-            problem = check_file(self.local, {**entry, "path": str(partial.relative_to(self.local))})
+            problem = check_file(self.local, dataclasses.replace(entry, path=str(partial.relative_to(self.local))))
             if problem:
                 partial.unlink(missing_ok=True)
                 raise StoreError(f"{self.url}: {relative} {problem} after download; the remote store is damaged")
         os.replace(partial, target)
         return target
 
-    def upload(self, relative: str) -> None:
-        """Copy the mirror's ``relative`` to the remote store (parents created as needed)."""
+    def upload(self, relative: str, replace: bool = True) -> None:
+        """Copy the mirror's ``relative`` to the remote store (parents created as needed);
+        ``replace=False`` leaves a remote file already there as it is."""
+        if not replace and self.exists(relative):
+            return
         remote = self._remote(relative)
         parent = remote.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
@@ -104,30 +113,34 @@ class Remote:
         if self.exists(relative):
             self.fs.rm(self._remote(relative), recursive=True)
 
+    def pull_manifest(self) -> None:
+        """Download the manifest (a reader opening the store); a URL without one is not a store."""
+        if not self.exists(MANIFEST):
+            raise StoreError(f"{self.url} is not a softcache store (no {MANIFEST})")
+        self.fetch(MANIFEST)
+
     def pull_state(self, fresh: bool = True, files: bool = True) -> None:
         """Bring the mirror up to date with the remote store's manifest and progress records, and, with
         ``files``, the files those records list (what a resumed writer needs to decide what is done; a
         reader fetches a shard's files when it reads the shard). ``fresh`` first forgets what the
         mirror held (a writer starting; False for other ranks joining)."""
-        from softcache.store.manifest import MANIFEST, PROGRESS_DIR
-
         if fresh and not self.exists(MANIFEST):
             shutil.rmtree(self.local, ignore_errors=True)  # the remote store is new: so is its mirror
             self.local.mkdir(parents=True, exist_ok=True)
             return
         if fresh:
             shutil.rmtree(self.local / PROGRESS_DIR, ignore_errors=True)
-        self.download(MANIFEST)
+        self.fetch(MANIFEST)
         fsync_path(self.local / MANIFEST)
         for name in self.listdir(PROGRESS_DIR):
             if name.endswith(".json"):
-                self.download(f"{PROGRESS_DIR}/{name}")
+                self.fetch(f"{PROGRESS_DIR}/{name}")
         if not files:
             return
         for path in sorted((self.local / PROGRESS_DIR).glob("*.json")):
             try:
-                record = json.loads(path.read_text())
-                for entry in record["files"]:
-                    self.download(entry["path"], entry)
-            except (ValueError, KeyError, TypeError, StoreError):
+                record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
+                for entry in record.files:
+                    self.fetch(entry.path, entry)
+            except (ValueError, StoreError):
                 continue  # an unusable record: the writer will redo that shard

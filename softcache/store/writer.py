@@ -3,7 +3,13 @@
 :class:`StoreWriter` owns a store directory for one job. Opening it either starts a new store,
 resumes an unfinished one whose identity matches (skipping every shard with a valid progress
 record), or refuses with the list of differences. Shards are written one at a time by exactly one
-writer; the complete manifest is written last.
+writer; the complete manifest is written last. The writer is a context manager: leaving its block,
+finished or not, frees the store's writer lock, so an interrupted job can be rerun at once.
+
+The writer works in a local directory and publishes through its
+:class:`~softcache.store.storage.Storage` as it goes (a no-op for a local store; uploads from a
+local mirror for a store at a URL): each shard's files, then its progress record, and the complete
+manifest last.
 """
 
 from __future__ import annotations
@@ -16,12 +22,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 
-from softcache import __version__
 from softcache.errors import StoreError
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
-from softcache.store.encoding import Encoding, num_rows
+from softcache.store.encoding import Encoding, Ragged, num_rows
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
@@ -29,32 +33,38 @@ from softcache.store.manifest import (
     MANIFEST,
     PROGRESS_DIR,
     TOKENIZER_DIR,
+    ShardRecord,
     identity_differences,
+    manifest_table,
     progress_name,
     read_manifest,
     read_progress,
 )
 from softcache.store.registry import make_format
-from softcache.store.remote import Remote, is_remote
+from softcache.store.storage import Storage, open_storage
+from softcache.version import __version__
 
 
 class StoreWriter:
-    """Writes the shards of one store; use :meth:`open`, then :meth:`write_shard`, then :meth:`finish`."""
+    """Writes the shards of one store: ``with StoreWriter.open(...) as writer:``, then
+    :meth:`write_shard` for each pending shard, then :meth:`finish`."""
 
-    def __init__(self, root: Path, header: dict, done: dict[int, dict], complete: bool, remote: Remote | None = None):
-        self.root = root
-        self.remote = remote
-        """For a store at a URL: its transfers; ``root`` is then the local mirror."""
+    def __init__(self, storage: Storage, header: dict, done: dict[int, ShardRecord], complete: bool):
+        self.storage = storage
+        """Where the store is published (softcache.store.storage); ``root`` is its local directory."""
+        self.root = storage.local
         self.header = header
         self.layout = Layout.from_dict(header["layout"])
         self.encoding = Encoding.from_dict(header["encoding"])
         self.format = make_format(header["storage"])
         self.done = done
+        """Records of the shards written so far (all of them once complete), by shard index."""
         self.complete = complete
 
     @classmethod
     def open(cls, root: str | Path, header: dict, out_flag: str = "--out", join: bool = False) -> StoreWriter:
-        """Start or resume the store at ``root`` described by ``header`` (a manifest without shards).
+        """Start or resume the store at ``root`` (a path or an fsspec URL) described by ``header`` (a
+        manifest without shards).
 
         ``join=True`` is for the other ranks of a multi-rank job, once rank 0 has opened the store:
         it checks the identity but creates nothing and removes nothing (another rank may be writing).
@@ -62,24 +72,26 @@ class StoreWriter:
         Raises :class:`StoreError` if ``root`` holds something else: a file, a directory with other
         content, or a store whose identity sections differ from ``header``'s.
         """
-        if is_remote(root):
-            remote = Remote(root)
-            remote.pull_state(fresh=not join)
-            writer = cls._join(remote.local, header, out_flag) if join else cls.open(remote.local, header, out_flag)
-            writer.remote = remote
-            if not join and not writer.complete and not remote.exists(MANIFEST):
-                remote.upload(MANIFEST)
-            return writer
-        root = Path(root)
+        storage = open_storage(root)
+        storage.pull_state(fresh=not join)  # a store at a URL: what it holds so far, into the mirror
         if join:
-            return cls._join(root, header, out_flag)
+            return cls._join(storage, header, out_flag)
+        writer = cls._start(storage, header, out_flag)
+        if not writer.complete:
+            storage.upload(MANIFEST, replace=False)  # a new store's first manifest, never over a published one
+        return writer
+
+    @classmethod
+    def _start(cls, storage: Storage, header: dict, out_flag: str) -> StoreWriter:
+        """Open the store in ``storage.local`` as its only writer: create it or resume it."""
+        root = storage.local
         if root.exists() and not root.is_dir():
             raise StoreError(f"{out_flag} {root} is a file; give a directory for the store")
         header = _stamped(header)
         if (root / MANIFEST).exists():
             existing = _same_store(root, header, out_flag)
             if existing["complete"]:
-                return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
+                return cls(storage, existing, _shard_table(root, existing), complete=True)
         elif root.exists() and any(root.iterdir()):
             raise StoreError(f"{out_flag} {root} is not empty and holds no softcache store; give a new or empty directory")
         try:
@@ -93,44 +105,47 @@ class StoreWriter:
         remove_temporaries(root)
         if not (root / MANIFEST).exists():
             write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
-        writer = cls(root, header, {}, complete=False)
+        writer = cls(storage, header, {}, complete=False)
         writer.format.prepare(root, writer.layout, writer.encoding)
-        writer.refresh()
+        writer._keep_valid_progress()
         return writer
 
     @classmethod
-    def _join(cls, root: Path, header: dict, out_flag: str) -> StoreWriter:
+    def _join(cls, storage: Storage, header: dict, out_flag: str) -> StoreWriter:
         header = _stamped(header)
-        existing = _same_store(root, header, out_flag)
+        existing = _same_store(storage.local, header, out_flag)
         if existing["complete"]:
-            return cls(root, existing, {s["index"]: s for s in existing["shards"]}, complete=True)
-        writer = cls(root, header, {}, complete=False)
-        writer.refresh()
+            return cls(storage, existing, _shard_table(storage.local, existing), complete=True)
+        writer = cls(storage, header, {}, complete=False)
+        writer._keep_valid_progress()
         return writer
 
     def refresh(self) -> None:
         """Reread the progress records (other ranks' shards included); keep the valid ones."""
-        if self.remote is not None and not self.complete:
-            self.remote.pull_state(fresh=False)
         if not self.complete:
-            self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
+            self.storage.pull_state(fresh=False)
+            self._keep_valid_progress()
+
+    def _keep_valid_progress(self) -> None:
+        """``done`` from the progress records in ``root`` (already pulled), the valid ones only."""
+        self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
 
     @property
     def pending(self) -> list[int]:
         """Shard indices still to write, in order."""
         return [i for i in range(self.layout.num_shards) if i not in self.done]
 
-    def _record_is_valid(self, index: int, record: dict) -> bool:
+    def _record_is_valid(self, index: int, record: ShardRecord) -> bool:
         """A progress record counts only if it is for this layout and its files are intact."""
         try:
             first, count = self.layout.shard_bounds(index)
-            if (record["first"], record["count"]) != (first, count):
+            if (record.first, record.count) != (first, count):
                 return False
-            return all(check_file(self.root, f) is None for f in record["files"])
-        except (IndexError, KeyError, TypeError, OSError):
+            return all(check_file(self.root, f) is None for f in record.files)
+        except (IndexError, OSError):
             return False
 
-    def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> dict:
+    def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> ShardRecord:
         """Write shard ``index`` (its encoded columns, see softcache.store.encoding) durably and
         record it as done.
 
@@ -146,22 +161,13 @@ class StoreWriter:
                 f"could not write shard {index} of {self.root} ({err.strerror or err}); the shards written "
                 "so far are kept: fix the problem and rerun the same command to resume"
             ) from err
-        files = [describe_file(self.root, f) for f in written]
-        record = {
-            "index": index,
-            "first": first,
-            "count": count,
-            "bytes": sum(f["bytes"] for f in files),
-            "content_sha256": content_sha256(columns),
-            "files": files,
-        }
-        if teacher_nll is not None:
-            record["teacher_nll"] = teacher_nll
-        write_json(self.root / progress_name(index), record)
-        if self.remote is not None:  # the files, then the record that vouches for them
-            for entry in files:
-                self.remote.upload(entry["path"])
-            self.remote.upload(progress_name(index))
+        files = tuple(describe_file(self.root, f) for f in written)
+        record = ShardRecord(index=index, first=first, count=count, bytes=sum(f.bytes for f in files),
+                             content_sha256=content_sha256(columns), files=files, teacher_nll=teacher_nll)
+        write_json(self.root / progress_name(index), record.to_dict())
+        for entry in files:  # published: the files, then the record that vouches for them
+            self.storage.upload(entry.path)
+        self.storage.upload(progress_name(index))
         self.done[index] = record
         return record
 
@@ -170,16 +176,23 @@ class StoreWriter:
         assert num_rows(columns) == count, f"{num_rows(columns)} sequences for a shard of {count}"
         for name in self.encoding.columns:
             value = columns[name]
-            array = value[0] if isinstance(value, tuple) else value
+            array = value.values if isinstance(value, Ragged) else value
             assert array.dtype == self.encoding.dtype(name), f"{name}: {array.dtype} != {self.encoding.dtype(name)}"
-            if not isinstance(value, tuple):
-                assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
+            if isinstance(value, Ragged):
+                offsets = value.offsets
+                assert len(offsets) == count + 1 and offsets[-1] == len(value.values), f"{name}: bad offsets"
             else:
-                assert len(value[1]) == count + 1 and value[1][-1] == len(value[0]), f"{name}: bad offsets"
+                assert value.shape == (count, self.layout.seq_len), f"{name}: shape {value.shape}"
 
     def release_lock(self) -> None:
         """Give up the writer lock if this process holds it (a job that stops without finishing)."""
         release_lock(self.root)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release_lock()  # finished or not (an error, an interrupt): the rerun must not be refused
 
     def save_tokenizer(self, save: Callable[[Path], object]) -> None:
         """Call ``save(directory)`` (e.g. a tokenizer's save_pretrained) and swap the result in atomically."""
@@ -189,10 +202,9 @@ class StoreWriter:
         save(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        if self.remote is not None:
-            for path in sorted(final.rglob("*")):
-                if path.is_file():
-                    self.remote.upload(str(path.relative_to(self.root)))
+        for path in sorted(final.rglob("*")):
+            if path.is_file():
+                self.storage.upload(str(path.relative_to(self.root)))
 
     def finish(self) -> dict:
         """Write the complete manifest (last, atomically) and drop the progress records."""
@@ -207,7 +219,7 @@ class StoreWriter:
             for p in sorted(tokenizer_dir.rglob("*"))
             if p.is_file()
         ]
-        data_bytes = sum(s["bytes"] for s in shards)
+        data_bytes = sum(s.bytes for s in shards)
         manifest = {
             **self.header,
             "complete": True,
@@ -219,14 +231,13 @@ class StoreWriter:
                 "content_sha256": store_content_digest(shards),
                 **teacher_cross_entropy(shards),
             },
-            "files": extra,
-            "shards": shards,
+            "files": [entry.to_dict() for entry in extra],
+            "shards": [shard.to_dict() for shard in shards],
         }
         write_json(self.root / MANIFEST, manifest)
         release_lock(self.root)
-        if self.remote is not None:
-            self.remote.upload(MANIFEST)  # last: now the remote store is complete
-            self.remote.remove(PROGRESS_DIR)
+        self.storage.upload(MANIFEST)  # last: now a remote store is complete too
+        self.storage.remove(PROGRESS_DIR)
         shutil.rmtree(self.root / PROGRESS_DIR, ignore_errors=True)
         self.header, self.complete = manifest, True
         return manifest
@@ -245,6 +256,11 @@ def _same_store(root: Path, header: dict, out_flag: str) -> dict:
         raise StoreError(f"{out_flag} {root} holds a different store ({'; '.join(differences)}); "
                          "use another directory, or the settings it was written with")
     return existing
+
+
+def _shard_table(root: Path, manifest: dict) -> dict[int, ShardRecord]:
+    """The records of a complete store's shards, by shard index."""
+    return {shard.index: shard for shard in manifest_table(manifest, "shards", ShardRecord, root / MANIFEST)}
 
 
 LOCK = "writer.lock"
@@ -317,19 +333,19 @@ def derived_header(manifest: dict, **changes) -> dict:
     return {**{key: value for key, value in manifest.items() if key not in BOOKKEEPING}, **changes}
 
 
-def teacher_cross_entropy(shards: list[dict]) -> dict:
+def teacher_cross_entropy(shards: list[ShardRecord]) -> dict:
     """{"teacher_ce": mean nats per labelled position} when every shard recorded the teacher's loss."""
-    if not shards or any("teacher_nll" not in s for s in shards):
+    if not shards or any(s.teacher_nll is None for s in shards):
         return {}
-    count = sum(s["teacher_nll"]["count"] for s in shards)
-    return {"teacher_ce": sum(s["teacher_nll"]["sum"] for s in shards) / max(count, 1)}
+    count = sum(s.teacher_nll["count"] for s in shards)
+    return {"teacher_ce": sum(s.teacher_nll["sum"] for s in shards) / max(count, 1)}
 
 
-def store_content_digest(shards: list[dict]) -> str:
-    """Digest of a store's content, independent of format and codec: sha256 of the shard digests."""
+def store_content_digest(shards: list[ShardRecord]) -> str:
+    """Digest of a store's content, independent of format and codec: sha256 of the shards' digests, in order."""
     import hashlib
 
     digest = hashlib.sha256()
     for shard in shards:
-        digest.update(bytes.fromhex(shard["content_sha256"]))
+        digest.update(bytes.fromhex(shard.content_sha256))
     return digest.hexdigest()

@@ -1,9 +1,10 @@
 """Zarr v3 format: one zarr group per store shard, ``data.zarr/shards/NNNNN``.
 
 A shard's group holds one array per column: the fixed columns as [count, seq_len] arrays, the ragged
-ones as a flat array of entries plus ``<name>_offsets`` [count + 1] (where each sequence's entries
-start). Each group is written under a temporary name, fsynced and renamed into place, so a shard is
-either complete or absent; exactly one writer owns it. Every group opens with plain zarr.
+ones (:class:`~softcache.store.encoding.Ragged`) as a flat array of entries plus ``<name>_offsets``
+[count + 1] (where each sequence's entries start). Each group is written under a temporary name,
+fsynced and renamed into place, so a shard is either complete or absent; exactly one writer owns it.
+Every group opens with plain zarr.
 Readers load a whole shard (its encoded, still compact arrays) and keep the few most recent ones,
 because training reads a handful of shards at a time (see softcache.data).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from softcache.store.encoding import Encoding
+from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import TMP_MARK, fsync_path
 from softcache.store.layout import Layout
 
@@ -67,7 +68,8 @@ class ZarrFormat:
         group = zarr.open_group(str(staging), mode="w")
         with zarr.config.set({"array.write_empty_chunks": True}):  # a shard is always the same set of files
             for name, value in columns.items():
-                arrays = {name: value[0], f"{name}_offsets": value[1]} if isinstance(value, tuple) else {name: value}
+                arrays = ({name: value.values, f"{name}_offsets": value.offsets} if isinstance(value, Ragged)
+                          else {name: value})
                 for array_name, data in arrays.items():
                     row_bytes = max(1, data[0:1].nbytes)
                     chunk = (max(1, min(len(data), CHUNK_BYTES // row_bytes)), *data.shape[1:])
@@ -108,7 +110,8 @@ class ZarrReader:
         columns = {}
         for name in self.encoding.columns:
             data = np.asarray(group[name][...])
-            columns[name] = (data, np.asarray(group[f"{name}_offsets"][...])) if f"{name}_offsets" in group else data
+            offsets = f"{name}_offsets"
+            columns[name] = Ragged(data, np.asarray(group[offsets][...])) if offsets in group else data
         self._cache[index] = columns
         while len(self._cache) > self.cached_shards:
             self._cache.popitem(last=False)
