@@ -6,7 +6,9 @@ mode back to back:
   ce -- input_ids from the store, ``model(input_ids, labels=labels).loss`` (what a user runs without
         softcache), backward, AdamW step;
   kd -- the full batch from the store, the student job's loss (``DistillationLoss``: forward KL, tail
-        bucket) with alpha 0.5, backward, AdamW step.
+        bucket) with alpha 0.5, backward, AdamW step;
+  job -- ``StudentJob.train_step``, the optimiser step ``softcache train`` runs (the same loss, plus the
+        step's valid-position counts, gradient clipping and the learning-rate schedule).
 Medians over rounds of the per-round mean step time. Then the reader alone: StoreDataset batches
 per second for each format and DataLoader worker count, in tokens/s, against what the KD step consumes.
 
@@ -22,6 +24,7 @@ import argparse
 import itertools
 import json
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -30,10 +33,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache.data import StoreDataset
+from softcache.config import TrainConfig
 from softcache.losses import DistillationLoss
 from softcache.optim import adamw
 from softcache.store import open_store
 from softcache.student import build_student
+from softcache.train_job import StudentJob
 
 HERE = Path(__file__).parent
 
@@ -58,6 +63,22 @@ def kd_step(model, optimizer, batch) -> None:
     (0.5 * kd / batch["mask"].sum().clamp_min(1) + 0.5 * ce / (batch["labels"] >= 0).sum().clamp_min(1)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def student_job(args, run_dir: Path) -> StudentJob:
+    """The student job set up to its first step (same store, student, seed, batch and optimiser as above)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = TrainConfig(store=args.store, student=args.student, out=str(run_dir), steps=10**6, batch_size=args.batch_size,
+                         lr=1e-4, weight_decay=0.1, checkpoint_every=10**6, num_workers=0, fused_linear="off",
+                         device="cpu", progress=False)
+    job = StudentJob(config)
+    for step in (job.setup_store, job.setup_model, job.setup_optimizer, job.restore, job.setup_forward, job.setup_data):
+        step()
+    return job
+
+
+def job_step(job: StudentJob, optimizer, batch) -> None:
+    job.train_step()  # reads its own batch from the job's loader
 
 
 def timed_steps(step, model, optimizer, stream, steps: int) -> float:
@@ -91,15 +112,18 @@ def main() -> None:
     models = {mode: build_student(args.student, seed=0) for mode in ("ce", "kd")}
     optimizers = {mode: adamw(model, 1e-4, 0.1) for mode, model in models.items()}
     streams = {mode: batches(args.store, args.batch_size) for mode in models}  # same seed: same batches
-    steps = {"ce": ce_step, "kd": kd_step}
+    job = student_job(args, HERE / "out" / "train_step_job")
+    models["job"], optimizers["job"], streams["job"] = job, job.optimizer, itertools.repeat(None)
+    steps = {"ce": ce_step, "kd": kd_step, "job": job_step}
     for mode in models:  # warm-up
         timed_steps(steps[mode], models[mode], optimizers[mode], streams[mode], 1)
-    seconds = {"ce": [], "kd": []}
+    seconds = {"ce": [], "kd": [], "job": []}
     for round_ in range(args.rounds):
-        for mode in ("ce", "kd"):
+        for mode in seconds:
             seconds[mode].append(timed_steps(steps[mode], models[mode], optimizers[mode], streams[mode], args.steps))
-        print(f"round {round_ + 1}: ce {seconds['ce'][-1]:.3f} s/step, kd {seconds['kd'][-1]:.3f} s/step", flush=True)
+        print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.3f} s/step" for m, s in seconds.items()), flush=True)
     ratio = statistics.median(kd / ce for kd, ce in zip(seconds["kd"], seconds["ce"]))
+    job_ratio = statistics.median(j / ce for j, ce in zip(seconds["job"], seconds["ce"]))
     tokens_per_step = args.batch_size * seq_len
     consumed = tokens_per_step / statistics.median(seconds["kd"])
 
@@ -120,8 +144,9 @@ def main() -> None:
         "vocab": models["kd"].config.vocab_size, "k": k, "seq_len": seq_len, "batch_size": args.batch_size,
         "steps_per_round": args.steps, "rounds": args.rounds, "seconds_per_step": seconds,
         "median_seconds_per_step": {m: statistics.median(s) for m, s in seconds.items()},
-        "median_ratio_kd_to_ce": ratio, "student_tokens_per_s": consumed, "readers": readers,
-        "encoding": {key: store.manifest["encoding"][key] for key in ("ids", "values")},
+        "median_ratio_kd_to_ce": ratio, "median_ratio_job_to_ce": job_ratio, "student_tokens_per_s": consumed,
+        "readers": readers,
+        "encoding": {"ids": store.encoding.ids, "values": store.encoding.values},
     }
     write_report(results)
 
@@ -143,6 +168,8 @@ def write_report(results: dict) -> None:
         "| --- | ---: | ---: |",
         f"| plain CE (`model(..., labels=...).loss`) | {med['ce']:.3f} | 1.000 |",
         f"| KD from store (fkl, tail bucket, alpha 0.5) | {med['kd']:.3f} | {results['median_ratio_kd_to_ce']:.3f} |",
+        *([f"| `StudentJob.train_step` (the same loss, counts, clipping, schedule) | {med['job']:.3f} | "
+           f"{results['median_ratio_job_to_ce']:.3f} |"] if "job" in med else []),
         "",
         f"The KD student consumes {results['student_tokens_per_s']:,.0f} tokens/s.",
         "",

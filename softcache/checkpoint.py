@@ -2,11 +2,13 @@
 
 A checkpoint holds the model, optimiser and scheduler states, every RNG state and the reader state,
 so that a resumed run continues exactly where the checkpoint was taken. The newest ``keep`` files
-are kept.
+are kept. Everything in a checkpoint is tensors and plain Python values, so it loads with
+``torch.load(weights_only=True)``: a run directory from someone else cannot run code on --resume.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -20,7 +22,11 @@ DIRECTORY = "checkpoints"
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (numpy's key array as an int64 tensor)."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position),
+                                                    int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -28,7 +34,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -57,7 +64,13 @@ def latest(run_dir: Path) -> Path | None:
 
 def load(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # torch's words for an object it will not build
+            raise SoftcacheError(f"checkpoint {path} is damaged (not a checkpoint file); delete it to resume from "
+                                 "an older one") from err
+        raise SoftcacheError(f"checkpoint {path} holds objects other than tensors and plain values (written by an "
+                             "older softcache, or not by softcache), which could run code; it is not loaded") from err
     except Exception as err:  # a damaged file raises many types
         raise SoftcacheError(f"checkpoint {path} is damaged ({type(err).__name__}); delete it to resume from an "
                              "older one") from err

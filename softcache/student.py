@@ -46,7 +46,9 @@ def build_student(spec: str, seed: int):
 
 
 def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool) -> None:
-    """Refuse a student that cannot hold the store's ids, or tokenizes differently (unless allowed)."""
+    """Refuse a student that is not a causal LM, cannot hold the store's ids, or tokenizes differently
+    (unless allowed)."""
+    check_causal(model, student_spec)
     needed = store.tokenizer.vocab_size
     if output_vocab(model) < needed:
         raise SoftcacheError(
@@ -64,6 +66,32 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
             f"--student {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
             "mean other tokens (use a student with the teacher's tokenizer, or --allow-tokenizer-mismatch)"
         )
+
+
+def check_causal(model, student_spec: str, length: int = 8) -> None:
+    """Refuse a model whose prediction at a position depends on tokens after it (a bidirectional
+    encoder loaded as a causal LM, e.g. BERT without ``is_decoder``): next-token targets would leak.
+
+    Checked by behaviour, whatever the architecture: changing the last of ``length`` random tokens
+    must leave the logits of every earlier position unchanged."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            before = model(input_ids=ids.to(device)).logits[:, :-1].float()
+            after = model(input_ids=changed.to(device)).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(before, after, rtol=1e-4, atol=1e-5, equal_nan=True):
+        kind = getattr(model.config, "model_type", type(model).__name__)
+        raise SoftcacheError(f"--student {student_spec} ({kind}, {type(model).__name__}) is not a causal language "
+                             "model: its earlier positions see later tokens; give a decoder-only model (for an "
+                             "encoder that supports it, set is_decoder: true in its config)")
 
 
 class Trunk(torch.nn.Module):
@@ -107,12 +135,48 @@ def fusable(model, input_ids: torch.Tensor) -> bool:
 
 
 def save_student(model, store: Store, directory: Path) -> None:
-    """``save_pretrained`` plus the store's tokenizer, swapped into place atomically."""
+    """``save_pretrained`` plus the store's tokenizer, proven loadable (:func:`check_saved`), then swapped
+    into place atomically."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    if store.tokenizer_path.is_dir():
-        for item in store.tokenizer_path.iterdir():
-            shutil.copy2(item, staging / item.name)
+    try:
+        model.save_pretrained(staging)
+        if store.tokenizer_path.is_dir():
+            for item in store.tokenizer_path.iterdir():
+                shutil.copy2(item, staging / item.name)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SoftcacheError(f"could not save the student to {staging} ({err.strerror or err}); the checkpoints are "
+                             "kept: free space or fix the problem and rerun with --resume") from err
+    check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir())
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
+
+
+def check_saved(model, directory: Path, with_tokenizer: bool) -> None:
+    """Raise :class:`SoftcacheError` unless ``directory`` loads back: its config, every weight of ``model``
+    with its shape (read from the safetensors headers, not into memory), and the tokenizer."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(directory)
+        shapes = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+        state = model.state_dict()
+        saved_storage = {state[name].untyped_storage().data_ptr() for name in shapes if name in state}
+        # A weight tied to another (a shared embedding and head) is saved once, under the other's name.
+        missing = [name for name, tensor in state.items()
+                   if name not in shapes and tensor.untyped_storage().data_ptr() not in saved_storage]
+        wrong = [name for name, tensor in state.items() if name in shapes and shapes[name] != tuple(tensor.shape)]
+        if missing or wrong:
+            raise ValueError(f"weights missing {missing[:3]} or of the wrong shape {wrong[:3]}")
+        if with_tokenizer:
+            AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # any loader's failure means the saved model is not usable
+        raise SoftcacheError(f"the saved student in {directory} does not load back ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); the checkpoints are kept: "
+                             "rerun with --resume") from err
+

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from softcache import checkpoint
+from softcache import checkpoint, lock
 from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
@@ -50,6 +50,7 @@ from softcache.student import Trunk, build_student, check_compatible, fusable, s
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+RUN_LOCK = "run.lock"  # names the process training into the run directory (softcache.lock)
 # The batch tensors a training step moves to its device (a batch also carries target_mask, step and epoch).
 LOSS_INPUTS = ("input_ids", "target_ids", "target_logprobs", "mask", "labels")
 
@@ -105,6 +106,7 @@ class StudentJob:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.store = open_store(config.store, allow_incomplete=config.allow_incomplete)
+        self.store.check_tokenizer()  # final/ carries it: a damaged one fails now, not after training
         if not self.store.complete:
             note(self.ranks, f"note: {config.store} is incomplete; training on its {len(self.store):,} finished sequences")
         targets = self.store.targets
@@ -218,6 +220,13 @@ class StudentJob:
             kd_total += kd.detach()
             ce_total += ce.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        health = torch.stack([torch.as_tensor(x, device=self.device).float() for x in (kd_total, ce_total, grad_norm)])
+        if not bool(torch.isfinite(health).all()):  # before the weights change: the last checkpoint stays good
+            kd, ce, norm = health.tolist()
+            raise SoftcacheError(f"step {self.step + 1}: the loss or the gradient norm is not finite (KD sum {kd}, CE sum "
+                                 f"{ce}, gradient norm {norm}); stopped before the optimiser step. Lower --lr or "
+                                 "--temperature, or check the store with softcache verify; --resume continues from "
+                                 "the last checkpoint")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -254,6 +263,13 @@ class StudentJob:
     # ---- the recipe ----------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            if self.ranks.main:
+                lock.release(self.out / RUN_LOCK)  # a killed run's lock is taken over by the next one
+
+    def _run(self) -> TrainResult:
         config, main = self.config, self.ranks.main
         self.setup_store()
         self.setup_model()
@@ -291,7 +307,7 @@ def fuse_wanted(choice: str, device: torch.device, logits_bytes: int) -> bool:
 
 
 def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
-    """Create the run directory and save the resolved configuration; refuse to mix two runs.
+    """Create and lock the run directory and save the resolved configuration; refuse to mix two runs.
 
     A resumed run may change the number of ranks, and with it --batch-size, as long as the global
     batch (batch size x ranks) stays the same."""
@@ -315,9 +331,10 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         if differences:
             raise SoftcacheError(f"--resume with changed settings ({'; '.join(differences)}); "
                                  "resume with the original settings or start a new --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != RUN_LOCK for p in out.iterdir()):
         raise SoftcacheError(f"--out {out} is not empty and holds no training run; give a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
+    lock.take(out / RUN_LOCK, f"--out {out}", "being trained into by another softcache train run")
     write_json(saved_path, wanted)
 
 

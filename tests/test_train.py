@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,78 @@ def test_fused_linear_auto_fuses_where_memory_is_the_constraint():
     assert not fuse_wanted("auto", cpu, FUSE_ABOVE_BYTES)  # small logits on CPU: the faster unfused loss
     assert fuse_wanted("auto", cpu, FUSE_ABOVE_BYTES + 1) and fuse_wanted("auto", cuda, 1)
     assert fuse_wanted("on", cpu, 1) and not fuse_wanted("off", cuda, 10 * FUSE_ABOVE_BYTES)
+
+
+def test_a_run_directory_in_use_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(train_config, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from softcache.train_job import RUN_LOCK
+
+    run_train(train_config(steps=2, checkpoint_every=1))
+    lock = tmp_path / "run" / RUN_LOCK
+    assert not lock.exists()  # released at the end
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "since": "then"}))
+        with pytest.raises(SoftcacheError, match=rf"--out .* is being trained into by another softcache train run "
+                                                 rf"\(this host, pid {other.pid}, since then\)"):
+            run_train(train_config(steps=2, checkpoint_every=1, resume=True))
+    finally:
+        other.kill()
+        other.wait()
+    result = run_train(train_config(steps=2, checkpoint_every=1, resume=True))  # its holder is dead: taken over
+    assert result.steps == 0 and not lock.exists()
+
+
+def test_a_student_that_sees_later_tokens_is_refused_naming_its_type(train_config, tmp_path):
+    bert = {"model_type": "bert", "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64}
+    (tmp_path / "bert.json").write_text(json.dumps(bert))
+    with pytest.raises(SoftcacheError, match=r"\(bert, BertLMHeadModel\) is not a causal language model"):
+        run_train(train_config(student=str(tmp_path / "bert.json"), out=str(tmp_path / "bert-run")))
+    assert not (tmp_path / "bert-run").exists()  # refused before anything was written
+    (tmp_path / "bert-decoder.json").write_text(json.dumps({**bert, "is_decoder": True}))
+    assert run_train(train_config(student=str(tmp_path / "bert-decoder.json"), out=str(tmp_path / "ok"), steps=1)).steps == 1
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_before_any_checkpoint(train_config, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = json.loads(student_config(tmp_path / "s.json").read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3, 0] = float("nan")  # one poisoned weight
+    model.save_pretrained(tmp_path / "poisoned")
+    with pytest.raises(SoftcacheError, match=r"^step 1: the loss or the gradient norm is not finite"):
+        run_train(train_config(student=str(tmp_path / "poisoned"), checkpoint_every=1))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+
+
+def test_a_damaged_store_tokenizer_is_refused_before_training(train_config, trained_store, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(trained_store, copy)
+    (copy / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(SoftcacheError, match=r"the store.s tokenizer file tokenizer/tokenizer.json has 2 bytes"):
+        run_train(train_config(store=str(copy)))
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(SoftcacheError, match=r"tokenizer/tokenizer.json is missing"):
+        run_train(train_config(store=str(copy)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_final_model_that_does_not_load_back_is_not_reported_as_saved(train_config, tmp_path, monkeypatch):
+    import transformers
+
+    original = transformers.PreTrainedModel.save_pretrained
+
+    def broken_save(model, directory, **kwargs):  # a faulty disk: the config comes back unreadable
+        original(model, directory, **kwargs)
+        (Path(directory) / "config.json").write_text("{not json")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", broken_save)
+    with pytest.raises(SoftcacheError, match="does not load back"):
+        run_train(train_config(steps=2))
+    assert not (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "checkpoints").is_dir()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from softcache.errors import StoreError
 from softcache.store.encoding import Ragged
-from softcache.store.manifest import FileEntry
+from softcache.store.manifest import FileEntry, relative_path_problem
 
 TMP_MARK = ".tmp-"
 _HASH_BLOCK = 1 << 22
@@ -67,16 +68,36 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refused (:class:`StoreError`) unless it stays inside ``root``: the path itself
+    (no absolute path, no ``..``) and every symbolic link on the way (one lstat per part; a link is
+    resolved only when there is one)."""
+    if problem := relative_path_problem(relative):
+        raise StoreError(f"{root}: the path {relative!r} {problem}; the store's metadata is not to be trusted")
+    current = str(root)
+    for part in relative.split("/"):
+        current = os.path.join(current, part)
+        if os.path.islink(current):  # plain os calls: this runs for every file a reader checks
+            resolved, base = Path(current).resolve(), root.resolve()
+            if resolved != base and base not in resolved.parents:
+                raise StoreError(f"{root}: {relative} resolves to {resolved}, outside the store (a symbolic "
+                                 "link); the store is not to be trusted")
+    return root / relative
+
+
 def describe_file(root: Path, relative: str) -> FileEntry:
     """The shard-table entry of one file: its path relative to the store, size and sha256."""
-    path = root / relative
+    path = inside(root, relative)
     return FileEntry(path=relative, bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
 def check_file(root: Path, entry: FileEntry) -> str | None:
     """What is wrong with the file a shard-table ``entry`` describes (under ``root``), or None when it
     is intact."""
-    path = root / entry.path
+    try:
+        path = inside(root, entry.path)
+    except StoreError:
+        return "resolves outside the store (a symbolic link, or a path through '..'); it is not read"
     if not path.is_file():
         return "is missing"
     size = path.stat().st_size

@@ -10,6 +10,7 @@ progress records.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softcache.errors import StoreError
+from softcache.store.encoding import Encoding
+from softcache.store.layout import Layout
 
 MANIFEST = "manifest.json"
 PROGRESS_DIR = "progress"
@@ -51,25 +54,53 @@ class Section:
     def from_dict(cls, data, where: str = ""):
         """Parse ``data`` (the section's JSON object); raise :class:`StoreError` naming ``where`` and
         the first missing or mistyped field."""
-        name = where or cls.__name__
-        if not isinstance(data, dict):
-            raise StoreError(f"{name} is {type(data).__name__}, not an object")
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in data:
-                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                    raise StoreError(f"{name} lacks the field {field.name!r}")
-                continue
-            value = data[field.name]
-            if not _is_a(value, hints[field.name]):
-                raise StoreError(f"{name}.{field.name} is {json.dumps(value)[:40]}, not {_type_name(hints[field.name])}")
-            values[field.name] = value
-        return cls(**values)
+        return cls(**parse_fields(cls, data, where or cls.__name__))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not (f.name in self._OMIT_NONE and getattr(self, f.name) is None)}
+
+
+def parse_fields(cls, data, where: str) -> dict:
+    """The fields of dataclass ``cls`` found in the JSON object ``data``, each checked against its type;
+    :class:`StoreError` names ``where`` and the first missing or mistyped field. Other keys are ignored."""
+    if not isinstance(data, dict):
+        raise StoreError(f"{where} is {type(data).__name__}, not an object")
+    hints = _type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise StoreError(f"{where} lacks the field {field.name!r}")
+            continue
+        value = data[field.name]
+        if not _is_a(value, hints[field.name]):
+            raise StoreError(f"{where}.{field.name} is {json.dumps(value)[:40]}, not {_type_name(hints[field.name])}")
+        values[field.name] = value
+    return values
+
+
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def read_layout(data, where: str = "layout") -> Layout:
+    """The manifest's layout, checked: types, and sizes that make sense."""
+    layout = Layout(**parse_fields(Layout, data, where))
+    if layout.num_sequences < 0 or layout.seq_len < 2 or layout.shard_size < 1:
+        raise StoreError(f"{where} is not a possible layout ({layout.num_sequences} sequences of {layout.seq_len} "
+                         f"tokens in shards of {layout.shard_size})")
+    return layout
+
+
+def read_encoding(data, where: str = "encoding") -> Encoding:
+    """The manifest's encoding, checked: types, a known kind and codes that can hold it, 1 <= k <= vocab."""
+    values = parse_fields(Encoding, data, where)
+    try:
+        return Encoding(**values)
+    except AssertionError as err:
+        raise StoreError(f"{where} is not a valid encoding ({err or 'inconsistent fields'})") from None
 
 
 def _is_a(value, hint) -> bool:
@@ -256,14 +287,16 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-SECTIONS = {"storage": StorageSection, "targets": TargetsSection, "teacher": TeacherSection,
-            "tokenizer": TokenizerSection, "corpus": CorpusSection}
+SECTIONS = {"layout": read_layout, "encoding": read_encoding, "storage": StorageSection.from_dict,
+            "targets": TargetsSection.from_dict, "teacher": TeacherSection.from_dict,
+            "tokenizer": TokenizerSection.from_dict, "corpus": CorpusSection.from_dict}
+"""How each section of the manifest is parsed and checked, by name."""
 
 
 def read_sections(manifest: dict, path: Path) -> dict:
     """The manifest's typed sections by name (``totals``: None before the store is complete); raises
     :class:`StoreError` naming ``path`` and the field when one is missing or has the wrong type."""
-    sections = {name: cls.from_dict(manifest[name], f"{path}: {name}") for name, cls in SECTIONS.items()}
+    sections = {name: parse(manifest[name], f"{path}: {name}") for name, parse in SECTIONS.items()}
     sections["totals"] = Totals.from_dict(manifest["totals"], f"{path}: totals") if "totals" in manifest else None
     return sections
 
@@ -308,16 +341,37 @@ def read_progress(root: Path) -> dict[int, ShardRecord]:
 # back key for key (teacher_nll only when it was recorded).
 
 
+def relative_path_problem(relative) -> str | None:
+    """Why ``relative`` cannot name a file inside a store (absolute, ``..``, empty parts, backslashes),
+    or None. Paths come from manifests and records, which may come from someone else: none may leave
+    the store's root."""
+    if not isinstance(relative, str) or not relative:
+        return "is not a relative path"
+    parts = relative.split("/")
+    if relative.startswith("/") or "\\" in relative or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+        return "leaves the store (an absolute path, a '..', or an empty part)"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry(Section):
     """One file of a store, as its shard table (or the manifest's ``files``) lists it."""
 
     path: str
-    """Relative to the store's root, "/"-separated."""
+    """Relative to the store's root, "/"-separated; never absolute, never through ``..``."""
     bytes: int
     """Size in bytes."""
     sha256: str
     """Hex digest of the file's bytes."""
+
+    @classmethod
+    def from_dict(cls, data, where: str = "") -> FileEntry:
+        entry = super().from_dict(data, where)
+        if problem := relative_path_problem(entry.path):
+            raise StoreError(f"{where or 'file'}.path {entry.path!r} {problem}")
+        if entry.bytes < 0:
+            raise StoreError(f"{where or 'file'}.bytes is {entry.bytes}, not a size")
+        return entry
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,9 +51,9 @@ class Store:
         self.storage.pull_manifest()
         self.root = self.storage.local
         self.manifest = read_manifest(self.root)
-        self.layout = Layout.from_dict(self.manifest["layout"])
-        self.encoding = Encoding.from_dict(self.manifest["encoding"])
         sections = read_sections(self.manifest, self.root / MANIFEST)
+        self.layout: Layout = sections["layout"]
+        self.encoding: Encoding = sections["encoding"]
         self.format = make_format(self.manifest["storage"])
         """The on-disk format (``.name``, ``.codec``) the manifest's storage section describes."""
         self.targets: TargetsSection = sections["targets"]
@@ -162,6 +162,16 @@ class Store:
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"range [{start}, {stop}) outside the store's {len(self)} sequences")
         return self.read_rows(np.arange(start, stop))
+
+    def check_tokenizer(self) -> None:
+        """Raise :class:`StoreError` unless the store's tokenizer files are there and intact (against the
+        complete manifest's sha256s; an unfinished store's tokenizer directory must at least exist)."""
+        advice = f"restore it from a copy or write the store again (softcache verify {self.root} lists every damaged file)"
+        if not self.tokenizer_files and not (self.tokenizer_path / "tokenizer_config.json").is_file():
+            raise StoreError(f"{self.root}: the store's tokenizer ({self.tokenizer_path}) is missing; {advice}")
+        for entry in self.tokenizer_files:
+            if problem := check_file(self.root, entry):
+                raise StoreError(f"{self.root}: the store's tokenizer file {entry.path} {problem}; {advice}")
 
     def verify(self) -> list[str]:
         """Recompute every checksum; return one line per problem (empty: the store is intact)."""

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from softcache.errors import StoreError
-from softcache.store.files import TMP_MARK, check_file, fsync_path
+from softcache.store.files import TMP_MARK, check_file, fsync_path, inside
 from softcache.store.manifest import MANIFEST, PROGRESS_DIR, FileEntry, ShardRecord
 
 CACHE_ENV = "SOFTCACHE_CACHE"
@@ -80,8 +80,8 @@ class Remote:
     def fetch(self, relative: str, entry: FileEntry | None = None) -> Path:
         """Download ``relative`` into the mirror (under a temporary name, then renamed) and return its
         local path. With its shard-table ``entry``, a local copy that already matches is kept, and a
-        download that does not match is refused."""
-        target = self.local / relative
+        download that does not match is refused. A path that would leave the mirror is refused."""
+        target = inside(self.local, relative)
         if entry is not None and target.is_file() and check_file(self.local, entry) is None:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ class Remote:
         remote = self._remote(relative)
         parent = remote.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        self.fs.put_file(str(self.local / relative), remote)
+        self.fs.put_file(str(inside(self.local, relative)), remote)
 
     def remove(self, relative: str) -> None:
         if self.exists(relative):

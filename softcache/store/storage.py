@@ -63,6 +63,8 @@ class Local:
         pass
 
     def fetch(self, relative: str, entry: FileEntry | None = None) -> Path:
+        # Paths from a manifest were checked when it was parsed (no absolute path, no '..'); a symbolic
+        # link out of the store is caught where the file is checked (softcache.store.files.check_file).
         return self.local / relative
 
     def upload(self, relative: str, replace: bool = True) -> None:

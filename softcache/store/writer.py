@@ -14,15 +14,13 @@ manifest last.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 
+from softcache import lock
 from softcache.errors import StoreError
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
 from softcache.store.encoding import Encoding, Ragged, num_rows
@@ -267,62 +265,15 @@ LOCK = "writer.lock"
 
 
 def take_lock(root: Path, out_flag: str = "--out") -> None:
-    """Make this process the store's only writer: ``root/writer.lock`` names the host and pid.
-
-    A lock held by a live process is refused with that process's host and pid; one left by a dead
-    process on this host (a killed job) is taken over. A lock from another host cannot be checked
-    from here and is refused with the path to remove if that job is gone. The lock is released when
-    the store is finished; it guards one filesystem (a remote store's lock is its local mirror's).
-    """
-    path = root / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-                host, pid = holder["host"], int(holder["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                path.unlink(missing_ok=True)  # a lock torn by a crash while it was written
-                continue
-            if host == me["host"] and (pid == me["pid"] or not _alive(pid)):
-                path.unlink(missing_ok=True)  # ours already, or its job is dead: take it over
-                continue
-            where = "this host" if host == me["host"] else f"host {host}"
-            hint = "" if host == me["host"] else f"; if that job is gone, remove {path}"
-            raise StoreError(f"{out_flag} {root} is being written by another teacher job ({where}, pid {pid}, "
-                             f"since {holder.get('since', '?')}); wait for it to finish{hint}")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        return
-    raise StoreError(f"{out_flag} {root}: could not take the writer lock {path}")
+    """Make this process the store's only writer: ``root/writer.lock`` names the host and pid (see
+    softcache.lock). The lock is released when the store is finished or its writer is left; it
+    guards one filesystem (a remote store's lock is its local mirror's)."""
+    lock.take(root / LOCK, f"{out_flag} {root}", "being written by another teacher job", StoreError)
 
 
 def release_lock(root: Path) -> None:
     """Remove ``root``'s writer lock if this process holds it."""
-    path = root / LOCK
-    try:
-        if int(json.loads(path.read_text())["pid"]) == os.getpid():
-            path.unlink(missing_ok=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` on this host is running (a killed one not yet reaped does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a zombie has exited; only its process-table entry is left
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    lock.release(root / LOCK)
 
 
 BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
