@@ -175,16 +175,22 @@ def load_settings(cls: type, path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise SoftcacheError(f"{where} is not a file")
     suffix = file.suffix.lower()
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SoftcacheError(f"{where} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    except OSError as err:
+        raise SoftcacheError(f"{where} cannot be read ({err.strerror or err})") from None
     if suffix == ".json":
         try:
-            data = json.loads(file.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise SoftcacheError(f"{where} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     elif suffix in (".yaml", ".yml"):
         import yaml  # only a --config file needs it
 
         try:
-            data = yaml.safe_load(file.read_text())
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

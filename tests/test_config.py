@@ -183,10 +183,13 @@ def test_load_settings_from_python(tmp_path):
     ("finite.yaml", "temperature: .inf\n", "--config {path}: --temperature must be greater than 0 and finite, got inf"),
     ("twice.yaml", "seq_len: 8\nseq-len: 9\n", "--config {path}: --seq-len is set twice"),
     ("settings.toml", "k = 8\n", "--config {path}: give a .yaml, .yml or .json file, not .toml"),
+    ("utf16.yaml", "k: 8\n".encode("utf-16"), "--config {path} is not UTF-8 text (byte 0 is 0xff)"),
 ])
 def test_a_bad_config_file_gets_one_line(tmp_path, name, text, message):
     path = tmp_path / name
-    if text is not None:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    elif text is not None:
         path.write_text(text)
     result = run("cache", "--config", path, "--teacher", "t", "--data", "d", "--out", tmp_path / "s")
     line = one_line_error(result)
