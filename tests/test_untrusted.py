@@ -121,3 +121,20 @@ def test_a_manifest_field_of_the_wrong_type_or_range_is_one_store_error(store, s
     _edit_manifest(store, lambda manifest: manifest[section].__setitem__(key, value))
     with pytest.raises(StoreError, match=rf"manifest.json: {section}"):
         open_store(store)
+
+
+@pytest.mark.parametrize("where,key,value", [
+    (("shards", 0), "count", 0), (("shards", 1), "first", -5), (("shards", 0), "bytes", -1),
+    (("shards", 0, "files", 0), "bytes", -3), (("totals",), "sequences", -1), (("tokenizer",), "vocab_size", 0),
+    (("targets",), "k", 0),
+])
+def test_a_count_or_size_below_its_range_is_one_store_error(store, where, key, value):
+    def change(manifest):
+        section = manifest
+        for step in where:
+            section = section[step]
+        section[key] = value
+
+    _edit_manifest(store, change)
+    with pytest.raises(StoreError, match=rf"\.{key} is {value}, less than"):
+        open_store(store)

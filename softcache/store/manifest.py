@@ -50,11 +50,19 @@ class Section:
     _OMIT_NONE: typing.ClassVar[tuple[str, ...]] = ()
     """Fields left out of the JSON when None (optional facts, not recorded as null)."""
 
+    _AT_LEAST: typing.ClassVar[dict[str, int]] = {}
+    """Smallest value of integer fields that have one (a count, a size, an index)."""
+
     @classmethod
     def from_dict(cls, data, where: str = ""):
         """Parse ``data`` (the section's JSON object); raise :class:`StoreError` naming ``where`` and
-        the first missing or mistyped field."""
-        return cls(**parse_fields(cls, data, where or cls.__name__))
+        the first missing or mistyped field, or an integer below its smallest value."""
+        where = where or cls.__name__
+        values = parse_fields(cls, data, where)
+        for name, smallest in cls._AT_LEAST.items():
+            if values.get(name) is not None and values[name] < smallest:
+                raise StoreError(f"{where}.{name} is {values[name]}, less than {smallest}")
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -139,6 +147,8 @@ class TargetsSection(Section):
     seed: int | None = None
     """Sampling seed (sampled)."""
 
+    _AT_LEAST = {"k": 1, "samples": 1}
+
     @classmethod
     def for_kind(cls, kind: str, temperature: float, **settings) -> TargetsSection:
         """The section for ``kind``, keeping only the settings that kind uses."""
@@ -202,6 +212,8 @@ class TokenizerSection(Section):
     eos_token_id: int | None = None
     directory: str = TOKENIZER_DIR
 
+    _AT_LEAST = {"vocab_size": 1, "tokenizer_size": 1}
+
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusSection(Section):
@@ -256,6 +268,7 @@ class Totals(Section):
     """The teacher's mean cross-entropy on the corpus's true next tokens, nats (when every shard recorded it)."""
 
     _OMIT_NONE = ("teacher_ce",)
+    _AT_LEAST = {"sequences": 0, "tokens": 0, "data_bytes": 0}
 
 
 def read_manifest(root: Path) -> dict:
@@ -364,13 +377,13 @@ class FileEntry(Section):
     sha256: str
     """Hex digest of the file's bytes."""
 
+    _AT_LEAST = {"bytes": 0}
+
     @classmethod
     def from_dict(cls, data, where: str = "") -> FileEntry:
         entry = super().from_dict(data, where)
         if problem := relative_path_problem(entry.path):
             raise StoreError(f"{where or 'file'}.path {entry.path!r} {problem}")
-        if entry.bytes < 0:
-            raise StoreError(f"{where or 'file'}.bytes is {entry.bytes}, not a size")
         return entry
 
 
@@ -393,6 +406,7 @@ class ShardRecord(Section):
     positions (its true next tokens), when the job measured it."""
 
     _OMIT_NONE = ("teacher_nll",)
+    _AT_LEAST = {"index": 0, "first": 0, "count": 1, "bytes": 0}
 
     @classmethod
     def from_dict(cls, data, where: str = "shard record") -> ShardRecord:
