@@ -19,14 +19,26 @@ LOGGER = "softcache"
 def show_on_stderr() -> None:
     """Print the ``softcache`` logger's notes and warnings on stderr as bare lines (the CLI's choice)."""
     logger = logging.getLogger(LOGGER)
-    if not any(getattr(h, "_softcache", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._softcache = True
         logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (a CLI called twice in
+    one process, as tests do, may have replaced it in between)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the current stderr is always used
+        pass
 
 
 @contextlib.contextmanager
