@@ -174,30 +174,20 @@ class Store:
                 raise StoreError(f"{self.root}: the store's tokenizer file {entry.path} {problem}; {advice}")
 
     def verify(self) -> list[str]:
-        """Recompute every checksum; return one line per problem (empty: the store is intact)."""
+        """Recompute every checksum; return one line per problem (empty: the store is intact). A remote
+        store's files are fetched again, so the remote copies are what is checked."""
         problems = []
-        for shard in self.shards:  # a remote store's files are fetched again: the remote copies are checked
-            for entry in shard.files:
-                try:
-                    self.storage.fetch(entry.path)
-                except StoreError as err:
-                    problems.append(f"shard {shard.index}: {err}")
-        for entry in self.tokenizer_files:
+        if not self.complete:
+            problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
+        files = [(f"shard {shard.index}: ", entry) for shard in self.shards for entry in shard.files]
+        for where, entry in files + [("", entry) for entry in self.tokenizer_files]:
             try:
                 self.storage.fetch(entry.path)
             except StoreError as err:
-                problems.append(str(err))
-        if not self.complete:
-            problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
-        for shard in self.shards:
-            for entry in shard.files:
-                problem = check_file(self.root, entry)
-                if problem:
-                    problems.append(f"shard {shard.index}: {entry.path} {problem}")
-        for entry in self.tokenizer_files:
-            problem = check_file(self.root, entry)
-            if problem:
-                problems.append(f"{entry.path} {problem}")
+                problems.append(f"{where}{err}")
+                continue
+            if problem := check_file(self.root, entry):
+                problems.append(f"{where}{entry.path} {problem}")
         return problems
 
 
