@@ -74,6 +74,11 @@ def load(path: Path) -> dict:
     except Exception as err:  # a damaged file raises many types
         raise SoftcacheError(f"checkpoint {path} is damaged ({type(err).__name__}); delete it to resume from an "
                              "older one") from err
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise SoftcacheError(f"checkpoint {path} is not a softcache checkpoint")
+    parts = ("model", "optimizer", "scheduler", "rng")
+    if not isinstance(state, dict) or not all(isinstance(state.get(part), dict) for part in parts):
+        raise SoftcacheError(f"checkpoint {path} is not a softcache checkpoint (it lacks {', '.join(parts)})")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise SoftcacheError(f"checkpoint {path} records step {step!r}, not a step count; delete it to resume from "
+                             "an older one")
     return state

@@ -138,3 +138,19 @@ def test_a_count_or_size_below_its_range_is_one_store_error(store, where, key, v
     _edit_manifest(store, change)
     with pytest.raises(StoreError, match=rf"\.{key} is {value}, less than"):
         open_store(store)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda state: state.update(step="2"), "records step '2', not a step count"),
+    (lambda state: state.update(step=-1), "records step -1, not a step count"),
+    (lambda state: state.pop("optimizer"), "is not a softcache checkpoint"),
+    (lambda state: state.update(rng=[1, 2]), "is not a softcache checkpoint"),
+])
+def test_a_checkpoint_with_wrong_fields_is_one_line(train_config, tmp_path, change, message):  # noqa: F811
+    run_train(train_config(steps=2, checkpoint_every=1))
+    newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)
+    change(state)
+    torch.save(state, newest)
+    with pytest.raises(SoftcacheError, match=message):
+        run_train(train_config(steps=2, checkpoint_every=1, resume=True))
