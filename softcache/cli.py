@@ -101,7 +101,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     \b
     softcache cache   run a teacher over a corpus and write a store
     softcache info    summarise a store
-    softcache verify  recompute a store's checksums
+    softcache verify  check a store's metadata, checksums and content
     softcache convert rewrite a store in the other format
     softcache train   distil a store into a student (no teacher in memory)
     softcache eval    CE, perplexity, KL and top-1 agreement of a model on a store
@@ -204,11 +204,12 @@ def _codec(codec: dict | None) -> str:
 @main.command()
 @click.argument("store", type=click.Path())
 def verify(store: str) -> None:
-    """Recompute every checksum of STORE. Exits 1 naming each missing or damaged shard, or if the
-    store is incomplete."""
-    from softcache.store import open_store
+    """Check everything in STORE: the manifest's seal, its shard table against its layout and totals,
+    every file against its sha256, every shard's columns against its content digest, and that no data
+    file is unlisted. Exits 1 naming each problem, or if the store is incomplete."""
+    from softcache.store.reader import Store
 
-    opened = open_store(store, allow_incomplete=True)
+    opened = Store(store, allow_incomplete=True, refuse_inconsistent=False)
     problems = opened.verify()
     files = sum(len(s.files) for s in opened.shards) + len(opened.tokenizer_files)
     if problems:

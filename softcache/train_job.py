@@ -340,7 +340,7 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
 
 def _content_digest(store) -> str:
     """The store's content digest; for an unfinished store, that of its finished shards."""
-    from softcache.store.writer import store_content_digest
+    from softcache.store.consistency import store_content_digest
 
     return store.totals.content_sha256 if store.complete else store_content_digest(store.shards)
 

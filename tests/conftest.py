@@ -101,3 +101,24 @@ def interrupted(monkeypatch, target, name: str, at_call: int, run) -> None:
             run()
     finally:
         monkeypatch.setattr(target, name, original)
+
+
+def edit_manifest(root: Path, change) -> dict:
+    """Apply ``change(manifest)`` (in place, or returning a new dict) to the store at ``root`` and write
+    it back sealed, as a deliberate edit that only the checks after the seal's can catch."""
+    from softcache.store.manifest import MANIFEST_SEAL, sealed
+
+    path = Path(root) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest = change(manifest) or manifest
+    path.write_text(json.dumps(sealed(manifest, MANIFEST_SEAL)))
+    return manifest
+
+
+def edit_record(path: Path, change) -> None:
+    """Like :func:`edit_manifest`, for one progress record."""
+    from softcache.store.manifest import RECORD_SEAL, sealed
+
+    record = json.loads(path.read_text())
+    record = change(record) or record
+    path.write_text(json.dumps(sealed(record, RECORD_SEAL)))

@@ -11,6 +11,7 @@ import torch
 from softcache import SoftcacheError, StoreError, open_store
 from softcache.cache_job import run_cache
 from softcache.store import StoreWriter
+from softcache.store.manifest import MANIFEST_SEAL, seal_problem
 
 from conftest import interrupted as interrupted_run
 from conftest import store_files
@@ -108,7 +109,7 @@ def test_manifest_describes_the_store(cache_config):
     run_cache(config)
     store = open_store(config.out)
     m = store.manifest
-    assert m["format_version"] == 2 and m["softcache_version"]
+    assert m["format_version"] == 3 and m["softcache_version"] and seal_problem(m, MANIFEST_SEAL) is None
     assert m["teacher"]["config_sha256"] and m["teacher"]["dtype"] == "float32"
     assert m["tokenizer"]["vocab_size"] == 384 and len(m["tokenizer"]["fingerprint"]) == 64
     assert m["corpus"]["fingerprint"] and m["corpus"]["documents"] > 0

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from softcache.cli import main
 
+from conftest import edit_manifest
+
 
 @pytest.fixture(scope="module")
 def world(tiny_teacher, corpus_file, tmp_path_factory):
@@ -48,7 +50,7 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
         elif damage == "newer":
             (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
         elif damage == "no layout":
-            (copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "layout"}))
+            edit_manifest(copy, lambda m: {k: v for k, v in m.items() if k != "layout"})
         elif damage == "missing":  # every shard, so the first batch meets one
             for shard_file in shard_files:
                 shard_file.unlink()
@@ -56,7 +58,7 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
             for shard_file in shard_files:
                 shard_file.write_bytes(shard_file.read_bytes()[:-3])
         else:
-            (copy / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "shards": []}))
+            edit_manifest(copy, lambda m: {**m, "complete": False, "shards": []})
     train = ["train", "--student", student, "--steps", 2, "--batch-size", 2, "--num-workers", 0, "--no-progress"]
     assert run(*train, "--store", store, "--out", root / "run").exit_code == 0
     corrupt = root / "corrupt-run"

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from softcache.cache_job import run_cache
+from softcache.store.manifest import MANIFEST_SEAL, seal_problem
 
 from conftest import store_files
 
@@ -36,7 +37,12 @@ JOBS = {
 
 
 def _normalised_manifest(root: Path, placeholders: dict[str, str]) -> str:
+    """The manifest's text with this machine's paths as placeholders, and its seal (which covers those
+    paths) checked and replaced by one."""
     text = (root / "manifest.json").read_text()
+    seal = json.loads(text)[MANIFEST_SEAL]
+    assert seal_problem(json.loads(text), MANIFEST_SEAL) is None
+    text = text.replace(seal, "<seal>")
     for path, name in placeholders.items():
         text = text.replace(json.dumps(path)[1:-1], name)
     return text

@@ -12,8 +12,10 @@ from softcache import StoreError, open_store
 from softcache.store import FORMATS, Encoding, Layout, StoreWriter, id_dtype_for
 from softcache.store.convert import convert_store
 from softcache.store.encoding import Ragged, encode
-from softcache.store.manifest import ShardRecord
+from softcache.store.manifest import RECORD_SEAL, ShardRecord, sealed
 from softcache.store.registry import storage_section
+
+from conftest import edit_manifest, edit_record
 
 
 def make(num_sequences: int, seq_len: int, k: int, shard_size: int, vocab: int = 500, **codes):
@@ -262,7 +264,13 @@ def test_manifest_problems_are_one_clear_error(tmp_path):
     manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(StoreError, match="format version 1, from an older softcache"):
         open_store(tmp_path / "s")
-    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "layout"}))
+    manifest_path.write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(StoreError, match="fails its checksum"):
+        open_store(tmp_path / "s")
+    manifest_path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
+    with pytest.raises(StoreError, match="has no manifest_sha256"):
+        open_store(tmp_path / "s")
+    edit_manifest(tmp_path / "s", lambda m: {k: v for k, v in manifest.items() if k != "layout"})
     with pytest.raises(StoreError, match="lacks required fields: layout"):
         open_store(tmp_path / "s")
     manifest_path.write_text("{not json")
@@ -331,7 +339,8 @@ def test_shard_records_write_back_key_for_key(tmp_path):
             record = writer.write_shard(index, encode(encoding, **random_targets(count, 4, encoding, index)), nll)
             text = (root / "progress" / f"shard-0000{index}.json").read_text()
             parsed = ShardRecord.from_dict(json.loads(text))
-            assert parsed == record and json.dumps(parsed.to_dict(), indent=2) + "\n" == text
+            assert parsed == record
+            assert json.dumps(sealed(parsed.to_dict(), RECORD_SEAL), indent=2) + "\n" == text
             assert list(parsed.to_dict()) == ["index", "first", "count", "bytes", "content_sha256", "files"] + (
                 ["teacher_nll"] if nll else [])
             assert [list(f) for f in parsed.to_dict()["files"]] == [["path", "bytes", "sha256"]] * len(record.files)
@@ -347,7 +356,7 @@ def test_a_malformed_progress_record_is_ignored_and_its_shard_rewritten(tmp_path
     write_store(tmp_path / "s", "arrow", layout, encoding, finish=False, shards=[0, 1, 2])
     for index, change in ((1, {"count": "3"}), (2, {"files": {"path": "shards/shard-00002.arrow"}})):
         path = tmp_path / "s" / "progress" / f"shard-0000{index}.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+        edit_record(path, lambda record: {**record, **change})
     assert [s.index for s in open_store(tmp_path / "s", allow_incomplete=True).shards] == [0]
     assert StoreWriter.open(tmp_path / "s", header(layout, encoding, "arrow")).pending == [1, 2, 3]
 
@@ -363,8 +372,7 @@ def test_a_damaged_table_in_a_complete_manifest_is_a_store_error_naming_it(tmp_p
     layout, encoding = make(4, 4, 3, 2)
     write_store(tmp_path / "s", "zarr", layout, encoding)
     path = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, key: damage(manifest[key])}))
+    edit_manifest(tmp_path / "s", lambda manifest: {**manifest, key: damage(manifest[key])})
     expected = rf"{re.escape(str(path))}: {message}; the store's manifest is damaged"
     with pytest.raises(StoreError, match=expected):
         open_store(tmp_path / "s")

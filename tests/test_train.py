@@ -14,7 +14,9 @@ from softcache.cache_job import run_cache
 from softcache.config import CacheConfig, TrainConfig
 from softcache.train_job import run_train
 
-from conftest import TINY_VOCAB, make_teacher
+from softcache.store.manifest import RECORD_SEAL, sealed
+
+from conftest import TINY_VOCAB, edit_manifest, make_teacher
 from conftest import interrupted as interrupted_run
 
 
@@ -156,14 +158,13 @@ def test_student_with_another_tokenizer_is_refused_unless_allowed(train_config, 
 def test_incomplete_store_and_changed_resume_are_refused(train_config, trained_store, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(trained_store, partial)
-    manifest = json.loads((partial / "manifest.json").read_text())
-    (partial / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    manifest = edit_manifest(partial, lambda manifest: {**manifest, "complete": False})
     with pytest.raises(StoreError, match="incomplete.*--allow-incomplete"):
         run_train(train_config(store=str(partial)))
     # On purpose: the finished shards (here the progress records of the shards in the table).
     (partial / "progress").mkdir()
     for shard in manifest["shards"][:3]:
-        (partial / "progress" / f"shard-{shard['index']:05d}.json").write_text(json.dumps(shard))
+        (partial / "progress" / f"shard-{shard['index']:05d}.json").write_text(json.dumps(sealed(shard, RECORD_SEAL)))
     run_train(train_config(store=str(partial), out=str(tmp_path / "partial-run"), allow_incomplete=True, steps=2,
                            eval_fraction=0.0))
     assert len(metrics(tmp_path / "partial-run")) == 2

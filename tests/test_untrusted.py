@@ -13,6 +13,9 @@ import torch
 from softcache import SoftcacheError, StoreError, open_store
 from softcache.train_job import run_train
 
+from softcache.store.manifest import MANIFEST_SEAL, sealed
+
+from conftest import edit_manifest
 from test_store import make, write_store
 from test_train import train_config, trained_store  # noqa: F401 (fixtures)
 
@@ -25,10 +28,7 @@ def store(tmp_path):
 
 
 def _edit_manifest(root, change) -> None:
-    path = root / "manifest.json"
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
+    edit_manifest(root, change)
 
 
 @pytest.mark.parametrize("bad", ["../outside.bin", "/etc/passwd", "data.zarr/../../outside.bin", "a//b", "./x",
@@ -80,7 +80,7 @@ def test_a_remote_manifest_cannot_make_the_mirror_write_outside_it(store, tmp_pa
     manifest = json.loads(fs.cat("/evil/store/manifest.json"))
     manifest["files"].append({"path": "tokenizer/../../outside.txt", "bytes": len(payload),
                               "sha256": hashlib.sha256(payload).hexdigest()})
-    fs.pipe("/evil/store/manifest.json", json.dumps(manifest).encode())
+    fs.pipe("/evil/store/manifest.json", json.dumps(sealed(manifest, MANIFEST_SEAL)).encode())
     try:
         with pytest.raises(StoreError, match="path"):
             open_store("memory://evil/store")

@@ -64,9 +64,12 @@ def killed_then_finished(command: list[str], delay: float, rerun: list[str] | No
         landed = True
     finished = subprocess.run(rerun or command, capture_output=True, text=True, env=env)
     if finished.returncode != 0:
-        lines = finished.stderr.strip().splitlines()
-        errors = [line.strip() for line in lines if "error:" in line or "Error:" in line] or lines[-1:]
-        raise RuntimeError(f"the rerun of {' '.join(command[-20:])} failed: {errors[:3]}")
+        lines = [line.strip() for line in finished.stderr.strip().splitlines() if line.strip()]
+        # softcache's own one-line errors when there are any (a torchrun rank's too); otherwise the end
+        # of the output, which for torchrun holds the failed rank's root cause, not just ChildFailedError
+        errors = [line for line in lines if "error: " in line] or lines[-25:]
+        raise RuntimeError(f"the rerun of {' '.join(command[-20:])} failed (exit {finished.returncode}): "
+                           + " | ".join(errors[:25]))
     return landed
 
 

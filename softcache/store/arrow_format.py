@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from softcache.errors import StoreError
 from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import atomic_file
 from softcache.store.layout import Layout
@@ -45,6 +46,9 @@ class ArrowFormat:
     @staticmethod
     def shard_file(index: int) -> str:
         return f"{SHARD_DIR}/shard-{index:05d}.arrow"
+
+    shard_prefix = shard_file
+    """Where every file of shard ``index`` is: its one IPC file."""
 
     def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]:
         """Write shard ``index`` durably (temporary name, fsync, rename) and return its files."""
@@ -80,6 +84,11 @@ class ArrowReader:
         if index not in self._shards:
             source = pa.memory_map(str(self.root / ArrowFormat.shard_file(index)))
             batch = pa.ipc.open_file(source).get_batch(0)
+            count = self.layout.shard_bounds(index)[1]
+            if batch.schema != _schema(self.layout, self.encoding) or batch.num_rows != count:
+                raise StoreError(f"holds {batch.num_rows} rows of {batch.schema.names}, not the {count} sequences "
+                                 "of the manifest's columns")
+            batch.validate()  # lengths and offsets inside the mapped buffers, before any view of them
             columns = {}
             for name in self.encoding.columns:
                 column = batch.column(name)

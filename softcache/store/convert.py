@@ -1,8 +1,8 @@
 """Rewriting a store in another format with identical content.
 
 The shard layout, targets and metadata are kept; only the storage section changes. The content
-digest (computed from the decoded arrays, independent of format and codec) must come out equal,
-and is checked before the conversion reports success.
+digest (computed from the columns, independent of format and codec) must come out equal for every
+shard as it is written: a shard that differs stops the conversion before DEST is marked complete.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
+from softcache.store.consistency import store_content_digest
 from softcache.store.encoding import Ragged
+from softcache.store.files import content_sha256
 from softcache.store.reader import open_store
 from softcache.store.registry import storage_section
 from softcache.store.writer import StoreWriter, derived_header
@@ -40,9 +42,12 @@ def convert_store(source: str | Path, dest: str | Path, format_name: str, on_sha
             columns = {name: Ragged(*map(np.ascontiguousarray, value)) if isinstance(value, Ragged)
                        else np.ascontiguousarray(value) for name, value in store.shard_columns(index).items()}
             writer.write_shard(index, columns, teacher_nll=store.shards[index].teacher_nll)
+            written = writer.format.reader(writer.root, writer.layout, writer.encoding, 1).load(index)
+            if content_sha256(written) != store.shards[index].content_sha256:  # read back, as a reader will
+                raise StoreError(f"converting {source} to {dest} changed the content of shard {index}; DEST is "
+                                 "left incomplete (the new store would not be equivalent)")
             if on_shard is not None:
                 on_shard(index)
-        manifest = writer.finish()
-    if manifest["totals"]["content_sha256"] != store.manifest["totals"]["content_sha256"]:
-        raise StoreError(f"converting {source} to {dest} changed the content digest; the new store is not equivalent")
-    return manifest
+        if store_content_digest([writer.done[i] for i in sorted(writer.done)]) != store.totals.content_sha256:
+            raise StoreError(f"converting {source} to {dest} changed the content digest; DEST is left incomplete")
+        return writer.finish()

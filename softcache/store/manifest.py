@@ -5,12 +5,18 @@ when every shard is durable (``"complete": true``, with the shard table). While 
 finished shard also gets a record in ``progress/``; those records are what a resumed job trusts.
 Readers trust only the manifest's shard table, or, for an unfinished store opened on purpose, the
 progress records.
+
+Both kinds of file are *sealed*: they carry the sha256 of their own content (canonical JSON, without
+the seal), so a flipped byte or a hand edit is caught when the file is read, not when a count that
+no longer adds up reaches a reader. The seal guards against damage, not against someone who means
+harm (they can recompute it); paths and counts are checked on their own (softcache.store.consistency).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import typing
@@ -24,8 +30,10 @@ from softcache.store.layout import Layout
 MANIFEST = "manifest.json"
 PROGRESS_DIR = "progress"
 TOKENIZER_DIR = "tokenizer"
+WRITER_LOCK = "writer.lock"
 FORMAT_NAME = "softcache-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""2 -> 3: the manifest and the progress records carry their own sha256 (their seal)."""
 REQUIRED = ("format", "format_version", "complete", "storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus", "shards")
 # Sections that must match for a job to resume into an existing store.
 IDENTITY = ("storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus")
@@ -33,6 +41,31 @@ IDENTITY = ("storage", "layout", "encoding", "targets", "teacher", "tokenizer", 
 
 def progress_name(index: int) -> str:
     return f"{PROGRESS_DIR}/shard-{index:05d}.json"
+
+
+MANIFEST_SEAL = "manifest_sha256"
+RECORD_SEAL = "record_sha256"
+
+
+def _canonical_sha256(data: dict, seal: str) -> str:
+    """sha256 of ``data`` without its ``seal`` key, as sorted, compact JSON: the same values give the
+    same digest however the file was indented."""
+    body = {key: value for key, value in data.items() if key != seal}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed(data: dict, seal: str) -> dict:
+    """``data`` with its seal: the ``seal`` key set to the sha256 of the rest."""
+    return {**{key: value for key, value in data.items() if key != seal}, seal: _canonical_sha256(data, seal)}
+
+
+def seal_problem(data: dict, seal: str) -> str | None:
+    """What is wrong with ``data``'s seal, or None when it matches its content."""
+    if seal not in data:
+        return f"has no {seal} (its checksum)"
+    if data[seal] != _canonical_sha256(data, seal):
+        return f"fails its checksum ({seal}): it changed after softcache wrote it (a damaged byte, or an edit)"
+    return None
 
 
 # ---- typed sections -------------------------------------------------------------------------------
@@ -243,11 +276,16 @@ class StorageSection(Section):
 
         if not isinstance(data, dict):
             raise StoreError(f"{where} is {type(data).__name__}, not an object")
-        if data.get("format") not in FORMATS:
+        if not isinstance(data.get("format"), str) or data["format"] not in FORMATS:
             raise StoreError(f"{where}.format is {json.dumps(data.get('format'))}, not one of {', '.join(FORMATS)}")
         codec = data.get("codec")
         if codec is not None and not isinstance(codec, dict):
             raise StoreError(f"{where}.codec is {json.dumps(codec)[:40]}, not an object")
+        try:
+            FORMATS[data["format"]](codec)
+        except (ValueError, TypeError, KeyError) as err:
+            raise StoreError(f"{where}.codec is {json.dumps(codec)[:60]}, which the {data['format']} format cannot "
+                             f"read ({err})") from None
         return cls(format=data["format"], codec=codec, details={k: v for k, v in data.items() if k not in ("format", "codec")})
 
     def to_dict(self) -> dict:
@@ -294,6 +332,9 @@ def read_manifest(root: Path) -> dict:
             f"{path} has format version {version}, from an older softcache; this one reads version "
             f"{FORMAT_VERSION}: rerun its softcache cache command into a new directory"
         )
+    if problem := seal_problem(manifest, MANIFEST_SEAL):
+        raise StoreError(f"{path} {problem}; the store's manifest is damaged: restore it from a copy or "
+                         "write the store again")
     missing = [key for key in REQUIRED if key not in manifest]
     if missing:
         raise StoreError(f"{path} lacks required fields: {', '.join(missing)}")
@@ -336,15 +377,19 @@ def _short(value) -> str:
 
 
 def read_progress(root: Path) -> dict[int, ShardRecord]:
-    """Shard records of an unfinished job, by shard index; unreadable or malformed records are ignored
-    (their shards count as not written)."""
+    """Shard records of an unfinished job, by shard index; unreadable, unsealed or malformed records,
+    and records filed under another shard's name, are ignored (their shards count as not written)."""
     records = {}
     for path in sorted((root / PROGRESS_DIR).glob("shard-*.json")):
         try:
-            record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or seal_problem(data, RECORD_SEAL):
+                continue
+            record = ShardRecord.from_dict(data, str(path))
         except (OSError, ValueError, StoreError):
             continue
-        records[record.index] = record
+        if progress_name(record.index) == f"{PROGRESS_DIR}/{path.name}":
+            records[record.index] = record
     return records
 
 

@@ -14,12 +14,21 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
+from softcache.store.consistency import (
+    column_problem,
+    decoded_problem,
+    owned_by,
+    shard_table_problems,
+    totals_problems,
+)
 from softcache.store.encoding import Encoding, concat, decode, take
-from softcache.store.files import check_file
+from softcache.store.files import TMP_MARK, check_file, content_sha256
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
     MANIFEST,
+    PROGRESS_DIR,
     TOKENIZER_DIR,
+    WRITER_LOCK,
     CorpusSection,
     FileEntry,
     ShardRecord,
@@ -33,17 +42,19 @@ from softcache.store.manifest import (
     read_sections,
 )
 from softcache.store.registry import make_format
-from softcache.store.storage import open_storage
+from softcache.store.storage import Local, open_storage
 
 
 class Store:
     """A store opened for reading. ``len(store)`` is the number of readable sequences.
 
     ``cached_shards``: how many shards a zarr reader keeps loaded (training reads a few at a time).
+    ``refuse_inconsistent=False`` opens a store whose shard table or totals do not add up, listing
+    the problems in :attr:`problems` (what ``softcache verify`` does) instead of raising.
     """
 
     def __init__(self, root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4,
-                 verify_checksums: bool = True):
+                 verify_checksums: bool = True, refuse_inconsistent: bool = True):
         self.verify_checksums = verify_checksums
         """Check each shard's files against their sha256 the first time this object reads the shard."""
         self.storage = open_storage(root)
@@ -82,6 +93,17 @@ class Store:
             shards = [records[i] for i in sorted(records)]
         self.shards: list[ShardRecord] = shards
         """The readable shards in order: the manifest's shard table, or the progress records."""
+        self.problems: list[str] = shard_table_problems(self.layout, shards, self.format.shard_prefix,
+                                                        self.complete, self.tokenizer_files)
+        """Where the shard table or the totals do not add up (see softcache.store.consistency)."""
+        if self.complete:
+            self.problems += (totals_problems(self.layout, shards, self.totals) if self.totals
+                              else ["the complete manifest has no totals"])
+        if self.problems and refuse_inconsistent:
+            more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+            raise StoreError(f"{manifest_path}: {self.problems[0]}{more}; the store's metadata is inconsistent "
+                             f"(softcache verify {self.root} lists every problem): restore it from a copy or "
+                             "write the store again")
         self._ends = np.cumsum([s.count for s in self.shards], dtype=np.int64)
         self._reader = None
         self._fetched: set[int] = set()
@@ -110,20 +132,44 @@ class Store:
         return f"Store({str(self.root)!r}, {self.format.name}, {self.encoding.kind}, {len(self)} sequences, {state})"
 
     def shard_columns(self, slot: int) -> dict:
-        """Every column of the ``slot``-th readable shard, in on-disk dtypes."""
-        if slot not in self._fetched:
-            shard = self.shards[slot]
+        """Every column of the ``slot``-th readable shard, in on-disk dtypes.
+
+        The first time a shard is read, its files are checked against their sha256 and its columns
+        against its record's content digest (unless ``verify_checksums`` is off); its shapes, lengths
+        and offsets are checked every time it is loaded, before anything is sized from them."""
+        shard = self.shards[slot]
+        first_read = slot not in self._fetched
+        if first_read:
             check = self.verify_checksums and not self.storage.checks_fetches  # a download is checked anyway
             for entry in shard.files:
                 self.storage.fetch(entry.path, entry)
                 if check and (problem := check_file(self.root, entry)):
-                    raise StoreError(f"{self.root}: shard {shard.index} ({entry.path}) {problem}; the store is "
-                                     f"damaged (softcache verify {self.root} lists every damaged file; restore them "
-                                     "from a copy or write the store again)")
-            self._fetched.add(slot)
+                    raise self._damaged(shard, f"({entry.path}) {problem}")
         if self._reader is None:
             self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
-        return self._reader.load(self.shards[slot].index)
+        columns = self._load(self._reader, shard)
+        if first_read:
+            if self.verify_checksums and content_sha256(columns) != shard.content_sha256:
+                raise self._damaged(shard, "holds columns whose content digest differs from its record's")
+            self._fetched.add(slot)
+        return columns
+
+    def _load(self, reader, shard: ShardRecord) -> dict:
+        """Shard ``shard``'s columns through ``reader``, checked; whatever its bytes are, a damaged shard
+        is one :class:`StoreError` naming it."""
+        try:
+            columns = reader.load(shard.index)
+        except StoreError as err:
+            raise self._damaged(shard, str(err)) from None
+        except Exception as err:  # the format library parsing damaged bytes: any of its error types
+            raise self._damaged(shard, f"cannot be read ({type(err).__name__}: {err})".splitlines()[0]) from err
+        if problem := column_problem(self.encoding, self.layout.seq_len, shard.count, columns):
+            raise self._damaged(shard, problem)
+        return columns
+
+    def _damaged(self, shard: ShardRecord, problem: str) -> StoreError:
+        return StoreError(f"{self.root}: shard {shard.index} {problem}; the store is damaged (softcache verify "
+                          f"{self.root} lists every damaged file; restore them from a copy or write the store again)")
 
     def read_columns(self, indices) -> dict:
         """The encoded columns of sequences ``indices`` (any order, repeats allowed), in that order.
@@ -155,6 +201,9 @@ class Store:
         probabilities over the full vocabulary; padding entries repeat slot 0's id with -inf)."""
         columns = self.read_columns(indices)
         ids, logprobs = decode(self.encoding, columns)
+        if problem := decoded_problem(self.encoding, ids, logprobs):
+            raise StoreError(f"{self.root}: a shard {problem}; the store is damaged (softcache verify {self.root} "
+                             "names it)")
         return {"input_ids": columns["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": logprobs}
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -174,13 +223,34 @@ class Store:
                 raise StoreError(f"{self.root}: the store's tokenizer file {entry.path} {problem}; {advice}")
 
     def verify(self) -> list[str]:
-        """Recompute every checksum; return one line per problem (empty: the store is intact). A remote
-        store's files are fetched again, so the remote copies are what is checked."""
-        problems = []
+        """Check everything; return one line per problem (empty: the store is intact): the shard table
+        and totals against the layout, every file against its sha256, every shard's decoded columns
+        against its record's content digest, and (for a local store) no data file that no record
+        lists. A remote store's files are fetched again, so the remote copies are what is checked."""
+        problems = list(self.problems)
         if not self.complete:
             problems.append(f"store is incomplete: {len(self.shards)} of {self.layout.num_shards} shards written")
-        files = [(f"shard {shard.index}: ", entry) for shard in self.shards for entry in shard.files]
-        for where, entry in files + [("", entry) for entry in self.tokenizer_files]:
+        reader = self.format.reader(self.root, self.layout, self.encoding, 1)
+        for shard in self.shards:
+            damaged = self._file_problems(shard.files, f"shard {shard.index}: ")
+            problems += damaged
+            if damaged:
+                continue
+            try:
+                columns = self._load(reader, shard)
+            except StoreError as err:
+                problems.append(str(err).split("; the store is damaged")[0].removeprefix(f"{self.root}: "))
+                continue
+            if content_sha256(columns) != shard.content_sha256:
+                problems.append(f"shard {shard.index}: its columns' content digest differs from its record's")
+        problems += self._file_problems(self.tokenizer_files, "")
+        if isinstance(self.storage, Local):
+            problems += [f"{path} is in the store but no record lists it" for path in self._unlisted_files()]
+        return problems
+
+    def _file_problems(self, entries, where: str) -> list[str]:
+        problems = []
+        for entry in entries:
             try:
                 self.storage.fetch(entry.path)
             except StoreError as err:
@@ -190,10 +260,28 @@ class Store:
                 problems.append(f"{where}{entry.path} {problem}")
         return problems
 
+    def _unlisted_files(self) -> list[str]:
+        """Files under a shard's place, or the tokenizer's, that no record lists (a local store)."""
+        listed = {entry.path for shard in self.shards for entry in shard.files}
+        listed |= {entry.path for entry in self.tokenizer_files}
+        kept = (MANIFEST, WRITER_LOCK, PROGRESS_DIR)
+        unlisted = []
+        for path in sorted(self.root.rglob("*")):
+            relative = path.relative_to(self.root).as_posix()
+            if path.is_dir() or relative in listed or any(owned_by(relative, k) for k in kept) or TMP_MARK in relative:
+                continue
+            if not self.complete and not any(owned_by(relative, self.format.shard_prefix(s.index)) for s in self.shards):
+                continue  # an unfinished job's shard without a record yet: it is rewritten on resume
+            if self.tokenizer_files or not owned_by(relative, TOKENIZER_DIR):
+                unlisted.append(relative)
+        return unlisted
+
 
 def open_store(root: str | Path, allow_incomplete: bool = False, cached_shards: int = 4,
                verify_checksums: bool = True) -> Store:
-    """Open the store at ``root`` for reading (either format). Each shard's files are checked against
-    their sha256 when first read (``verify_checksums=False`` skips that, for trusted local disks)."""
+    """Open the store at ``root`` for reading (either format). Its shard table is checked against its
+    layout and totals at once; each shard's files are checked against their sha256, and its columns
+    against its content digest, when first read (``verify_checksums=False`` skips those, for trusted
+    local disks; shapes, lengths and offsets are checked either way)."""
     return Store(root, allow_incomplete=allow_incomplete, cached_shards=cached_shards,
                  verify_checksums=verify_checksums)

@@ -1,7 +1,8 @@
 """The format registry: a plain dict from format name to class.
 
-A format class takes an optional codec dict and provides ``describe``, ``prepare``,
-``write_shard`` and ``reader`` (see :class:`StoreFormat`). Formats store *columns* (see
+A format class takes an optional codec dict and provides ``describe``, ``shard_prefix``,
+``prepare``, ``write_shard`` and ``reader`` (see :class:`StoreFormat`). A reader checks what the
+format's own metadata declares (shapes, row counts) against the layout before it reads an array. Formats store *columns* (see
 softcache.store.encoding): they neither know nor care what the targets mean.
 """
 
@@ -25,6 +26,8 @@ class StoreFormat(Protocol):
     name: str
 
     def describe(self, layout: Layout, encoding: Encoding) -> dict: ...
+    def shard_prefix(self, index: int) -> str:
+        """The file, or the directory, that holds every file of shard ``index`` (relative to the root)."""
     def prepare(self, root: Path, layout: Layout, encoding: Encoding) -> None: ...
     def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]: ...
     def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ShardReader: ...

@@ -22,6 +22,13 @@ from pathlib import Path
 
 from softcache import lock
 from softcache.errors import StoreError
+from softcache.store.consistency import (
+    column_problem,
+    shard_table_problems,
+    store_content_digest,
+    teacher_cross_entropy,
+    totals_problems,
+)
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
 from softcache.store.encoding import Encoding, Ragged, num_rows
 from softcache.store.layout import Layout
@@ -29,14 +36,19 @@ from softcache.store.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    MANIFEST_SEAL,
     PROGRESS_DIR,
+    RECORD_SEAL,
     TOKENIZER_DIR,
+    WRITER_LOCK,
     ShardRecord,
+    Totals,
     identity_differences,
     manifest_table,
     progress_name,
     read_manifest,
     read_progress,
+    sealed,
 )
 from softcache.store.registry import make_format
 from softcache.store.storage import Storage, open_storage
@@ -102,7 +114,7 @@ class StoreWriter:
         take_lock(root, out_flag)
         remove_temporaries(root)
         if not (root / MANIFEST).exists():
-            write_json(root / MANIFEST, {**header, "complete": False, "shards": []})
+            write_json(root / MANIFEST, sealed({**header, "complete": False, "shards": []}, MANIFEST_SEAL))
         writer = cls(storage, header, {}, complete=False)
         writer.format.prepare(root, writer.layout, writer.encoding)
         writer._keep_valid_progress()
@@ -125,23 +137,30 @@ class StoreWriter:
             self._keep_valid_progress()
 
     def _keep_valid_progress(self) -> None:
-        """``done`` from the progress records in ``root`` (already pulled), the valid ones only."""
-        self.done = {i: r for i, r in read_progress(self.root).items() if self._record_is_valid(i, r)}
+        """``done`` from the progress records in ``root`` (already pulled), the valid ones only (a record
+        checked once is not checked again while it stays the same)."""
+        self.done = {i: r for i, r in read_progress(self.root).items()
+                     if self.done.get(i) == r or self._record_is_valid(r)}
 
     @property
     def pending(self) -> list[int]:
         """Shard indices still to write, in order."""
         return [i for i in range(self.layout.num_shards) if i not in self.done]
 
-    def _record_is_valid(self, index: int, record: ShardRecord) -> bool:
-        """A progress record counts only if it is for this layout and its files are intact."""
-        try:
-            first, count = self.layout.shard_bounds(index)
-            if (record.first, record.count) != (first, count):
-                return False
-            return all(check_file(self.root, f) is None for f in record.files)
-        except (IndexError, OSError):
+    def _record_is_valid(self, record: ShardRecord) -> bool:
+        """A progress record counts only if it fits this layout, lists the shard's own files, those
+        files are intact, and the columns they hold have the content digest it records: a resumed job
+        trusts nothing a record says that the files do not bear out."""
+        if shard_table_problems(self.layout, [record], self.format.shard_prefix, complete=False):
             return False
+        if any(check_file(self.root, f) is not None for f in record.files):
+            return False
+        try:
+            columns = self.format.reader(self.root, self.layout, self.encoding, 1).load(record.index)
+        except Exception:  # whatever the bytes are: the shard is rewritten
+            return False
+        return (column_problem(self.encoding, self.layout.seq_len, record.count, columns) is None
+                and content_sha256(columns) == record.content_sha256)
 
     def write_shard(self, index: int, columns: dict, teacher_nll: dict | None = None) -> ShardRecord:
         """Write shard ``index`` (its encoded columns, see softcache.store.encoding) durably and
@@ -162,7 +181,7 @@ class StoreWriter:
         files = tuple(describe_file(self.root, f) for f in written)
         record = ShardRecord(index=index, first=first, count=count, bytes=sum(f.bytes for f in files),
                              content_sha256=content_sha256(columns), files=files, teacher_nll=teacher_nll)
-        write_json(self.root / progress_name(index), record.to_dict())
+        write_json(self.root / progress_name(index), sealed(record.to_dict(), RECORD_SEAL))
         for entry in files:  # published: the files, then the record that vouches for them
             self.storage.upload(entry.path)
         self.storage.upload(progress_name(index))
@@ -217,6 +236,8 @@ class StoreWriter:
             for p in sorted(tokenizer_dir.rglob("*"))
             if p.is_file()
         ]
+        if problems := shard_table_problems(self.layout, shards, self.format.shard_prefix, True, extra):
+            raise StoreError(f"{self.root} was not marked complete: {problems[0]}")
         data_bytes = sum(s.bytes for s in shards)
         manifest = {
             **self.header,
@@ -232,6 +253,9 @@ class StoreWriter:
             "files": [entry.to_dict() for entry in extra],
             "shards": [shard.to_dict() for shard in shards],
         }
+        if problems := totals_problems(self.layout, shards, Totals.from_dict(manifest["totals"])):
+            raise StoreError(f"{self.root} was not marked complete: {problems[0]}")
+        manifest = sealed(manifest, MANIFEST_SEAL)
         write_json(self.root / MANIFEST, manifest)
         release_lock(self.root)
         self.storage.upload(MANIFEST)  # last: now a remote store is complete too
@@ -261,7 +285,7 @@ def _shard_table(root: Path, manifest: dict) -> dict[int, ShardRecord]:
     return {shard.index: shard for shard in manifest_table(manifest, "shards", ShardRecord, root / MANIFEST)}
 
 
-LOCK = "writer.lock"
+LOCK = WRITER_LOCK
 
 
 def take_lock(root: Path, out_flag: str = "--out") -> None:
@@ -276,27 +300,9 @@ def release_lock(root: Path) -> None:
     lock.release(root / LOCK)
 
 
-BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files")
+BOOKKEEPING = ("format", "format_version", "softcache_version", "complete", "shards", "totals", "files", MANIFEST_SEAL)
 
 
 def derived_header(manifest: dict, **changes) -> dict:
     """A header for a new store with ``manifest``'s description, minus what a writer fills in itself."""
     return {**{key: value for key, value in manifest.items() if key not in BOOKKEEPING}, **changes}
-
-
-def teacher_cross_entropy(shards: list[ShardRecord]) -> dict:
-    """{"teacher_ce": mean nats per labelled position} when every shard recorded the teacher's loss."""
-    if not shards or any(s.teacher_nll is None for s in shards):
-        return {}
-    count = sum(s.teacher_nll["count"] for s in shards)
-    return {"teacher_ce": sum(s.teacher_nll["sum"] for s in shards) / max(count, 1)}
-
-
-def store_content_digest(shards: list[ShardRecord]) -> str:
-    """Digest of a store's content, independent of format and codec: sha256 of the shards' digests, in order."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for shard in shards:
-        digest.update(bytes.fromhex(shard.content_sha256))
-    return digest.hexdigest()

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from softcache.store.encoding import Encoding, Ragged
+from softcache.errors import StoreError
+from softcache.store.consistency import array_limit
+from softcache.store.encoding import RAGGED, Encoding, Ragged
 from softcache.store.files import TMP_MARK, fsync_path
 from softcache.store.layout import Layout
 
@@ -58,6 +60,11 @@ class ZarrFormat:
     def prepare(self, root: Path, layout: Layout, encoding: Encoding) -> None:
         (root / GROUP / "shards").mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def shard_prefix(index: int) -> str:
+        """The directory that holds every file of shard ``index``."""
+        return shard_group(index)
+
     def write_shard(self, root: Path, layout: Layout, encoding: Encoding, index: int, columns: dict) -> list[str]:
         """Write shard ``index`` durably and atomically; return its files (relative to ``root``)."""
         import zarr
@@ -88,14 +95,18 @@ class ZarrFormat:
         return [str((final / p.relative_to(staging)).relative_to(root)) for p in files]
 
     def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ZarrReader:
-        return ZarrReader(root, encoding, cached_shards)
+        return ZarrReader(root, layout, encoding, cached_shards)
 
 
 class ZarrReader:
-    """Loads whole shards on demand and keeps the ``cached_shards`` most recently used."""
+    """Loads whole shards on demand and keeps the ``cached_shards`` most recently used.
 
-    def __init__(self, root: Path, encoding: Encoding, cached_shards: int):
+    Each array's shape and dtype, as its zarr.json declares them, are checked against the layout
+    before the array is read: a damaged zarr.json must not size an allocation."""
+
+    def __init__(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int):
         self.root = root
+        self.layout = layout
         self.encoding = encoding
         self.cached_shards = max(1, cached_shards)
         self._cache: OrderedDict[int, dict] = OrderedDict()
@@ -107,12 +118,27 @@ class ZarrReader:
         import zarr
 
         group = zarr.open_group(str(self.root / shard_group(index)), mode="r")
+        count = self.layout.shard_bounds(index)[1]
         columns = {}
         for name in self.encoding.columns:
-            data = np.asarray(group[name][...])
-            offsets = f"{name}_offsets"
-            columns[name] = Ragged(data, np.asarray(group[offsets][...])) if offsets in group else data
+            data = self._read(group, name, count, name)
+            if name in RAGGED:
+                columns[name] = Ragged(data, self._read(group, f"{name}_offsets", count, "offsets"))
+            else:
+                columns[name] = data
         self._cache[index] = columns
         while len(self._cache) > self.cached_shards:
             self._cache.popitem(last=False)
         return columns
+
+    def _read(self, group, name: str, count: int, dtype_of: str) -> np.ndarray:
+        if name not in group:
+            raise StoreError(f"has no array {name}")
+        array = group[name]
+        shape, most = array_limit(self.encoding, self.layout.seq_len, count, name)
+        want = np.dtype("int64") if dtype_of == "offsets" else self.encoding.dtype(name)
+        if array.dtype != want or (shape is not None and array.shape != shape) or (
+                shape is None and (array.ndim != 1 or array.shape[0] > most)):
+            raise StoreError(f"declares {name} as {array.dtype}{list(array.shape)}, which a shard of {count} "
+                             "sequences cannot hold")
+        return np.asarray(array[...])
