@@ -1,7 +1,8 @@
 """Corpus preparation: read documents, tokenize them, pack them into fixed-length sequences.
 
-Packing is deterministic: documents are read in their stored order, each is tokenized without
-special tokens and followed by the tokenizer's EOS token, and the resulting stream is cut into
+Packing is deterministic: documents are read in a fixed order (:func:`iter_documents`), each one
+holding text is tokenized without special tokens and followed by the tokenizer's EOS token (empty
+ones are skipped, so no EOS stands alone), and the resulting stream is cut into
 consecutive sequences of ``seq_len`` tokens. The trailing tokens that do not fill a whole sequence
 are dropped (and counted in :class:`PackedCorpus`), so every cached position has a real context.
 Token ids are held in memory as uint32 (4 bytes per token): a corpus must fit in RAM as ids.
@@ -40,6 +41,8 @@ class PackedCorpus:
     """Tokens in the stream, EOS separators included."""
     dropped_tokens: int
     """Tokens read but in no sequence: the incomplete tail, and anything past ``max_sequences``."""
+    empty_documents: int = 0
+    """Documents skipped because they hold no text (empty, whitespace only, or a missing value)."""
 
     @property
     def fingerprint(self) -> str:
@@ -154,8 +157,11 @@ def pack(
 ) -> PackedCorpus:
     """Tokenize ``documents`` in batches, join them with EOS and cut the stream into sequences.
 
-    Stops reading once ``max_sequences`` full sequences exist. Raises :class:`SoftcacheError` when
-    the tokenizer has no EOS token or the corpus is too short for a single sequence.
+    A document that is empty or only whitespace is skipped (counted in ``empty_documents``): it
+    would add an EOS with nothing before it. Stops reading once ``max_sequences`` full sequences
+    exist. Raises :class:`SoftcacheError` when the tokenizer has no EOS token, no document holds
+    text, or the corpus is too short for a single sequence; ``source`` (the ``--data`` value)
+    names the corpus in those messages.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -177,7 +183,11 @@ def pack(
             total += len(piece)
         batch.clear()
 
+    empty = 0
     for text in documents:
+        if not text or text.isspace():
+            empty += 1
+            continue
         batch.append(text)
         n_docs += 1
         if len(batch) == _TOKENIZE_BATCH:
@@ -186,13 +196,17 @@ def pack(
                 break
     if batch and (limit is None or total < limit):
         flush()
-    stream = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint32)
+    corpus = f"--data {source}" if source else "the corpus"
+    if not n_docs:
+        found = f"its {empty:,} documents are all empty or whitespace" if empty else "it holds no documents"
+        raise SoftcacheError(f"{corpus} has no text to cache: {found}")
+    stream = np.concatenate(pieces)
     n_seq = len(stream) // seq_len
     if max_sequences is not None:
         n_seq = min(n_seq, max_sequences)
     if n_seq == 0:
         raise SoftcacheError(
-            f"the corpus {source or ''} has {len(stream)} tokens, fewer than one sequence of "
+            f"{corpus} has {len(stream)} tokens, fewer than one sequence of "
             f"--seq-len {seq_len}; give more text or a smaller --seq-len"
         )
     used = n_seq * seq_len
@@ -202,4 +216,5 @@ def pack(
         documents=n_docs,
         tokens_read=int(len(stream)),
         dropped_tokens=int(len(stream) - used),
+        empty_documents=empty,
     )

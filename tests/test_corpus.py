@@ -46,7 +46,25 @@ def test_pack_refuses_a_corpus_shorter_than_one_sequence():
     with pytest.raises(SoftcacheError, match="fewer than one sequence of --seq-len 100"):
         pack(iter(["short"]), CharTokenizer(), seq_len=100)
     with pytest.raises(SoftcacheError, match="fewer than one sequence"):
-        pack(iter([]), CharTokenizer(), seq_len=4)
+        pack(iter(["a", "b"]), CharTokenizer(), seq_len=5)
+
+
+def test_pack_skips_documents_without_text():
+    tokenizer = CharTokenizer()
+    packed = pack(iter(["", "ab", "  \n\t", "cd", ""]), tokenizer, seq_len=3, source="mem")
+    assert packed.input_ids.reshape(-1).tolist() == [1, 2, 0, 3, 4, 0]  # no EOS without text before it
+    assert (packed.documents, packed.empty_documents) == (2, 3)
+    assert packed.fingerprint == pack(iter(["ab", "cd"]), tokenizer, seq_len=3).fingerprint
+
+
+@pytest.mark.parametrize("documents,found", [
+    ([], "it holds no documents"),
+    ([""], "its 1 documents are all empty"),
+    (["", " ", "\n\n", "\t \r\n"], "its 4 documents are all empty or whitespace"),
+])
+def test_pack_refuses_a_corpus_without_text(documents, found):
+    with pytest.raises(SoftcacheError, match=f"^--data c.jsonl has no text to cache: {found}"):
+        pack(iter(documents), CharTokenizer(), seq_len=2, source="c.jsonl")
 
 
 def test_builtin_corpus_ships_with_python_and_splits_deterministically():
