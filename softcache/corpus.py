@@ -11,20 +11,18 @@ Token ids are held in memory as uint32 (4 bytes per token): a corpus must fit in
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from softcache.corpus_dir import BUILDERS, corpus_files, is_saved_dataset
+from softcache.corpus_errors import encoding_problem, unreadable
 from softcache.errors import SoftcacheError
 
 BUILTIN_CORPORA = ("builtin:python-docs",)
-_BUILDERS = {
-    ".txt": "text", ".text": "text", ".md": "text",
-    ".json": "json", ".jsonl": "json", ".ndjson": "json",
-    ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow",
-}
 _TOKENIZE_BATCH = 512  # documents per fast-tokenizer call
 
 
@@ -77,11 +75,24 @@ def python_docs(split: str = "all") -> list[str]:
 
 
 def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield the documents of ``data`` in stored order.
+    """Yield the documents of ``data``: the text of each, in a fixed order (a missing value as "").
 
-    ``data`` is ``builtin:python-docs`` (splits train, heldout, all), a file (.txt/.md: one document per file; .json/.jsonl,
-    .parquet, .csv/.tsv, .arrow: one document per row), a directory written by
-    ``Dataset.save_to_disk``, or a directory of such files.
+    ``data`` is one of:
+
+    - ``builtin:python-docs`` (splits train, heldout, all);
+    - a file: .txt/.text/.md is one document (the whole file); .json/.jsonl/.ndjson, .parquet,
+      .csv/.tsv and .arrow are one document per row (the ``text_column`` value). Its one split is
+      ``train``;
+    - a directory written by ``Dataset.save_to_disk`` (its splits);
+    - any other directory: every file under it, recursively, in sorted path order, each read as
+      above by its own type, so text, JSON and CSV files can be mixed. Names starting with ``.``
+      are not read. A file of any other type, or a softcache store, refuses the whole directory
+      (nothing is skipped unsaid). Split names in sub-directory or file names (``train/``,
+      ``test.jsonl``) divide the files into splits as Hugging Face datasets does
+      (:mod:`softcache.corpus_dir`); else every file is in ``train``.
+
+    Every file must be UTF-8. Empty documents are yielded too: :func:`pack` skips them. Raises
+    :class:`SoftcacheError` naming ``--data`` and the file (with the line or byte where known).
     """
     if data.startswith("builtin:"):
         if data != "builtin:python-docs":
@@ -90,62 +101,106 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
             raise SoftcacheError(f"--split {split}: {data} has the splits {', '.join(BUILTIN_SPLITS)}")
         yield from python_docs(split)
         return
-    dataset = _load_dataset(data, split)
-    if text_column not in dataset.column_names:
-        raise SoftcacheError(
-            f"--data {data} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
-            "choose one with --text-column"
-        )
-    for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
-        for text in batch[text_column]:
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise SoftcacheError(
-                    f"--data {data}: column {text_column!r} holds {type(text).__name__}, not text; "
-                    "choose a text column with --text-column"
-                )
-            yield text
-
-
-def _load_dataset(data: str, split: str):
-    import datasets
-
     path = Path(data)
     if not path.exists():
         raise SoftcacheError(f"--data {data} does not exist")
-    datasets.disable_progress_bars()
+    if is_saved_dataset(path):
+        yield from _text_column(path, "saved dataset", text_column, lambda: _load_saved(path, split))
+        return
+    if path.is_dir():
+        files = corpus_files(path, split)
+    elif split != "train":
+        raise SoftcacheError(f"--data {data} has no split {split!r} (splits: train); choose one with --split")
+    else:
+        files = [path]
+    for file in files:
+        yield from _read_file(file, text_column)
+
+
+def _read_file(path: Path, text_column: str) -> Iterator[str]:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise SoftcacheError(f"--data {path}: unsupported file type {path.suffix or '(none)'}; "
+                             f"use one of {', '.join(sorted(BUILDERS))} or a save_to_disk directory")
+    if builder == "text":
+        yield _read_text(path)
+        return
+    if builder in ("json", "csv") and _blank(path):
+        return  # no rows (datasets fails on such a file)
+    options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    yield from _text_column(path, builder, text_column,
+                            lambda: _load(builder, data_files=str(path), split="train", **options))
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as one document, newlines translated as datasets' text builder does (open's default)."""
     try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            loaded = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            loaded = datasets.load_dataset(str(path), **_text_options(path))
-        else:
-            builder = _BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise SoftcacheError(
-                    f"--data {data}: unsupported file type {path.suffix or '(none)'}; "
-                    f"use one of {', '.join(sorted(_BUILDERS))} or a save_to_disk directory"
-                )
-            options = {"sample_by": "document"} if builder == "text" else {}
-            if path.suffix.lower() == ".tsv":
-                options = {"sep": "\t"}
-            loaded = datasets.load_dataset(builder, data_files=str(path), **options)
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as err:
+        raise SoftcacheError(encoding_problem(path) or f"--data {path} is not UTF-8: {err}") from err
+    if "\0" in text:  # valid UTF-8, but no text holds NUL: UTF-16 without a byte-order mark
+        raise SoftcacheError(encoding_problem(path))
+    return text
+
+
+def _blank(path: Path) -> bool:
+    """Whether the file holds nothing but whitespace."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _text_column(path: Path, builder: str, text_column: str, load) -> Iterator[str]:
+    """The ``text_column`` values of the dataset ``load()`` returns; any failure of datasets, loading
+    or iterating, becomes one line naming ``path`` and the cause (see :func:`unreadable`)."""
+    try:
+        dataset = load()
+        if text_column not in dataset.column_names:
+            raise SoftcacheError(
+                f"--data {path} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
+                "choose one with --text-column"
+            )
+        for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
+            for text in batch[text_column]:
+                if text is not None and not isinstance(text, str):
+                    raise SoftcacheError(
+                        f"--data {path}: column {text_column!r} holds {type(text).__name__}, not text; "
+                        "choose a text column with --text-column"
+                    )
+                yield text or ""
     except SoftcacheError:
         raise
-    except Exception as err:  # datasets raises many types for unreadable input
-        raise SoftcacheError(f"--data {data} could not be read: {type(err).__name__}: {err}".splitlines()[0]) from err
+    except Exception as err:  # datasets raises many types (and wraps them) for unreadable input
+        raise SoftcacheError(unreadable(path, builder, text_column, err)) from err
+
+
+def _load_saved(path: Path, split: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise SoftcacheError(f"--data {data} has no split {split!r} (splits: {', '.join(loaded)}); choose one with --split")
+            raise SoftcacheError(f"--data {path} has no split {split!r} (splits: {', '.join(loaded)}); "
+                                 "choose one with --split")
         loaded = loaded[split]
     return loaded
 
 
-def _text_options(directory: Path) -> dict:
-    """A directory of plain-text files is read one document per file, like a single text file."""
-    suffixes = {p.suffix.lower() for p in directory.rglob("*") if p.is_file()}
-    return {"sample_by": "document"} if suffixes and suffixes <= {".txt", ".text", ".md"} else {}
+def _load(builder: str, **options):
+    """``datasets.load_dataset`` without its progress bars and its own error log lines (the error is ours to say)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        return datasets.load_dataset(builder, **options)
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def pack(
