@@ -73,11 +73,11 @@ def json_problem(path: Path, text_column: str) -> str | None:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip(b"\r\n"))
             except ValueError as err:
                 if first:  # a pretty-printed document or array, not JSON lines
                     return _document_problem(path)
-                return f"--data {path} line {number}: not valid JSON ({_reason(err)})"
+                return f"--data {path} line {number}{_reason(err)}"
             first = False
             if not isinstance(row, dict):
                 return f"--data {path} line {number}: a JSON {_json_type(row)}, not an object"
@@ -95,14 +95,15 @@ def _document_problem(path: Path) -> str | None:
             json.load(handle)
     except ValueError as err:
         where = f" line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
-        return f"--data {path}{where}: not valid JSON ({_reason(err)})"
+        return f"--data {path}{where}{_reason(err)}"
     return None
 
 
 def _reason(err: ValueError) -> str:
+    """', column 7: not valid JSON (Expecting value)'"""
     if isinstance(err, json.JSONDecodeError):
-        return f"{err.msg} at column {err.colno}"
-    return str(err)
+        return f", column {err.colno}: not valid JSON ({err.msg.removesuffix(' at')})"
+    return f": not valid JSON ({err})"
 
 
 def _json_type(value) -> str:

@@ -238,11 +238,11 @@ def test_a_file_that_is_not_utf8_names_the_byte_and_asks_to_reencode(tmp_path, n
 
 
 @pytest.mark.parametrize("name,content,message", [
-    ("broken.jsonl", "{not json\n", r"broken.jsonl line 1: not valid JSON \(Expecting property name .* at column 2\)"),
-    ("late.jsonl", '{"text": "a"}\n\n{"text": "b",}\n', r"late.jsonl line 3: not valid JSON \(.* at column 14\)"),
+    ("broken.jsonl", "{not json\n", r"broken.jsonl line 1, column 2: not valid JSON \(Expecting property name enclosed in double quotes\)"),
+    ("late.jsonl", '{"text": "a"}\n\n{"text": "b",}\n', r"late.jsonl line 3, column 14: not valid JSON \(.+\)"),
     ("array.jsonl", '{"text": "a"}\n[1, 2]\n', r"array.jsonl line 2: a JSON array, not an object"),
     ("string.jsonl", '{"text": "a"}\n"b"\n', r"string.jsonl line 2: a JSON string, not an object"),
-    ("document.json", '[\n  {"text": "a"},\n  {"text": }\n]\n', r"document.json line 3: not valid JSON \(Expecting value at column 12\)"),
+    ("document.json", '[\n  {"text": "a"},\n  {"text": }\n]\n', r"document.json line 3, column 12: not valid JSON \(Expecting value\)"),
 ])
 def test_a_bad_json_line_names_the_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
