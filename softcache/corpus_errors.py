@@ -29,8 +29,8 @@ def unreadable(path: Path, builder: str, text_column: str, err: BaseException) -
     if found is not None:
         return found
     cause = _first_cause(err)
-    detail = (str(cause).strip().splitlines() or [""])[0]
-    return f"--data {path} could not be read as {builder}: {type(cause).__name__}: {detail}".rstrip(": ")
+    detail = "".join(str(cause).strip().splitlines()[:1])
+    return f"--data {path} could not be read as {builder}: {type(cause).__name__}" + (f": {detail}" if detail else "")
 
 
 def encoding_problem(path: Path) -> str | None:
