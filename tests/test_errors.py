@@ -65,6 +65,25 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     shutil.copytree(root / "run", corrupt)
     for checkpoint in (corrupt / "checkpoints").iterdir():
         checkpoint.write_bytes(b"not a checkpoint")
+    # corpus edge cases
+    documents = [json.loads(line)["text"] for line in corpus_file.read_text().splitlines()]
+    for name, files in {
+        "mixed-dir": {"a.txt": documents[0], "b.jsonl": corpus_file.read_text(), "notes/summary.pdf": "%PDF"},
+        "unsupported-dir": {"model.bin": "x", "weights.safetensors": "x"},
+        "hidden-only-dir": {".draft.txt": documents[0]},
+        "corpus-dir": {"docs.jsonl": corpus_file.read_text()},
+    }.items():
+        for file, text in files.items():
+            (root / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / file).write_text(text)
+    shutil.copytree(root / "corpus-dir", root / "store-in-corpus-dir")
+    shutil.copytree(store, root / "store-in-corpus-dir" / "old-store")
+    (root / "no-text.jsonl").write_text('{"text": ""}\n{"text": null}\n{"id": 3}\n{"text": "  "}\n')
+    (root / "whitespace.txt").write_text("  \n\n\t \n")
+    (root / "utf16.txt").write_text(documents[0], encoding="utf-16")
+    (root / "latin1.txt").write_bytes(b"Caf\xe9 au lait " * 100)
+    (root / "bad-line.jsonl").write_text(corpus_file.read_text().replace("\n", "\n{\"text\": \"unclosed}\n", 1))
+    (root / "array-line.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n["c", "d"]\n')
     return {"root": root, "base": base, "store": store, "corpus": corpus_file, "train": train, "student": student,
             "no_tokenizer": no_tokenizer, "small": small, "other_tokenizer": other_tokenizer}
 
@@ -119,6 +138,33 @@ MISTAKES = [
     ("training into another run's directory", lambda w: train(w, None, w["root"] / "run"),
      "already holds a training run; pass --resume"),
     ("both --steps and --epochs", lambda w: train(w, None, None, "--epochs", 1), "give --steps or --epochs, not both"),
+    # corpus edge cases (issue 13 item 7)
+    ("corpus directory with a file of no supported type", lambda w: cache(w, **{"--data": w["root"] / "mixed-dir"}),
+     "mixed-dir: notes/summary.pdf is of no supported type and would be skipped"),
+    ("corpus directory of unsupported files only", lambda w: cache(w, **{"--data": w["root"] / "unsupported-dir"}),
+     "unsupported-dir: model.bin, weights.safetensors are of no supported type"),
+    ("corpus directory of hidden files only", lambda w: cache(w, **{"--data": w["root"] / "hidden-only-dir"}),
+     "hidden-only-dir holds no files to read (names starting with '.' are not read)"),
+    ("corpus of empty documents only", lambda w: cache(w, **{"--data": w["root"] / "no-text.jsonl"}),
+     "no-text.jsonl has no text to cache: its 4 documents are all empty or whitespace"),
+    ("corpus of whitespace only", lambda w: cache(w, **{"--data": w["root"] / "whitespace.txt"}),
+     "whitespace.txt has no text to cache: its 1 documents are all empty or whitespace"),
+    ("corpus file in UTF-16", lambda w: cache(w, **{"--data": w["root"] / "utf16.txt"}),
+     "utf16.txt is not UTF-8 (byte 0 invalid start byte; it looks like UTF-16); re-encode it as UTF-8"),
+    ("corpus file in Latin-1", lambda w: cache(w, **{"--data": w["root"] / "latin1.txt"}),
+     "latin1.txt is not UTF-8 (byte 3 invalid continuation byte; it may be Latin-1"),
+    ("corpus with a malformed JSON line", lambda w: cache(w, **{"--data": w["root"] / "bad-line.jsonl"}),
+     "bad-line.jsonl line 2, column 10: not valid JSON (Unterminated string starting)"),
+    ("corpus with a JSON line that is not an object", lambda w: cache(w, **{"--data": w["root"] / "array-line.jsonl"}),
+     "array-line.jsonl line 3: a JSON array, not an object"),
+    ("store inside its corpus directory", lambda w: cache(w, **{"--data": w["root"] / "corpus-dir",
+                                                                "--out": w["root"] / "corpus-dir" / "store"}),
+     "/corpus-dir/store is inside --data "),
+    ("store in place of its corpus directory", lambda w: cache(w, **{"--data": w["root"] / "corpus-dir",
+                                                                     "--out": w["root"] / "corpus-dir"}),
+     "corpus-dir is inside --data "),
+    ("corpus directory holding a softcache store", lambda w: cache(w, **{"--data": w["root"] / "store-in-corpus-dir"}),
+     "store-in-corpus-dir/old-store, which is not corpus text"),
 ]
 
 
