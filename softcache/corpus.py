@@ -253,7 +253,8 @@ def pack(
         flush()
     corpus = f"--data {source}" if source else "the corpus"
     if not n_docs:
-        found = f"its {empty:,} documents are all empty or whitespace" if empty else "it holds no documents"
+        found = (f"its {empty:,} documents are all empty or whitespace" if empty > 1 else
+                 "its one document is empty or whitespace") if empty else "it holds no documents"
         raise SoftcacheError(f"{corpus} has no text to cache: {found}")
     stream = np.concatenate(pieces)
     n_seq = len(stream) // seq_len

@@ -105,7 +105,8 @@ class StudentJob:
         config = self.config
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.store = open_store(config.store, allow_incomplete=config.allow_incomplete)
+        self.store = open_store(config.store, allow_incomplete=config.allow_incomplete,
+                                verify_checksums=config.verify_shards)
         self.store.check_tokenizer()  # final/ carries it: a damaged one fails now, not after training
         if not self.store.complete:
             note(self.ranks, f"note: {config.store} is incomplete; training on its {len(self.store):,} finished sequences")

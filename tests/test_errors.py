@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -84,8 +85,79 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     (root / "latin1.txt").write_bytes(b"Caf\xe9 au lait " * 100)
     (root / "bad-line.jsonl").write_text(corpus_file.read_text().replace("\n", "\n{\"text\": \"unclosed}\n", 1))
     (root / "array-line.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n["c", "d"]\n')
+    # store, manifest and shard damage
+    for name, damage in STORE_DAMAGE.items():
+        shutil.copytree(store, root / name)
+        damage(root / name)
+    (root / "configs").mkdir()
+    for name, text in {"broken.yaml": "lr: [1, 2", "unknown.yaml": "learning_rate: 0.1\n", "list.json": "[1, 2]",
+                       "settings.toml": "lr = 1"}.items():
+        (root / "configs" / name).write_text(text)
     return {"root": root, "base": base, "store": store, "corpus": corpus_file, "train": train, "student": student,
             "no_tokenizer": no_tokenizer, "small": small, "other_tokenizer": other_tokenizer}
+
+
+def _flip(path: Path, at: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _shard(manifest: dict, index: int, **changes) -> dict:
+    shards = [dict(s) for s in manifest["shards"]]
+    shards[index].update(changes)
+    return {**manifest, "shards": shards}
+
+
+def _digest_everywhere(manifest: dict) -> dict:
+    """Shard 0's content digest edited, and the totals made to agree: only the shard's columns disagree."""
+    from softcache.store.consistency import store_content_digest
+    from softcache.store.manifest import ShardRecord
+
+    manifest = _shard(manifest, 0, content_sha256="ab" * 32)
+    digest = store_content_digest([ShardRecord.from_dict(s) for s in manifest["shards"]])
+    return {**manifest, "totals": {**manifest["totals"], "content_sha256": digest}}
+
+
+def _zarr_meta(copy: Path, array: str, **changes) -> None:
+    path = copy / "data.zarr" / "shards" / "00000" / array / "zarr.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _manifest_text(copy: Path, old: str, new: str) -> None:
+    path = copy / "manifest.json"
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+STORE_DAMAGE = {
+    "edited-unsealed": lambda c: _manifest_text(c, '"seq_len": 32', '"seq_len": 33'),
+    "unsealed": lambda c: _manifest_text(c, '"manifest_sha256"', '"x"'),
+    "entry-removed": lambda c: edit_manifest(c, lambda m: {**m, "shards": [m["shards"][0], m["shards"][2]]}),
+    "count-edited": lambda c: edit_manifest(c, lambda m: _shard(m, 1, count=3)),
+    "totals-edited": lambda c: edit_manifest(c, lambda m: {**m, "totals": {**m["totals"], "tokens": 1}}),
+    "digest-edited": lambda c: edit_manifest(c, _digest_everywhere),
+    "path-outside": lambda c: edit_manifest(c, lambda m: _shard(m, 0, files=[{**m["shards"][0]["files"][0],
+                                                                              "path": "../elsewhere/zarr.json"}])),
+    "wrong-type": lambda c: edit_manifest(c, lambda m: {**m, "layout": {**m["layout"], "seq_len": "32"}}),
+    "unknown-codec": lambda c: edit_manifest(c, lambda m: {**m, "storage": {**m["storage"], "codec": {"name": "lz9"}}}),
+    "other-tool": lambda c: edit_manifest(c, lambda m: {**m, "format": "other-store"}),
+    "older-format": lambda c: edit_manifest(c, lambda m: {**m, "format_version": 2}),
+    "flipped-shard": lambda c: [_flip(p, 40) for p in sorted(c.glob("data.zarr/shards/*/target_ids/c/*"))],
+    "one-flipped-shard": lambda c: _flip(c / "data.zarr" / "shards" / "00001" / "input_ids" / "c" / "0" / "0", 7),
+    "huge-shape": lambda c: _zarr_meta(c, "target_ids", shape=[4_000_000_000]),
+    "unlisted-file": lambda c: (c / "data.zarr" / "shards" / "00000" / "stray.bin").write_bytes(b"x"),
+    "damaged-tokenizer": lambda c: _flip(c / "tokenizer" / "tokenizer.json", 100),
+    "no-tokenizer-dir": lambda c: shutil.rmtree(c / "tokenizer"),
+    "linked-out": lambda c: _link_out(c),
+}
+"""Copies of the world's store, each damaged one way (made in the ``world`` fixture)."""
+
+
+def _link_out(copy: Path) -> None:
+    target = copy.parent / "outside-shard"
+    shutil.copytree(copy / "data.zarr" / "shards" / "00000", target)
+    shutil.rmtree(copy / "data.zarr" / "shards" / "00000")
+    (copy / "data.zarr" / "shards" / "00000").symlink_to(target)
 
 
 def run(*args):
@@ -148,7 +220,7 @@ MISTAKES = [
     ("corpus of empty documents only", lambda w: cache(w, **{"--data": w["root"] / "no-text.jsonl"}),
      "no-text.jsonl has no text to cache: its 4 documents are all empty or whitespace"),
     ("corpus of whitespace only", lambda w: cache(w, **{"--data": w["root"] / "whitespace.txt"}),
-     "whitespace.txt has no text to cache: its 1 documents are all empty or whitespace"),
+     "whitespace.txt has no text to cache: its one document is empty or whitespace"),
     ("corpus file in UTF-16", lambda w: cache(w, **{"--data": w["root"] / "utf16.txt"}),
      "utf16.txt is not UTF-8 (byte 0 invalid start byte; it looks like UTF-16); re-encode it as UTF-8"),
     ("corpus file in Latin-1", lambda w: cache(w, **{"--data": w["root"] / "latin1.txt"}),
@@ -165,6 +237,75 @@ MISTAKES = [
      "corpus-dir is inside --data "),
     ("corpus directory holding a softcache store", lambda w: cache(w, **{"--data": w["root"] / "store-in-corpus-dir"}),
      "store-in-corpus-dir/old-store, which is not corpus text"),
+]
+
+
+MISTAKES += [
+    # store, manifest and shard damage; options and config files (issue 13 items 2, 3 and 8)
+    ("manifest edited without its seal", lambda w: ["info", w["root"] / "edited-unsealed"],
+     "manifest.json fails its checksum (manifest_sha256): it changed after softcache wrote it"),
+    ("manifest without its seal", lambda w: ["verify", w["root"] / "unsealed"], "manifest.json has no manifest_sha256"),
+    ("a shard entry removed from the manifest", lambda w: train(w, w["root"] / "entry-removed"),
+     "the shard table lists 2 shards for a layout of 3 (missing: 1)"),
+    ("a shard's sequence count edited", lambda w: ["info", w["root"] / "count-edited"],
+     "shard 1 claims sequences 4..6, the layout puts 4..7 there"),
+    ("the totals edited", lambda w: train(w, w["root"] / "totals-edited"), "totals.tokens is 1, the shard table adds up"),
+    ("a content digest edited with its totals", lambda w: train(w, w["root"] / "digest-edited"),
+     "shard 0 holds columns whose content digest differs from its record's"),
+    ("a shard file named outside the store", lambda w: ["info", w["root"] / "path-outside"],
+     "'../elsewhere/zarr.json' leaves the store"),
+    ("a manifest field of the wrong type", lambda w: ["info", w["root"] / "wrong-type"], "layout.seq_len is \"32\", not int"),
+    ("a codec the format cannot read", lambda w: ["info", w["root"] / "unknown-codec"],
+     "storage.codec is {\"name\": \"lz9\"}, which the zarr format cannot read"),
+    ("a manifest of another tool", lambda w: ["info", w["root"] / "other-tool"], "is not a softcache manifest"),
+    ("a store from an older format", lambda w: ["info", w["root"] / "older-format"],
+     "format version 2, from an older softcache"),
+    ("a flipped byte in a shard", lambda w: train(w, w["root"] / "flipped-shard"), "fails its sha256 checksum"),
+    ("verify: a flipped byte in a shard", lambda w: ["verify", w["root"] / "one-flipped-shard"],
+     "shard 1: data.zarr/shards/00001/input_ids/c/0/0 fails its sha256 checksum"),
+    ("damaged shard metadata read with checksums off",
+     lambda w: train(w, w["root"] / "huge-shape", None, "--no-verify-shards"),
+     "shard 0 declares target_ids as uint16[4000000000], which a shard of 4 sequences cannot hold"),
+    ("verify: a data file no record lists", lambda w: ["verify", w["root"] / "unlisted-file"],
+     "data.zarr/shards/00000/stray.bin is in the store but no record lists it"),
+    ("a damaged tokenizer file in the store", lambda w: train(w, w["root"] / "damaged-tokenizer"),
+     "the store's tokenizer file tokenizer/tokenizer.json fails its sha256 checksum"),
+    ("the store's tokenizer removed", lambda w: train(w, w["root"] / "no-tokenizer-dir"),
+     "the store's tokenizer file tokenizer/"),
+    ("a shard that links out of the store", lambda w: train(w, w["root"] / "linked-out"), "resolves outside the store"),
+    ("info on a path that does not exist", lambda w: ["info", w["root"] / "nowhere"], "nowhere does not exist"),
+    ("a plain directory as a store", lambda w: train(w, w["no_tokenizer"]), "is not a softcache store (no manifest.json)"),
+    ("resuming a teacher job into a damaged manifest", lambda w: cache(w, **{"--out": w["root"] / "edited-unsealed"}),
+     "fails its checksum"),
+    ("convert an incomplete store", lambda w: ["convert", w["root"] / "unfinished", w["fresh"] / "store", "--format",
+                                               "arrow", "--no-progress"], "is incomplete"),
+    ("convert into a file", lambda w: ["convert", w["store"], w["root"] / "a-file", "--format", "arrow",
+                                       "--no-progress"], "a-file is a file; give a directory"),
+    ("convert into a directory that is not a store", lambda w: ["convert", w["store"], w["root"] / "run", "--format",
+                                                               "arrow", "--no-progress"],
+     "is not empty and holds no softcache store"),
+    ("convert a damaged store", lambda w: ["convert", w["root"] / "flipped-shard", w["fresh"] / "store", "--format",
+                                           "arrow", "--no-progress"], "fails its sha256 checksum"),
+    ("an infinite learning rate", lambda w: train(w, None, None, "--lr", "inf"), "--lr must be greater than 0 and finite"),
+    ("a NaN gradient clip", lambda w: train(w, None, None, "--clip-grad", "nan"), "--clip-grad must be at least 0 and"),
+    ("a negative weight decay", lambda w: train(w, None, None, "--weight-decay", "-1"),
+     "--weight-decay must be at least 0, got -1"),
+    ("an infinite student temperature", lambda w: train(w, None, None, "--temperature", "inf"), "--temperature must be"),
+    ("a beta of 1", lambda w: train(w, None, None, "--loss", "jsd", "--beta", "1"), "--beta must be"),
+    ("an alpha above 1", lambda w: train(w, None, None, "--alpha", "1.5"), "--alpha must be"),
+    ("a held-out fraction of 1", lambda w: train(w, None, None, "--eval-fraction", "1"), "--eval-fraction must be"),
+    ("a top-p above 1", lambda w: cache(w, **{"--targets": "topp", "--top-p": "1.5"}), "--top-p must be"),
+    ("a NaN teacher temperature", lambda w: cache(w, **{"--temperature": "nan"}), "--temperature must be"),
+    ("a --config file that is not valid YAML", lambda w: train(w, None, None, "--config", w["root"] / "configs" / "broken.yaml"),
+     "broken.yaml is not valid YAML"),
+    ("a --config file with an unknown setting",
+     lambda w: train(w, None, None, "--config", w["root"] / "configs" / "unknown.yaml"), "unknown setting 'learning_rate'"),
+    ("a --config file that is not a mapping", lambda w: train(w, None, None, "--config", w["root"] / "configs" / "list.json"),
+     "must hold a mapping of settings to values, not a list"),
+    ("a --config file of another type", lambda w: cache(w, **{"--config": w["root"] / "configs" / "settings.toml"}),
+     "give a .yaml, .yml or .json file, not .toml"),
+    ("a --config file that does not exist", lambda w: train(w, None, None, "--config", w["root"] / "configs" / "none.yaml"),
+     "none.yaml does not exist"),
 ]
 
 
