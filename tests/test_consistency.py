@@ -3,11 +3,13 @@
 Each test makes one kind of damage that every checksum would pass (the manifest or record is
 resealed after the edit, as someone editing it on purpose would), or damages shard bytes with
 checksums off, and asserts that opening, reading, verifying, resuming or converting catches it.
-The fuzzer at the end damages manifests and shard bytes at random."""
+The fuzzers at the end damage manifests and shard bytes at random: 60 examples each by default,
+more with ``SOFTCACHE_FUZZ_EXAMPLES=2000`` (a soak run, outside the default suite's time)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -209,9 +211,11 @@ FIELDS = [(("layout",), "num_sequences"), (("layout",), "seq_len"), (("layout",)
           (("tokenizer",), "fingerprint"), (("corpus",), "fingerprint"), (("teacher",), "name"),
           (("totals",), "sequences"), (("totals",), "tokens"), (("totals",), "data_bytes"),
           (("totals",), "content_sha256"), (("totals",), "bytes_per_token"), (("shards", 0), None),
-          (("shards", 2), None), (("shards", 1, "files", 0), None), (("files", 0), None), ((), "complete"),
+          (("shards", 2), None), (("shards", 1, "files", 0), None),
+          (("shards", 1, "teacher_nll"), None), (("totals",), "teacher_ce"), (("files", 0), None), ((), "complete"),
           ((), "format_version"), ((), "shards"), ((), "files"), ((), "totals"), ((), "layout")]
 """(where the field is, from the manifest's top; its key, or None: any key there, drawn)."""
+FUZZ_EXAMPLES = int(os.environ.get("SOFTCACHE_FUZZ_EXAMPLES", "60"))
 WRONG = [None, "x", -1, 0, 10**12, 1.5, float("inf"), [], {}, True]
 
 
@@ -220,7 +224,7 @@ def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     layout = make(9, 4, 3, 3)[0]
     for name, encoding in (("zarr", Encoding("topp", 3, 300, ids="delta")), ("arrow", Encoding("topk", 3, 300))):
-        write_store(root / name, name, layout, encoding)
+        write_store(root / name, name, layout, encoding, teacher_nll=True)
     return root
 
 
@@ -232,7 +236,7 @@ def _one_line_or_clean(call) -> None:
         assert "\n" not in str(err) and str(err)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(format_name=st.sampled_from(["zarr", "arrow"]), field=st.sampled_from(FIELDS),
        how=st.sampled_from(["remove", "wrong"]), wrong=st.sampled_from(WRONG), entry_key=st.integers(0, 99),
        seal=st.booleans())
@@ -256,8 +260,12 @@ def test_fuzz_manifest_fields(pristine, tmp_path_factory, format_name, field, ho
 
     def open_and_read():
         store = open_store(root)
-        assert store.verify() == []
-        store.read(0, len(store))
+        problems = store.verify()
+        assert all(problem and "\n" not in problem for problem in problems)
+        if problems:  # a record edited to disagree with its file: reading may refuse it, in one line
+            _one_line_or_clean(lambda: store.read(0, len(store)))
+        else:
+            store.read(0, len(store))
 
     _one_line_or_clean(open_and_read)
     from click.testing import CliRunner
@@ -270,7 +278,7 @@ def test_fuzz_manifest_fields(pristine, tmp_path_factory, format_name, field, ho
         assert result.exit_code == 0 or all(line.startswith("error: ") for line in lines), result.output
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(format_name=st.sampled_from(["zarr", "arrow"]), pick=st.integers(0, 10**6), offset=st.integers(0, 10**9),
        bit=st.integers(0, 7), checksums=st.booleans())
 def test_fuzz_shard_bytes(pristine, tmp_path_factory, format_name, pick, offset, bit, checksums):

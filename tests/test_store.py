@@ -50,15 +50,18 @@ def random_targets(count: int, seq_len: int, encoding: Encoding, seed: int) -> d
     return {"input_ids": rng.integers(0, vocab, (count, seq_len)), "ids": ids, "values": values, "lengths": lengths}
 
 
-def write_store(root, format_name: str, layout: Layout, encoding: Encoding, finish: bool = True, shards=None):
-    """Write random shards; return the decoded-form targets of each shard written."""
+def write_store(root, format_name: str, layout: Layout, encoding: Encoding, finish: bool = True, shards=None,
+                teacher_nll: bool = False):
+    """Write random shards (with made-up teacher losses when ``teacher_nll``); return the decoded-form
+    targets of each shard written."""
     writer = StoreWriter.open(root, header(layout, encoding, format_name))
     writer.save_tokenizer(lambda d: (d.mkdir(), (d / "tokenizer.json").write_text("{}")))
     written = {}
     for index in shards if shards is not None else writer.pending:
         _, count = layout.shard_bounds(index)
         written[index] = random_targets(count, layout.seq_len, encoding, seed=index)
-        writer.write_shard(index, encode(encoding, **written[index]))
+        nll = {"sum": 2.5 * (index + 1), "count": count * layout.seq_len} if teacher_nll else None
+        writer.write_shard(index, encode(encoding, **written[index]), teacher_nll=nll)
     if finish:
         writer.finish()
     return written

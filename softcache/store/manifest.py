@@ -411,6 +411,12 @@ def relative_path_problem(relative) -> str | None:
     return None
 
 
+def check_digest(value: str, where: str) -> None:
+    """Raise :class:`StoreError` unless ``value`` is a sha256 as softcache writes it (64 lowercase hex digits)."""
+    if len(value) != 64 or value.strip("0123456789abcdef"):
+        raise StoreError(f"{where} is {json.dumps(value)[:40]}, not a sha256 (64 hex digits)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FileEntry(Section):
     """One file of a store, as its shard table (or the manifest's ``files``) lists it."""
@@ -429,6 +435,7 @@ class FileEntry(Section):
         entry = super().from_dict(data, where)
         if problem := relative_path_problem(entry.path):
             raise StoreError(f"{where or 'file'}.path {entry.path!r} {problem}")
+        check_digest(entry.sha256, f"{where or 'file'}.sha256")
         return entry
 
 
@@ -461,7 +468,15 @@ class ShardRecord(Section):
                 raise StoreError(f"{where}.files is {json.dumps(files)[:40]}, not a list")
             data = {**data, "files": tuple(FileEntry.from_dict(entry, f"{where}.files[{i}]")
                                            for i, entry in enumerate(files))}
-        return super().from_dict(data, where)
+        record = super().from_dict(data, where)
+        check_digest(record.content_sha256, f"{where}.content_sha256")
+        nll = record.teacher_nll
+        if nll is not None and not (set(nll) == {"sum", "count"} and _is_a(nll["sum"], float)
+                                    and math.isfinite(nll["sum"]) and nll["sum"] >= 0
+                                    and _is_a(nll["count"], int) and nll["count"] >= 0):
+            raise StoreError(f"{where}.teacher_nll is {json.dumps(nll)[:60]}, not {{\"sum\": nats >= 0, "
+                             "\"count\": positions >= 0}")
+        return record
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "files": [entry.to_dict() for entry in self.files]}
