@@ -275,8 +275,8 @@ def eval_(**options) -> None:
     config = EvalConfig(**options)
     config.validate()
     store = open_store(config.store)
-    model = build_student(config.model, seed=0)
-    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False)
+    model = build_student(config.model, seed=0, flag="--model")
+    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False, flag="--model")
     device = resolve_device(config.device)
     metrics = evaluate(model.to(device), config.store, stop=config.max_sequences, batch_size=config.batch_size,
                        device=device, temperature=store.targets.temperature,
