@@ -37,14 +37,14 @@ from softcache import checkpoint, lock
 from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, one_line
 from softcache.evaluate import evaluate
 from softcache.logs import note, notes
 from softcache.losses import DistillationLoss, Projected
 from softcache.models import output_vocab, resolve_device
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
-from softcache.store.files import write_json
+from softcache.store.files import atomic_file, write_json
 from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,15 @@ class StudentJob:
         found = broadcast(self.ranks, checkpoint.latest(self.out) if self.config.resume and self.ranks.main else None)
         if found is not None:
             state = checkpoint.load(found)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            checkpoint.set_rng_state(state["rng"])
+            try:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                checkpoint.set_rng_state(state["rng"])
+            except Exception as err:  # torch's loaders raise many types for a state of another shape
+                raise SoftcacheError(f"checkpoint {found} does not fit this run's student or optimiser "
+                                     f"({one_line(err)}); was --student changed in place? Resume with the "
+                                     "original student, or start a new --out") from err
             self.step = state["step"]
             note(self.ranks, f"resuming from {found.name} (step {self.step:,} of {self.total_steps:,})")
         elif self.config.resume:
@@ -318,7 +323,7 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         if not config.resume:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
                                  "or choose another directory")
-        saved = json.loads(saved_path.read_text())
+        saved = _read_run_record(saved_path)
         differences = [f"{key}: run has {saved['config'].get(key)!r}, now {value!r}"
                        for key, value in wanted["config"].items()
                        if key not in (*RESUMABLE_CHANGES, "batch_size") and saved["config"].get(key) != value]
@@ -336,6 +341,33 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lock.take(out / RUN_LOCK, f"--out {out}", "being trained into by another softcache train run")
     write_json(saved_path, wanted)
+
+
+def _read_run_record(path: Path) -> dict:
+    """The run's config.json as :func:`_prepare_run_dir` wrote it, checked: a mapping holding the
+    config (with its batch size), the store's content digest and the number of ranks."""
+    problem = None
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"not valid JSON: {one_line(err)}"
+    else:
+        if not isinstance(saved, dict):
+            problem = f"a {type(saved).__name__}, not a mapping"
+        elif not isinstance(saved.get("config"), dict) or not _is_count(saved["config"].get("batch_size")):
+            problem = "no config with a batch_size"
+        elif not isinstance(saved.get("store"), dict) or not isinstance(saved["store"].get("content_sha256"), str):
+            problem = "no store content_sha256"
+        elif not _is_count(saved.get("world_size", 1)):
+            problem = f"world_size {saved['world_size']!r} is not a positive integer"
+    if problem is not None:
+        raise SoftcacheError(f"{path} is not a softcache run record ({problem}); the run directory is damaged: "
+                             "restore the file, or start a new --out")
+    return saved
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _content_digest(store) -> str:
@@ -369,11 +401,35 @@ def _check_eval_store(path: str, store) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines a killed run wrote after the checkpoint it is resumed from."""
+    """Drop metric lines a killed run wrote after the checkpoint it is resumed from, and a last line a
+    crash cut short while it was written. Any other line that is not a metrics record is refused."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _metrics_record(line)
+        if record is None:
+            if number == len(lines):  # the last line, not ended by a newline: a write cut short
+                continue
+            raise SoftcacheError(f"{path} line {number} is not a metrics record (a JSON object with a step); the "
+                                 "file is damaged: delete that line and rerun with --resume")
+        if record["step"] <= step:
+            kept.append(line + b"\n")
+    with atomic_file(path) as handle:
+        handle.write(b"".join(kept))
+
+
+def _metrics_record(line: bytes) -> dict | None:
+    """One line of metrics.jsonl as its record, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):

@@ -347,3 +347,19 @@ def test_a_final_model_that_does_not_load_back_is_not_reported_as_saved(train_co
     with pytest.raises(SoftcacheError, match="does not load back"):
         run_train(train_config(steps=2))
     assert not (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_damaged_one_refused(train_config, tmp_path, monkeypatch):
+    config = train_config(steps=3, checkpoint_every=2)
+    interrupted_run(monkeypatch, torch.optim.AdamW, "step", 3, lambda: run_train(config))  # during step 3
+    log = tmp_path / "run" / "metrics.jsonl"
+    with open(log, "ab") as handle:  # a crash in the middle of writing step 3's line
+        handle.write(b'{"step": 3, "loss": 1.')
+    config.resume = True
+    assert run_train(config).steps == 1
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(SoftcacheError, match=r"metrics.jsonl line 2 is not a metrics record"):
+        run_train(config)
