@@ -243,7 +243,8 @@ def fusable(model, input_ids: torch.Tensor) -> bool:
 
 def save_student(model, store: Store, directory: Path) -> None:
     """``save_pretrained`` plus the store's tokenizer, proven loadable (:func:`check_saved`), then swapped
-    into place atomically."""
+    into place atomically. A failed write (a full disk) raises :class:`SoftcacheError` naming
+    ``directory`` and leaves neither it nor the staging directory behind."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -251,10 +252,11 @@ def save_student(model, store: Store, directory: Path) -> None:
         if store.tokenizer_path.is_dir():
             for item in store.tokenizer_path.iterdir():
                 shutil.copy2(item, staging / item.name)
-    except OSError as err:
+    except Exception as err:  # OSError, or safetensors' SafetensorError wrapping one
         shutil.rmtree(staging, ignore_errors=True)
-        raise SoftcacheError(f"could not save the student to {staging} ({err.strerror or err}); the checkpoints are "
-                             "kept: free space or fix the problem and rerun with --resume") from err
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+        raise SoftcacheError(f"could not save the student to {directory} ({reason}); the checkpoints are kept: "
+                             "free space or fix the problem and rerun with --resume") from err
     check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir())
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)

@@ -127,6 +127,10 @@ class StudentJob:
         """Build the student (seeded), check it against the store, prepare the run directory, and
         choose the fused loss and DDP wrapping."""
         config = self.config
+        if not config.progress:  # transformers' own bars (saving the final model) obey --no-progress too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.model = build_student(config.student, config.seed)
@@ -285,8 +289,7 @@ class StudentJob:
         start_step = self.step
         started = time.perf_counter()
         final_eval = None
-        with _progress(config, self.total_steps, start_step, disable=not main) as bar, \
-                (open(self.out / METRICS, "a") if main else contextlib.nullcontext()) as metrics:
+        with _progress(config, self.total_steps, start_step, disable=not main) as bar:
             while self.step < self.total_steps:
                 record = self.train_step()
                 done = self.step == self.total_steps
@@ -294,8 +297,7 @@ class StudentJob:
                     record["eval"] = self.evaluate()
                     final_eval = record["eval"] if done else final_eval
                 if main:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    _append_metrics(self.out / METRICS, record)
                 if main and (self.step % config.checkpoint_every == 0 or done):
                     self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
@@ -340,7 +342,11 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         raise SoftcacheError(f"--out {out} is not empty and holds no training run; give a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     lock.take(out / RUN_LOCK, f"--out {out}", "being trained into by another softcache train run")
-    write_json(saved_path, wanted)
+    try:
+        write_json(saved_path, wanted)
+    except OSError as err:
+        raise SoftcacheError(f"could not write {saved_path} ({err.strerror or err}); free space or fix the "
+                             "problem, or choose another --out") from err
 
 
 def _read_run_record(path: Path) -> dict:
@@ -430,6 +436,17 @@ def _metrics_record(line: bytes) -> dict | None:
         return None
     step = record.get("step") if isinstance(record, dict) else None
     return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append ``record`` to metrics.jsonl; opened per record, so a failed write leaves at most a torn
+    last line (dropped on --resume) and nothing buffered to fail again."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise SoftcacheError(f"could not append to {path} ({err.strerror or err}); the checkpoints are kept: "
+                             "free space or fix the problem and rerun with --resume") from err
 
 
 def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):

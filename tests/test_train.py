@@ -363,3 +363,89 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_damaged_one_refused
     log.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
     with pytest.raises(SoftcacheError, match=r"metrics.jsonl line 2 is not a metrics record"):
         run_train(config)
+
+
+def _disk_full(after_bytes: int):
+    """A write that fills the disk: the first ``after_bytes`` bytes go through, then ENOSPC."""
+    import errno
+
+    written = {"n": 0}
+
+    def write(handle_write, data):
+        if written["n"] + len(data) > after_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["n"] += len(data)
+        return handle_write(data)
+
+    return write
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_keeping_the_older_checkpoint(train_config, tmp_path, monkeypatch):
+    import contextlib
+
+    from softcache import checkpoint
+
+    original, calls = checkpoint.atomic_file, {"n": 0}
+
+    @contextlib.contextmanager
+    def filling(path, mode="wb"):  # the second checkpoint meets a full disk halfway through
+        calls["n"] += 1
+        with original(path, mode) as handle:
+            if calls["n"] == 2:
+                write, full = handle.write, _disk_full(1000)
+                handle.write = lambda data: full(write, data)
+            yield handle
+
+    monkeypatch.setattr(checkpoint, "atomic_file", filling)
+    config = train_config(steps=3, checkpoint_every=1)
+    with pytest.raises(SoftcacheError, match=r"could not write the checkpoint of step 2 to .*checkpoints \(No space "
+                                             r"left on device\); the older checkpoints are kept"):
+        run_train(config)
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000001.pt"]  # no temporary left
+    assert checkpoint.load(run / "checkpoints" / "step-000000001.pt")["step"] == 1
+    assert not (run / "final").exists()
+    monkeypatch.setattr(checkpoint, "atomic_file", original)
+    config.resume = True
+    assert run_train(config).steps == 2
+
+
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors' writer wraps the OSError
+def test_a_full_disk_while_saving_the_model_is_one_error_and_no_final(train_config, tmp_path, monkeypatch, error):
+    import errno
+
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):  # half a file, then the disk is full
+        Path(filename).write_bytes(b"\0" * 100)
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    config = train_config(steps=2, checkpoint_every=1)
+    with pytest.raises(SoftcacheError, match=r"could not save the student to .*final \(.*No space left on device.*\); "
+                                             r"the checkpoints are kept"):
+        run_train(config)
+    run = tmp_path / "run"
+    assert not (run / "final").exists() and not (run / "final.tmp").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000001.pt", "step-000000002.pt"]
+    monkeypatch.undo()
+    config.resume = True
+    assert run_train(config).steps == 0 and (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_logging_metrics_is_one_error(train_config, tmp_path, monkeypatch):
+    import errno
+
+    from softcache import train_job
+
+    def full(path, mode="r", *args, **kwargs):
+        if Path(path).name == train_job.METRICS and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_job, "open", full, raising=False)
+    with pytest.raises(SoftcacheError, match=r"could not append to .*metrics.jsonl \(No space left on device\)"):
+        run_train(train_config(steps=2))
