@@ -24,7 +24,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from softcache import checkpoint, lock
 from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
-from softcache.errors import SoftcacheError, one_line
+from softcache.errors import Interrupted, SoftcacheError, one_line
 from softcache.evaluate import evaluate
 from softcache.logs import note, notes
 from softcache.losses import DistillationLoss, Projected
@@ -97,6 +99,8 @@ class StudentJob:
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.step = 0
         """Optimiser steps done (restored on resume)."""
+        self.checkpointed: int | None = None
+        """The step of the newest checkpoint of this run, once there is one."""
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -163,7 +167,7 @@ class StudentJob:
                 raise SoftcacheError(f"checkpoint {found} does not fit this run's student or optimiser "
                                      f"({one_line(err)}); was --student changed in place? Resume with the "
                                      "original student, or start a new --out") from err
-            self.step = state["step"]
+            self.step = self.checkpointed = state["step"]
             note(self.ranks, f"resuming from {found.name} (step {self.step:,} of {self.total_steps:,})")
         elif self.config.resume:
             note(self.ranks, f"no checkpoint in {self.out}; starting from step 0")
@@ -195,6 +199,7 @@ class StudentJob:
                                verify_checksums=config.verify_shards)
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                            worker_init_fn=_ignore_interrupts,
                             generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
         self.batches = iter(loader)
 
@@ -208,11 +213,17 @@ class StudentJob:
             return Projected(output, self.model.get_output_embeddings().weight)
         return output.logits
 
+    def _next_batch(self) -> dict:
+        """The reader's next micro-batch. A Ctrl-C while it arrives takes effect once it has: a worker
+        handing its tensors over prints a traceback of its own if the main process stops halfway."""
+        with _interrupts_held():
+            return next(self.batches)
+
     def train_step(self) -> dict:
         """One optimiser step over ``--grad-accum`` micro-batches; returns its metrics record."""
         config, ranks = self.config, self.ranks
         started = time.perf_counter()
-        micro = [next(self.batches) for _ in range(config.grad_accum)]
+        micro = [self._next_batch() for _ in range(config.grad_accum)]
         # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
         # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
         counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
@@ -264,6 +275,7 @@ class StudentJob:
             "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": self.reader.to_dict(),
             "world_size": self.ranks.world,
         })
+        self.checkpointed = self.step
 
     def save(self) -> None:
         """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0)."""
@@ -274,9 +286,18 @@ class StudentJob:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted()) from None
         finally:
             if self.ranks.main:
                 lock.release(self.out / RUN_LOCK)  # a killed run's lock is taken over by the next one
+
+    def _interrupted(self) -> str:
+        """Where an interrupted run stopped and how it goes on."""
+        where = f"interrupted at step {self.step:,}" + (f" of {self.total_steps:,}" if hasattr(self, "total_steps") else "")
+        if self.checkpointed is None:
+            return f"{where}, before the first checkpoint; rerun with --resume to start again from step 0"
+        return f"{where}; rerun with --resume to continue from the checkpoint of step {self.checkpointed:,}"
 
     def _run(self) -> TrainResult:
         config, main = self.config, self.ranks.main
@@ -447,6 +468,36 @@ def _append_metrics(path: Path, record: dict) -> None:
     except OSError as err:
         raise SoftcacheError(f"could not append to {path} ({err.strerror or err}); the checkpoints are kept: "
                              "free space or fix the problem and rerun with --resume") from err
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Inside the block a first Ctrl-C (SIGINT) is held, and raised as KeyboardInterrupt when the block
+    ends; a second one is raised at once (a reader that never answers can still be stopped)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops them; otherwise each would print
+    its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):

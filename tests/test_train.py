@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -449,3 +451,40 @@ def test_a_full_disk_while_logging_metrics_is_one_error(train_config, tmp_path, 
     monkeypatch.setattr(train_job, "open", full, raising=False)
     with pytest.raises(SoftcacheError, match=r"could not append to .*metrics.jsonl \(No space left on device\)"):
         run_train(train_config(steps=2))
+
+
+def test_an_interrupted_run_with_workers_says_one_line_and_exits_130(trained_store, tmp_path):
+    """Ctrl-C reaches the whole process group: the DataLoader workers leave it to the main process, which
+    stops between batches, says where, and leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "softcache", "train", "--store", str(trained_store), "--student",
+               str(student_config(tmp_path / "student.json")), "--out", str(tmp_path / "run"), "--steps", "10000",
+               "--batch-size", "4", "--checkpoint-every", "2", "--num-workers", "2", "--no-progress"]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and (
+                not log.exists() or log.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = process.communicate(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # no worker outlives the run
+            os.killpg(process.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert out == "" and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"error: interrupted at step [\d,]+ of 10,000; rerun with --resume to "
+                                            r"continue from the checkpoint of step \d+", lines[0]), err
