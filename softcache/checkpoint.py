@@ -42,14 +42,44 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` and drop all but the newest ``keep``."""
+    """Write ``state`` as the checkpoint of ``step`` and drop all but the newest ``keep``. A failed write
+    (a full disk) raises :class:`SoftcacheError` naming the directory and leaves the older ones."""
     directory = run_dir / DIRECTORY
     path = directory / f"step-{step:09d}.pt"
-    with atomic_file(path) as handle:
-        torch.save(state, handle)
+    writer = None
+    try:
+        with atomic_file(path) as handle:
+            writer = _Writer(handle)
+            torch.save(state, writer)
+    except (OSError, RuntimeError) as err:
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        raise SoftcacheError(f"could not write the checkpoint of step {step} to {directory} "
+                             f"({cause.strerror or cause}); the older checkpoints are kept: free space or fix the "
+                             "problem and rerun with --resume") from err
     for old in sorted(directory.glob("step-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+class _Writer:
+    """The file ``torch.save`` writes to, keeping the OSError of a failed write: torch reports it as a
+    RuntimeError about stream positions, which would hide the cause (a full disk, say)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def latest(run_dir: Path) -> Path | None:

@@ -2,7 +2,8 @@
 
 Each command builds its config, calls one library function and prints the result. A user's
 mistake reaches them as one ``error:`` line and exit status 1; ``softcache --debug ...`` shows the
-traceback instead.
+traceback instead. An interrupt (Ctrl-C) is one ``error:`` line too, saying how to go on, and exit
+status 130.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import click
 
 from softcache.config import CacheConfig, EvalConfig, TrainConfig
-from softcache.errors import SoftcacheError
+from softcache.errors import Interrupted, SoftcacheError
 from softcache.logs import show_on_stderr
 from softcache.settings import Setting, check_settings, load_settings, settings_of
 from softcache.store import FORMATS
@@ -23,7 +24,8 @@ from softcache.version import __version__
 
 
 class _Group(click.Group):
-    """Turns SoftcacheError (and a few OS errors) into one line and exit status 1."""
+    """Turns SoftcacheError (and a few OS errors) into one line and exit status 1, and an interrupt
+    (Ctrl-C) into one line and exit status 130."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -33,8 +35,9 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {err}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume", err=True)
+        except KeyboardInterrupt as err:  # a job's Interrupted says where it stopped and how to go on
+            message = str(err) if isinstance(err, Interrupted) else "interrupted; rerun the same command to resume"
+            click.echo(f"error: {message}", err=True)
             ctx.exit(130)
 
 
@@ -276,8 +279,8 @@ def eval_(**options) -> None:
     config = EvalConfig(**options)
     config.validate()
     store = open_store(config.store)
-    model = build_student(config.model, seed=0)
-    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False)
+    model = build_student(config.model, seed=0, flag="--model")
+    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False, flag="--model")
     device = resolve_device(config.device)
     metrics = evaluate(model.to(device), config.store, stop=config.max_sequences, batch_size=config.batch_size,
                        device=device, temperature=store.targets.temperature,

@@ -30,6 +30,10 @@ FUSE_ABOVE_BYTES = 2 << 30
 # Default id code, chosen by measurement (benchmarks/results/encodings.md); each target kind names its
 # default value code (softcache.kinds).
 DEFAULT_IDS = "delta"
+# numpy's and torch's global seeds are 32-bit unsigned (np.random.seed refuses anything else).
+MAX_SEED = 2**32 - 1
+# More DataLoader workers than this only add processes: a worker reads whole shards.
+MAX_WORKERS = 64
 
 
 def _divergences() -> tuple[str, ...]:
@@ -76,7 +80,7 @@ class CacheConfig:
     k: int = setting(64, ge=1, help="Ids per position (topk), or at most (topp).")
     top_p: float = setting(0.95, gt=0, le=1, help="Mass a topp position keeps (then at most --k ids).")
     samples: int = setting(50, ge=1, help="Draws per position (sampled).")
-    seed: int = setting(0, help="Sampling seed; a sequence's draws depend only on it and the sequence's number.")
+    seed: int = setting(0, ge=0, le=MAX_SEED, help="Sampling seed; a sequence's draws depend only on it and the sequence's number.")
     ids: str | None = setting(None, choices=ID_CODES,
                               help="Id code: plain (uint16/int32), delta (sorted, gaps; compresses best), bitpack "
                                    f"(ceil(log2 V) bits; for vocabularies above 65,536) [default: {DEFAULT_IDS}].")
@@ -173,7 +177,7 @@ class TrainConfig:
     temperature: float | None = setting(None, gt=0, help="Student temperature [default: the store's]; the KD loss is "
                                                          "scaled by T^2.")
     beta: float = setting(0.5, gt=0, lt=1, help="JSD mixing weight.")
-    seed: int = setting(0, help="Initialisation, data order, everything random.")
+    seed: int = setting(0, ge=0, le=MAX_SEED, help="Initialisation, data order, everything random.")
     eval_store: str | None = setting(None, help="Held-out store to evaluate on.")
     eval_fraction: float = setting(0.0, ge=0, lt=1, help="Or hold out this last fraction of --store's sequences for "
                                                          "evaluation.")
@@ -187,7 +191,7 @@ class TrainConfig:
     verify_shards: bool = setting(True, resumable=True,
                                   help="Check each shard's files against their sha256 when first read (off: trusted "
                                        "local disks).")
-    num_workers: int = setting(1, ge=0, resumable=True, help="DataLoader workers reading the store.")
+    num_workers: int = setting(1, ge=0, le=MAX_WORKERS, resumable=True, help="DataLoader workers reading the store.")
     device: str = setting("auto", resumable=True, help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
     chunk_tokens: int = setting(256, ge=1, resumable=True,
                                 help="Positions per chunk of the loss (bounds its float32 memory).")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from softcache.cache_job import run_cache
-from softcache.config import CacheConfig, TrainConfig
+from softcache.config import MAX_SEED, CacheConfig, TrainConfig
 from softcache.errors import SoftcacheError
 from softcache.logs import notes
 from softcache.settings import setting
@@ -54,7 +54,7 @@ class DemoConfig:
     lr: float = 3e-3
     alpha: float = 0.5
     """Weight of the KD loss for the distilled student (the other student has alpha 0)."""
-    seed: int = setting(0, help="Seed of both students (same initialisation).")
+    seed: int = setting(0, ge=0, le=MAX_SEED, help="Seed of both students (same initialisation).")
     progress: bool = setting(True, help="Progress bars on stderr.")
 
 

@@ -13,3 +13,16 @@ class SoftcacheError(Exception):
 
 class StoreError(SoftcacheError):
     """A store on disk is missing, incomplete, corrupt or does not match the request."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A job stopped by the user (Ctrl-C, SIGINT); ``str(err)`` says where it stopped and how to go on.
+    A KeyboardInterrupt still, so code that stops on one stops on this."""
+
+
+def one_line(err: BaseException, limit: int = 240) -> str:
+    """``err`` for a one-line message: its type and its text with the line breaks folded, cut at
+    ``limit`` characters (a library's message may span lines, the part that matters after a colon)."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -23,6 +23,10 @@ from typing import Any
 
 from softcache.errors import SoftcacheError
 
+INT_LIMIT = 2**63 - 1
+"""No integer setting may exceed this in size: numpy and torch take 64-bit integers, while click and
+YAML read any Python int."""
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -76,7 +80,8 @@ class Setting:
 
     def check(self, value: Any) -> None:
         """Raise :class:`SoftcacheError` naming the flag if ``value`` is not a choice, outside the range,
-        or a float that is not finite. None (an optional field left unset) passes."""
+        an integer beyond 64 bits, or a float that is not finite. None (an optional field left unset)
+        passes."""
         if value is None:
             return
         choices = self.choice_list()
@@ -91,6 +96,8 @@ class Setting:
         if ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
                 or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt)):
             raise SoftcacheError(f"{self.flag} must be {bounds}, got {value}")
+        if isinstance(value, int) and abs(value) > INT_LIMIT:
+            raise SoftcacheError(f"{self.flag} must fit in 64 bits (at most {INT_LIMIT}), got {value}")
 
     def coerce(self, value: Any) -> Any:
         """``value`` as read from a YAML or JSON file, as this setting's type; ValueError says what was

@@ -4,55 +4,157 @@ A student is any Hugging Face causal LM. It must be able to emit every id the st
 output vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the
 same way as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer``
 works on it.
+
+:func:`build_student` is the one boundary for the files a user hands us as a student (config.json,
+weights, tokenizer files are checked in :func:`check_compatible`): each is parsed and checked there,
+and any problem is one :class:`SoftcacheError` naming the file, rather than whatever transformers or
+safetensors raise several calls later.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, one_line
 from softcache.models import output_vocab
 from softcache.store import Store
 from softcache.tokenizer import tokenizer_fingerprint
 
 
-def build_student(spec: str, seed: int):
-    """A model from a config.json (random init, seeded) or a model directory (weights if present)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_student(spec: str, seed: int, flag: str = "--student"):
+    """The student ``spec`` names: a config.json (random init, seeded) or a model directory (its weights
+    when present, else random init). The boundary for every student file: whatever is wrong with the
+    config, the weights or their fit raises one :class:`SoftcacheError` naming ``flag``, the file and
+    what to do."""
+    from transformers import AutoModelForCausalLM
 
     path = Path(spec)
     if not path.exists():
-        raise SoftcacheError(f"--student {spec} does not exist (give a config.json or a model directory)")
+        raise SoftcacheError(f"{flag} {spec} does not exist (give a config.json or a model directory)")
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise SoftcacheError(f"--student {spec} has no config.json")
-    try:
-        settings = json.loads(config_file.read_text())
-        config = AutoConfig.for_model(**settings) if path.is_file() else AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, json.JSONDecodeError) as err:
-        raise SoftcacheError(f"--student {spec}: not a usable model config ({str(err).splitlines()[0]})") from err
-    has_weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))
+        raise SoftcacheError(f"{flag} {spec} has no config.json (give a config.json or a model directory)")
+    config = _read_config(config_file, flag)
+    weights = _weight_files(path) if path.is_dir() else []
     torch.manual_seed(seed)
+    if weights:
+        return _load_weights(path, weights, config, flag)
     try:
-        if has_weights:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (ValueError, OSError) as err:
-        raise SoftcacheError(f"--student {spec}: could not build the model ({str(err).splitlines()[0]})") from err
+        with _quiet_transformers():
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as err:  # any architecture's constructor: its own checks raise many types
+        raise SoftcacheError(f"{flag} {config_file}: transformers could not build a {config.model_type} causal LM "
+                             f"from it ({one_line(err)}); fix the config") from err
 
 
-def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool) -> None:
+def _read_config(file: Path, flag: str):
+    """``file`` parsed as a Hugging Face model config: UTF-8 JSON, a mapping, a ``model_type``
+    transformers knows that has a causal LM, values its config class accepts."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    where = f"{flag} {file}"
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SoftcacheError(f"{where} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x}); "
+                             "give a model config.json") from None
+    except OSError as err:
+        raise SoftcacheError(f"{where} cannot be read ({err.strerror or err})") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SoftcacheError(f"{where} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno}); "
+                             "give a model config.json") from None
+    if not isinstance(settings, dict):
+        raise SoftcacheError(f"{where} must hold a mapping of config keys, not a {type(settings).__name__}")
+    model_type = settings.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise SoftcacheError(f"{where} has no model_type; add one (e.g. \"model_type\": \"llama\") so transformers "
+                             "knows the architecture")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SoftcacheError(f"{where}: model_type {model_type!r} is not one this transformers knows{hint}; use a "
+                             "known model_type or upgrade transformers")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SoftcacheError(f"{where}: model_type {model_type!r} has no causal LM in transformers; give a "
+                             "decoder-only model (e.g. llama, gpt2, qwen2)")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(settings)
+    except Exception as err:  # each config class validates its own fields, raising many types
+        raise SoftcacheError(f"{where} is not a valid {model_type} config ({one_line(err)}); fix the "
+                             "value it names") from err
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The weight files (and shard indexes) of a model directory."""
+    return sorted(p for pattern in ("*.safetensors", "*.bin", "*.index.json") for p in directory.glob(pattern))
+
+
+def _load_weights(directory: Path, files: list[Path], config, flag: str):
+    """The model of ``config`` with the weights in ``directory``; every weight it needs present with
+    the shape the config gives it."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    for file in files:
+        if file.suffix == ".safetensors":  # the header names each tensor's shape and where it lies
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as err:  # SafetensorError, OSError: a truncated or foreign file
+                raise SoftcacheError(f"{flag} {directory}: the weights file {file.name} is damaged or not a "
+                                     f"safetensors file ({one_line(err)}); replace it, or give a config.json to "
+                                     "start from random weights") from err
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+    except Exception as err:  # a damaged .bin or index raises many types
+        raise SoftcacheError(f"{flag} {directory}: its weights could not be loaded ({one_line(err)}); replace "
+                             "them, or give a config.json to start from random weights") from err
+    if info["mismatched_keys"]:
+        name, saved, wanted = sorted(info["mismatched_keys"])[0]
+        raise SoftcacheError(f"{flag} {directory}: its weights do not fit its config.json ({len(info['mismatched_keys'])} "
+                             f"tensors of a different shape, e.g. {name} is {list(saved)} in the weights but {list(wanted)} "
+                             "by the config); give the config the weights were saved with")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise SoftcacheError(f"{flag} {directory}: its weights lack {len(missing)} tensor(s) the model needs (e.g. {missing[0]}); "
+                             "give the complete weights, or a config.json to start from random weights")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own report of a failed load (a table on stderr) would follow our one line; the
+    load's outcome is checked and reported here instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool,
+                     flag: str = "--student") -> None:
     """Refuse a student that is not a causal LM, cannot hold the store's ids, or tokenizes differently
     (unless allowed)."""
-    check_causal(model, student_spec)
+    check_causal(model, student_spec, flag=flag)
     needed = store.tokenizer.vocab_size
     if output_vocab(model) < needed:
         raise SoftcacheError(
-            f"--student {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
+            f"{flag} {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
             f"{needed:,}; give the student vocab_size >= {needed:,}"
         )
     directory = Path(student_spec)
@@ -60,15 +162,20 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
         return
     from transformers import AutoTokenizer
 
-    mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory))
+    try:
+        with _quiet_transformers():
+            mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory))
+    except Exception as err:  # a damaged tokenizer file raises many types
+        raise SoftcacheError(f"{flag} {student_spec}: its tokenizer files do not load ({one_line(err)}); repair or "
+                             "remove them (without tokenizer_config.json the store's tokenizer is used)") from err
     if mine != store.tokenizer.fingerprint:
         raise SoftcacheError(
-            f"--student {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
+            f"{flag} {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
             "mean other tokens (use a student with the teacher's tokenizer, or --allow-tokenizer-mismatch)"
         )
 
 
-def check_causal(model, student_spec: str, length: int = 8) -> None:
+def check_causal(model, student_spec: str, length: int = 8, flag: str = "--student") -> None:
     """Refuse a model whose prediction at a position depends on tokens after it (a bidirectional
     encoder loaded as a causal LM, e.g. BERT without ``is_decoder``): next-token targets would leak.
 
@@ -89,7 +196,7 @@ def check_causal(model, student_spec: str, length: int = 8) -> None:
         model.train(was_training)
     if not torch.allclose(before, after, rtol=1e-4, atol=1e-5, equal_nan=True):
         kind = getattr(model.config, "model_type", type(model).__name__)
-        raise SoftcacheError(f"--student {student_spec} ({kind}, {type(model).__name__}) is not a causal language "
+        raise SoftcacheError(f"{flag} {student_spec} ({kind}, {type(model).__name__}) is not a causal language "
                              "model: its earlier positions see later tokens; give a decoder-only model (for an "
                              "encoder that supports it, set is_decoder: true in its config)")
 
@@ -136,7 +243,8 @@ def fusable(model, input_ids: torch.Tensor) -> bool:
 
 def save_student(model, store: Store, directory: Path) -> None:
     """``save_pretrained`` plus the store's tokenizer, proven loadable (:func:`check_saved`), then swapped
-    into place atomically."""
+    into place atomically. A failed write (a full disk) raises :class:`SoftcacheError` naming
+    ``directory`` and leaves neither it nor the staging directory behind."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -144,10 +252,11 @@ def save_student(model, store: Store, directory: Path) -> None:
         if store.tokenizer_path.is_dir():
             for item in store.tokenizer_path.iterdir():
                 shutil.copy2(item, staging / item.name)
-    except OSError as err:
+    except Exception as err:  # OSError, or safetensors' SafetensorError wrapping one
         shutil.rmtree(staging, ignore_errors=True)
-        raise SoftcacheError(f"could not save the student to {staging} ({err.strerror or err}); the checkpoints are "
-                             "kept: free space or fix the problem and rerun with --resume") from err
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+        raise SoftcacheError(f"could not save the student to {directory} ({reason}); the checkpoints are kept: "
+                             "free space or fix the problem and rerun with --resume") from err
     check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir())
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)

@@ -24,7 +24,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +39,14 @@ from softcache import checkpoint, lock
 from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
-from softcache.errors import SoftcacheError
+from softcache.errors import Interrupted, SoftcacheError, one_line
 from softcache.evaluate import evaluate
 from softcache.logs import note, notes
 from softcache.losses import DistillationLoss, Projected
 from softcache.models import output_vocab, resolve_device
 from softcache.optim import adamw, warmup_cosine
 from softcache.store import open_store
-from softcache.store.files import write_json
+from softcache.store.files import atomic_file, write_json
 from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class StudentJob:
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.step = 0
         """Optimiser steps done (restored on resume)."""
+        self.checkpointed: int | None = None
+        """The step of the newest checkpoint of this run, once there is one."""
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -128,6 +132,10 @@ class StudentJob:
         """Build the student (seeded), check it against the store, prepare the run directory, and
         choose the fused loss and DDP wrapping."""
         config = self.config
+        if not config.progress:  # transformers' own bars (saving the final model) obey --no-progress too
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.model = build_student(config.student, config.seed)
@@ -151,11 +159,16 @@ class StudentJob:
         found = broadcast(self.ranks, checkpoint.latest(self.out) if self.config.resume and self.ranks.main else None)
         if found is not None:
             state = checkpoint.load(found)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            checkpoint.set_rng_state(state["rng"])
-            self.step = state["step"]
+            try:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                checkpoint.set_rng_state(state["rng"])
+            except Exception as err:  # torch's loaders raise many types for a state of another shape
+                raise SoftcacheError(f"checkpoint {found} does not fit this run's student or optimiser "
+                                     f"({one_line(err)}); was --student changed in place? Resume with the "
+                                     "original student, or start a new --out") from err
+            self.step = self.checkpointed = state["step"]
             note(self.ranks, f"resuming from {found.name} (step {self.step:,} of {self.total_steps:,})")
         elif self.config.resume:
             note(self.ranks, f"no checkpoint in {self.out}; starting from step 0")
@@ -187,6 +200,7 @@ class StudentJob:
                                verify_checksums=config.verify_shards)
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                            worker_init_fn=_ignore_interrupts,
                             generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
         self.batches = iter(loader)
 
@@ -200,11 +214,17 @@ class StudentJob:
             return Projected(output, self.model.get_output_embeddings().weight)
         return output.logits
 
+    def _next_batch(self) -> dict:
+        """The reader's next micro-batch. A Ctrl-C while it arrives takes effect once it has: a worker
+        handing its tensors over prints a traceback of its own if the main process stops halfway."""
+        with _interrupts_held():
+            return next(self.batches)
+
     def train_step(self) -> dict:
         """One optimiser step over ``--grad-accum`` micro-batches; returns its metrics record."""
         config, ranks = self.config, self.ranks
         started = time.perf_counter()
-        micro = [next(self.batches) for _ in range(config.grad_accum)]
+        micro = [self._next_batch() for _ in range(config.grad_accum)]
         # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
         # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
         counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
@@ -256,6 +276,7 @@ class StudentJob:
             "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": self.reader.to_dict(),
             "world_size": self.ranks.world,
         })
+        self.checkpointed = self.step
 
     def save(self) -> None:
         """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0)."""
@@ -266,9 +287,18 @@ class StudentJob:
     def run(self) -> TrainResult:
         try:
             return self._run()
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted()) from None
         finally:
             if self.ranks.main:
                 lock.release(self.out / RUN_LOCK)  # a killed run's lock is taken over by the next one
+
+    def _interrupted(self) -> str:
+        """Where an interrupted run stopped and how it goes on."""
+        where = f"interrupted at step {self.step:,}" + (f" of {self.total_steps:,}" if hasattr(self, "total_steps") else "")
+        if self.checkpointed is None:
+            return f"{where}, before the first checkpoint; rerun with --resume to start again from step 0"
+        return f"{where}; rerun with --resume to continue from the checkpoint of step {self.checkpointed:,}"
 
     def _run(self) -> TrainResult:
         config, main = self.config, self.ranks.main
@@ -281,8 +311,7 @@ class StudentJob:
         start_step = self.step
         started = time.perf_counter()
         final_eval = None
-        with _progress(config, self.total_steps, start_step, disable=not main) as bar, \
-                (open(self.out / METRICS, "a") if main else contextlib.nullcontext()) as metrics:
+        with _progress(config, self.total_steps, start_step, disable=not main) as bar:
             while self.step < self.total_steps:
                 record = self.train_step()
                 done = self.step == self.total_steps
@@ -290,8 +319,7 @@ class StudentJob:
                     record["eval"] = self.evaluate()
                     final_eval = record["eval"] if done else final_eval
                 if main:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
+                    _append_metrics(self.out / METRICS, record)
                 if main and (self.step % config.checkpoint_every == 0 or done):
                     self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
@@ -319,7 +347,7 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         if not config.resume:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
                                  "or choose another directory")
-        saved = json.loads(saved_path.read_text())
+        saved = _read_run_record(saved_path)
         differences = [f"{key}: run has {saved['config'].get(key)!r}, now {value!r}"
                        for key, value in wanted["config"].items()
                        if key not in (*RESUMABLE_CHANGES, "batch_size") and saved["config"].get(key) != value]
@@ -336,7 +364,38 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         raise SoftcacheError(f"--out {out} is not empty and holds no training run; give a new or empty directory")
     out.mkdir(parents=True, exist_ok=True)
     lock.take(out / RUN_LOCK, f"--out {out}", "being trained into by another softcache train run")
-    write_json(saved_path, wanted)
+    try:
+        write_json(saved_path, wanted)
+    except OSError as err:
+        raise SoftcacheError(f"could not write {saved_path} ({err.strerror or err}); free space or fix the "
+                             "problem, or choose another --out") from err
+
+
+def _read_run_record(path: Path) -> dict:
+    """The run's config.json as :func:`_prepare_run_dir` wrote it, checked: a mapping holding the
+    config (with its batch size), the store's content digest and the number of ranks."""
+    problem = None
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"not valid JSON: {one_line(err)}"
+    else:
+        if not isinstance(saved, dict):
+            problem = f"a {type(saved).__name__}, not a mapping"
+        elif not isinstance(saved.get("config"), dict) or not _is_count(saved["config"].get("batch_size")):
+            problem = "no config with a batch_size"
+        elif not isinstance(saved.get("store"), dict) or not isinstance(saved["store"].get("content_sha256"), str):
+            problem = "no store content_sha256"
+        elif not _is_count(saved.get("world_size", 1)):
+            problem = f"world_size {saved['world_size']!r} is not a positive integer"
+    if problem is not None:
+        raise SoftcacheError(f"{path} is not a softcache run record ({problem}); the run directory is damaged: "
+                             "restore the file, or start a new --out")
+    return saved
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _content_digest(store) -> str:
@@ -370,11 +429,76 @@ def _check_eval_store(path: str, store) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines a killed run wrote after the checkpoint it is resumed from."""
+    """Drop metric lines a killed run wrote after the checkpoint it is resumed from, and a last line a
+    crash cut short while it was written. Any other line that is not a metrics record is refused."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_bytes().split(b"\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _metrics_record(line)
+        if record is None:
+            if number == len(lines):  # the last line, not ended by a newline: a write cut short
+                continue
+            raise SoftcacheError(f"{path} line {number} is not a metrics record (a JSON object with a step); the "
+                                 "file is damaged: delete that line and rerun with --resume")
+        if record["step"] <= step:
+            kept.append(line + b"\n")
+    with atomic_file(path) as handle:
+        handle.write(b"".join(kept))
+
+
+def _metrics_record(line: bytes) -> dict | None:
+    """One line of metrics.jsonl as its record, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    """Append ``record`` to metrics.jsonl; opened per record, so a failed write leaves at most a torn
+    last line (dropped on --resume) and nothing buffered to fail again."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise SoftcacheError(f"could not append to {path} ({err.strerror or err}); the checkpoints are kept: "
+                             "free space or fix the problem and rerun with --resume") from err
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Inside the block a first Ctrl-C (SIGINT) is held, and raised as KeyboardInterrupt when the block
+    ends; a second one is raised at once (a reader that never answers can still be stopped)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops them; otherwise each would print
+    its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _progress(config: TrainConfig, total: int, start: int, disable: bool = False):

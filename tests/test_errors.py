@@ -93,6 +93,42 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     for name, text in {"broken.yaml": "lr: [1, 2", "unknown.yaml": "learning_rate: 0.1\n", "list.json": "[1, 2]",
                        "settings.toml": "lr = 1"}.items():
         (root / "configs" / name).write_text(text)
+    # student and run mistakes
+    settings = json.loads(student.read_text())
+    (root / "no-model-type.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "model_type"}))
+    (root / "no-model-type-dir").mkdir()
+    shutil.copy(root / "no-model-type.json", root / "no-model-type-dir" / "config.json")
+    (root / "llamma.json").write_text(json.dumps({**settings, "model_type": "llamma"}))
+    (root / "not-json.json").write_text('{"model_type": "llama",')
+    (root / "t5.json").write_text(json.dumps({"model_type": "t5", "vocab_size": 384, "d_model": 32}))
+    (root / "latin1.json").write_bytes(json.dumps({**settings, "name": "\xe9"}, ensure_ascii=False).encode("latin-1"))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    saved = root / "saved-student"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).save_pretrained(saved)
+    for name in ("truncated-weights", "reshaped-student", "headless-student", "bad-tokenizer-student"):
+        shutil.copytree(saved, root / name)
+    weights = root / "truncated-weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    reshaped = json.loads((saved / "config.json").read_text())
+    (root / "reshaped-student" / "config.json").write_text(json.dumps({**reshaped, "intermediate_size": 48}))
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, root / "headless-student" / "model.safetensors", metadata={"format": "pt"})
+    for item in tiny_teacher.iterdir():
+        if "token" in item.name:
+            shutil.copy(item, root / "bad-tokenizer-student" / item.name)
+    (root / "bad-tokenizer-student" / "tokenizer.json").write_text('{"version": ')
+    (root / "seed.yaml").write_text("seed: -3\n")
+    for name in ("garbled-metrics-run", "damaged-record-run"):
+        shutil.copytree(root / "run", root / name)
+    metrics = (root / "garbled-metrics-run" / "metrics.jsonl").read_text().splitlines()
+    (root / "garbled-metrics-run" / "metrics.jsonl").write_text("\n".join(["{not json", *metrics[1:]]) + "\n")
+    (root / "damaged-record-run" / "config.json").write_text('{"config": {"batch_size": 2}, "sto')
+    changed = root / "changed-student.json"  # trained, then edited in place: the checkpoint no longer fits
+    changed.write_text(student.read_text())
+    assert run(*train[:2], changed, *train[3:], "--store", store, "--out", root / "changed-run").exit_code == 0
+    changed.write_text(json.dumps({**settings, "hidden_size": 64}))
     return {"root": root, "base": base, "store": store, "corpus": corpus_file, "train": train, "student": student,
             "no_tokenizer": no_tokenizer, "small": small, "other_tokenizer": other_tokenizer}
 
@@ -176,6 +212,12 @@ def cache(w, **changes):
 
 def train(w, store=None, out=None, *extra):
     return [*w["train"], "--store", store or w["store"], "--out", out or w["fresh"] / "run", *extra]
+
+
+def with_student(w, name, out=None, *extra):
+    """``train`` with the student ``name`` from the world's root."""
+    args = train(w, None, out, *extra)
+    return [*args[:2], w["root"] / name, *args[3:]]
 
 
 MISTAKES = [
@@ -306,6 +348,43 @@ MISTAKES += [
      "give a .yaml, .yml or .json file, not .toml"),
     ("a --config file that does not exist", lambda w: train(w, None, None, "--config", w["root"] / "configs" / "none.yaml"),
      "none.yaml does not exist"),
+    # student, run-directory and option mistakes (issue 13 item 1)
+    ("student config without model_type", lambda w: with_student(w, "no-model-type.json"),
+     "no-model-type.json has no model_type; add one"),
+    ("student directory whose config.json lacks model_type", lambda w: with_student(w, "no-model-type-dir"),
+     "no-model-type-dir/config.json has no model_type"),
+    ("student model_type transformers does not know", lambda w: with_student(w, "llamma.json"),
+     "model_type 'llamma' is not one this transformers knows (did you mean 'llama'?)"),
+    ("student model_type with no causal LM", lambda w: with_student(w, "t5.json"),
+     "model_type 't5' has no causal LM in transformers; give a decoder-only model"),
+    ("student config not JSON", lambda w: with_student(w, "not-json.json"), "not-json.json is not valid JSON"),
+    ("student config not UTF-8", lambda w: with_student(w, "latin1.json"), "latin1.json is not UTF-8 text (byte"),
+    ("student weights truncated", lambda w: with_student(w, "truncated-weights"),
+     "truncated-weights: the weights file model.safetensors is damaged or not a safetensors file"),
+    ("student weights missing a tensor", lambda w: with_student(w, "headless-student"),
+     "its weights lack 1 tensor(s) the model needs (e.g. lm_head.weight)"),
+    ("model weights of another shape than its config (eval)",
+     lambda w: ["eval", "--model", w["root"] / "reshaped-student", "--store", w["store"]],
+     "--model {root}/reshaped-student: its weights do not fit its config.json"),
+    ("student tokenizer files damaged", lambda w: with_student(w, "bad-tokenizer-student"),
+     "bad-tokenizer-student: its tokenizer files do not load"),
+    ("negative --seed (train)", lambda w: train(w, None, None, "--seed", -1),
+     "--seed must be between 0 and 4294967295, got -1"),
+    ("--seed beyond 32 bits (cache)", lambda w: cache(w, **{"--seed": 2**32}),
+     "--seed must be between 0 and 4294967295, got 4294967296"),
+    ("negative seed in a cache --config file", lambda w: cache(w, **{"--config": w["root"] / "seed.yaml"}),
+     "seed.yaml: --seed must be between 0 and 4294967295, got -3"),
+    ("too many --num-workers", lambda w: train(w, None, None, "--num-workers", 65),
+     "--num-workers must be between 0 and 64, got 65"),
+    ("an integer option beyond 64 bits", lambda w: train(w, None, None, "--checkpoint-every", 2**64),
+     "--checkpoint-every must fit in 64 bits"),
+    ("a garbled metrics.jsonl line on --resume", lambda w: train(w, None, w["root"] / "garbled-metrics-run", "--resume"),
+     "garbled-metrics-run/metrics.jsonl line 1 is not a metrics record"),
+    ("a damaged run config.json on --resume", lambda w: train(w, None, w["root"] / "damaged-record-run", "--resume"),
+     "damaged-record-run/config.json is not a softcache run record (not valid JSON"),
+    ("a checkpoint that no longer fits the student on --resume",
+     lambda w: with_student(w, "changed-student.json", w["root"] / "changed-run", "--resume"),
+     "does not fit this run's student or optimiser"),
 ]
 
 
@@ -316,7 +395,7 @@ def test_each_mistake_gets_one_clear_line(world, tmp_path, name, args, message):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert message in lines[0], lines[0]
+    assert message.replace("{root}", str(world["root"])) in lines[0], lines[0]
     assert "Traceback" not in result.output
     # Refused runs leave nothing; one stopped by damaged data in its first step leaves no model.
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -348,3 +350,142 @@ def test_a_final_model_that_does_not_load_back_is_not_reported_as_saved(train_co
     with pytest.raises(SoftcacheError, match="does not load back"):
         run_train(train_config(steps=2))
     assert not (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume_and_a_damaged_one_refused(train_config, tmp_path, monkeypatch):
+    config = train_config(steps=3, checkpoint_every=2)
+    interrupted_run(monkeypatch, torch.optim.AdamW, "step", 3, lambda: run_train(config))  # during step 3
+    log = tmp_path / "run" / "metrics.jsonl"
+    with open(log, "ab") as handle:  # a crash in the middle of writing step 3's line
+        handle.write(b'{"step": 3, "loss": 1.')
+    config.resume = True
+    assert run_train(config).steps == 1
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(SoftcacheError, match=r"metrics.jsonl line 2 is not a metrics record"):
+        run_train(config)
+
+
+def _disk_full(after_bytes: int):
+    """A write that fills the disk: the first ``after_bytes`` bytes go through, then ENOSPC."""
+    import errno
+
+    written = {"n": 0}
+
+    def write(handle_write, data):
+        if written["n"] + len(data) > after_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["n"] += len(data)
+        return handle_write(data)
+
+    return write
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_keeping_the_older_checkpoint(train_config, tmp_path, monkeypatch):
+    import contextlib
+
+    from softcache import checkpoint
+
+    original, calls = checkpoint.atomic_file, {"n": 0}
+
+    @contextlib.contextmanager
+    def filling(path, mode="wb"):  # the second checkpoint meets a full disk halfway through
+        calls["n"] += 1
+        with original(path, mode) as handle:
+            if calls["n"] == 2:
+                write, full = handle.write, _disk_full(1000)
+                handle.write = lambda data: full(write, data)
+            yield handle
+
+    monkeypatch.setattr(checkpoint, "atomic_file", filling)
+    config = train_config(steps=3, checkpoint_every=1)
+    with pytest.raises(SoftcacheError, match=r"could not write the checkpoint of step 2 to .*checkpoints \(No space "
+                                             r"left on device\); the older checkpoints are kept"):
+        run_train(config)
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000001.pt"]  # no temporary left
+    assert checkpoint.load(run / "checkpoints" / "step-000000001.pt")["step"] == 1
+    assert not (run / "final").exists()
+    monkeypatch.setattr(checkpoint, "atomic_file", original)
+    config.resume = True
+    assert run_train(config).steps == 2
+
+
+@pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors' writer wraps the OSError
+def test_a_full_disk_while_saving_the_model_is_one_error_and_no_final(train_config, tmp_path, monkeypatch, error):
+    import errno
+
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):  # half a file, then the disk is full
+        Path(filename).write_bytes(b"\0" * 100)
+        if error == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    config = train_config(steps=2, checkpoint_every=1)
+    with pytest.raises(SoftcacheError, match=r"could not save the student to .*final \(.*No space left on device.*\); "
+                                             r"the checkpoints are kept"):
+        run_train(config)
+    run = tmp_path / "run"
+    assert not (run / "final").exists() and not (run / "final.tmp").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000001.pt", "step-000000002.pt"]
+    monkeypatch.undo()
+    config.resume = True
+    assert run_train(config).steps == 0 and (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_logging_metrics_is_one_error(train_config, tmp_path, monkeypatch):
+    import errno
+
+    from softcache import train_job
+
+    def full(path, mode="r", *args, **kwargs):
+        if Path(path).name == train_job.METRICS and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(train_job, "open", full, raising=False)
+    with pytest.raises(SoftcacheError, match=r"could not append to .*metrics.jsonl \(No space left on device\)"):
+        run_train(train_config(steps=2))
+
+
+def test_an_interrupted_run_with_workers_says_one_line_and_exits_130(trained_store, tmp_path):
+    """Ctrl-C reaches the whole process group: the DataLoader workers leave it to the main process, which
+    stops between batches, says where, and leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "softcache", "train", "--store", str(trained_store), "--student",
+               str(student_config(tmp_path / "student.json")), "--out", str(tmp_path / "run"), "--steps", "10000",
+               "--batch-size", "4", "--checkpoint-every", "2", "--num-workers", "2", "--no-progress"]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and (
+                not log.exists() or log.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = process.communicate(timeout=60)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # no worker outlives the run
+            os.killpg(process.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert out == "" and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"error: interrupted at step [\d,]+ of 10,000; rerun with --resume to "
+                                            r"continue from the checkpoint of step \d+", lines[0]), err
