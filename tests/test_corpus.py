@@ -59,7 +59,7 @@ def test_pack_skips_documents_without_text():
 
 @pytest.mark.parametrize("documents,found", [
     ([], "it holds no documents"),
-    ([""], "its 1 documents are all empty"),
+    ([""], "its one document is empty"),
     (["", " ", "\n\n", "\t \r\n"], "its 4 documents are all empty or whitespace"),
 ])
 def test_pack_refuses_a_corpus_without_text(documents, found):
