@@ -104,6 +104,8 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
     path = Path(data)
     if not path.exists():
         raise SoftcacheError(f"--data {data} does not exist")
+    if not path.is_file() and not path.is_dir():  # a pipe or a device: reading it would block or never end
+        raise SoftcacheError(f"--data {data} is not a regular file or a directory")
     if is_saved_dataset(path):
         yield from _text_column(path, "saved dataset", text_column, lambda: _load_saved(path, split))
         return

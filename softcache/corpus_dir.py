@@ -55,6 +55,10 @@ def corpus_files(directory: Path, split: str) -> list[Path]:
         if path.name == "manifest.json" and _is_store(path):
             raise SoftcacheError(f"{where} holds the softcache store {path.parent}, which is not corpus text; "
                                  "move it out of the corpus directory")
+    special = [path for path in files if not path.is_file()]  # a pipe or a device would block the reader
+    if special:
+        raise SoftcacheError(f"{where}: {_some(special, directory)} not a regular file (a pipe, socket, device or "
+                             "broken link); remove such entries or point --data at the corpus files only")
     unsupported = [path for path in files if path.suffix.lower() not in BUILDERS]
     if unsupported:
         raise SoftcacheError(f"{where}: {_some(unsupported, directory)} of no supported type and would be skipped; "
@@ -72,8 +76,13 @@ def corpus_files(directory: Path, split: str) -> list[Path]:
 
 def _listing(directory: Path) -> list[Path]:
     """Every file under ``directory`` but hidden ones, in sorted order of their path components."""
-    files = []
+    files, seen = [], set()
     for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree: each directory is read once
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [name for name in dirs if not name.startswith(".")]
         files += [Path(root, name) for name in names if not name.startswith(".")]
     return sorted(files, key=lambda path: path.relative_to(directory).parts)

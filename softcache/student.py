@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from softcache.errors import SoftcacheError, one_line
-from softcache.models import output_vocab
+from softcache.models import max_positions, output_vocab
 from softcache.store import Store
 from softcache.tokenizer import tokenizer_fingerprint
 
@@ -148,9 +148,13 @@ def _quiet_transformers():
 
 def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool,
                      flag: str = "--student") -> None:
-    """Refuse a student that is not a causal LM, cannot hold the store's ids, or tokenizes differently
-    (unless allowed)."""
+    """Refuse a student that is not a causal LM, admits fewer positions than the store's sequences,
+    cannot hold the store's ids, or tokenizes differently (unless allowed)."""
     check_causal(model, student_spec, flag=flag)
+    length = store.layout.seq_len
+    if (limit := max_positions(model)) is not None and length > limit:
+        raise SoftcacheError(f"{flag} {student_spec} admits {limit:,} positions but the store's sequences have {length:,} "
+                             f"tokens; give the student max_position_embeddings >= {length:,}")
     needed = store.tokenizer.vocab_size
     if output_vocab(model) < needed:
         raise SoftcacheError(

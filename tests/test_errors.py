@@ -85,6 +85,16 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     (root / "latin1.txt").write_bytes(b"Caf\xe9 au lait " * 100)
     (root / "bad-line.jsonl").write_text(corpus_file.read_text().replace("\n", "\n{\"text\": \"unclosed}\n", 1))
     (root / "array-line.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n["c", "d"]\n')
+    # a pipe in the corpus, a directory linking back to itself, a student with too few positions
+    import os
+    (root / "pipe-dir").mkdir()
+    (root / "pipe-dir" / "a.txt").write_text(documents[0])
+    os.mkfifo(root / "pipe-dir" / "b.txt")
+    os.mkfifo(root / "pipe.jsonl")
+    (root / "loop-dir").mkdir()
+    (root / "loop-dir" / "a.bin").write_text("x")
+    (root / "loop-dir" / "again").symlink_to(root / "loop-dir")
+    (root / "short.json").write_text(json.dumps({**json.loads(student.read_text()), "max_position_embeddings": 16}))
     # store, manifest and shard damage
     for name, damage in STORE_DAMAGE.items():
         shutil.copytree(store, root / name)
@@ -346,6 +356,14 @@ MISTAKES += [
      "must hold a mapping of settings to values, not a list"),
     ("a --config file of another type", lambda w: cache(w, **{"--config": w["root"] / "configs" / "settings.toml"}),
      "give a .yaml, .yml or .json file, not .toml"),
+    ("a named pipe in a corpus directory", lambda w: cache(w, **{"--data": w["root"] / "pipe-dir"}),
+     "pipe-dir: b.txt is not a regular file (a pipe, socket, device or broken link)"),
+    ("a named pipe as the corpus", lambda w: cache(w, **{"--data": w["root"] / "pipe.jsonl"}),
+     "pipe.jsonl is not a regular file or a directory"),
+    ("a corpus directory that links back to itself", lambda w: cache(w, **{"--data": w["root"] / "loop-dir"}),
+     "loop-dir: a.bin is of no supported type"),
+    ("a student with fewer positions than the store's sequences", lambda w: with_student(w, "short.json"),
+     "short.json admits 16 positions but the store's sequences have 32 tokens"),
     ("a --config file that does not exist", lambda w: train(w, None, None, "--config", w["root"] / "configs" / "none.yaml"),
      "none.yaml does not exist"),
     # student, run-directory and option mistakes (issue 13 item 1)
