@@ -26,3 +26,17 @@ def one_line(err: BaseException, limit: int = 240) -> str:
     text = " ".join(str(err).split())
     text = text if len(text) <= limit else text[:limit - 3] + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class BadRow(SoftcacheError):
+    """One corpus row that cannot be used (a wrong type, an unknown role, nothing to teach, a template
+    that fails on it); the rest of the corpus may be fine, so a job may skip and count such rows.
+
+    ``str(err)`` is ``"row 7, column 'messages': turn 2 has the role 'robot'; ..."``; the reader
+    that knows the file puts its name in front.
+    """
+
+    def __init__(self, row: int, columns: tuple[str, ...], reason: str):
+        self.row, self.columns, self.reason = row, tuple(columns), reason
+        named = " and ".join(repr(c) for c in self.columns)
+        super().__init__(f"row {row}, column{'s' if len(self.columns) > 1 else ''} {named}: {reason}")
