@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, one_line
 from softcache.store.manifest import TeacherSection
 
 BUILTIN_TEACHERS = {
@@ -79,7 +79,7 @@ def load_tokenizer(source: TeacherSource):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **_from_pretrained_kwargs(source))
     except Exception as err:
-        raise SoftcacheError(f"--teacher {source.name}: could not load a tokenizer ({_first_line(err)})") from err
+        raise SoftcacheError(f"--teacher {source.name}: could not load a tokenizer ({one_line(err)})") from err
     if not getattr(tokenizer, "is_fast", False):
         raise SoftcacheError(f"--teacher {source.name}: its tokenizer is not a fast (Rust) tokenizer, which softcache needs")
     return tokenizer
@@ -96,7 +96,7 @@ def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype, 
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **_from_pretrained_kwargs(source))
     except Exception as err:
-        raise SoftcacheError(f"--teacher {source.name}: could not load the model ({_first_line(err)})") from err
+        raise SoftcacheError(f"--teacher {source.name}: could not load the model ({one_line(err)})") from err
     return model.to(device).eval()
 
 
@@ -113,8 +113,3 @@ def identity(source: TeacherSource, model, dtype: torch.dtype) -> TeacherSection
         dtype=str(dtype).removeprefix("torch."),
         parameters=sum(p.numel() for p in model.parameters()),
     )
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
