@@ -289,7 +289,7 @@ def check_saved(model, directory: Path, with_tokenizer: bool) -> None:
         if with_tokenizer:
             AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # any loader's failure means the saved model is not usable
-        raise SoftcacheError(f"the saved student in {directory} does not load back ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); the checkpoints are kept: "
+        raise SoftcacheError(f"the saved student in {directory} does not load back ({one_line(err)}); the "
+                             "checkpoints are kept: "
                              "rerun with --resume") from err
 

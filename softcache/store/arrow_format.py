@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from softcache.errors import StoreError
+from softcache.store.consistency import column_problem
 from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import atomic_file
 from softcache.store.layout import Layout
@@ -97,5 +98,7 @@ class ArrowReader:
                     columns[name] = flat.reshape(batch.num_rows, self.layout.seq_len)
                 else:
                     columns[name] = Ragged(flat, column.offsets.to_numpy(zero_copy_only=True))
+            if problem := column_problem(self.encoding, self.layout.seq_len, count, columns):
+                raise StoreError(problem)
             self._shards[index] = columns
         return self._shards[index]

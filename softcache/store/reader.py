@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from softcache.errors import StoreError
+from softcache.errors import StoreError, one_line
 from softcache.store.consistency import (
-    column_problem,
     decoded_problem,
     owned_by,
     shard_table_problems,
@@ -162,9 +161,7 @@ class Store:
         except StoreError as err:
             raise self._damaged(shard, str(err)) from None
         except Exception as err:  # the format library parsing damaged bytes: any of its error types
-            raise self._damaged(shard, f"cannot be read ({type(err).__name__}: {err})".splitlines()[0]) from err
-        if problem := column_problem(self.encoding, self.layout.seq_len, shard.count, columns):
-            raise self._damaged(shard, problem)
+            raise self._damaged(shard, f"cannot be read ({one_line(err)})") from err
         return columns
 
     def _damaged(self, shard: ShardRecord, problem: str) -> StoreError:

@@ -19,7 +19,9 @@ from softcache.store.zarr_format import ZarrFormat
 
 class ShardReader(Protocol):
     def load(self, index: int) -> dict:
-        """Every column of shard ``index``, in on-disk dtypes (fixed: [count, L]; ragged: a Ragged)."""
+        """Every column of shard ``index``, in on-disk dtypes (fixed: [count, L]; ragged: a Ragged),
+        checked when read from disk (:func:`softcache.store.consistency.column_problem`; a
+        :class:`StoreError` naming the problem), not again when served from memory."""
 
 
 class StoreFormat(Protocol):

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 from softcache.errors import StoreError
 from softcache.store.files import TMP_MARK, check_file, fsync_path, inside
-from softcache.store.manifest import MANIFEST, PROGRESS_DIR, FileEntry, ShardRecord
+from softcache.store.manifest import MANIFEST, PROGRESS_DIR, FileEntry, read_progress
 
 CACHE_ENV = "SOFTCACHE_CACHE"
 
@@ -137,10 +136,9 @@ class Remote:
                 self.fetch(f"{PROGRESS_DIR}/{name}")
         if not files:
             return
-        for path in sorted((self.local / PROGRESS_DIR).glob("*.json")):
+        for record in read_progress(self.local).values():  # the usable records: the writer redoes the rest
             try:
-                record = ShardRecord.from_dict(json.loads(path.read_text()), str(path))
                 for entry in record.files:
                     self.fetch(entry.path, entry)
-            except (ValueError, StoreError):
-                continue  # an unusable record: the writer will redo that shard
+            except StoreError:
+                continue
