@@ -8,6 +8,7 @@ more with ``SOFTCACHE_FUZZ_EXAMPLES=2000`` (a soak run, outside the default suit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -141,6 +142,18 @@ def test_an_unsealed_or_misfiled_progress_record_is_ignored(tmp_path):
     assert [s.index for s in open_store(tmp_path / "s", allow_incomplete=True).shards] == [0]
 
 
+def test_a_writer_does_not_mark_a_store_complete_when_its_table_does_not_add_up(tmp_path):
+    layout, encoding = make(9, 4, 3, 3)
+    write_store(tmp_path / "s", "zarr", layout, encoding, finish=False)
+    writer = StoreWriter.open(tmp_path / "s", header(layout, encoding, "zarr"))
+    assert writer.pending == []
+    writer.done[1] = dataclasses.replace(writer.done[1], bytes=writer.done[1].bytes + 1)
+    with pytest.raises(StoreError, match="was not marked complete: shard 1 records"):
+        writer.finish()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["complete"] is False
+    writer.release_lock()
+
+
 def test_convert_that_changes_content_leaves_dest_incomplete(store, tmp_path, monkeypatch):
     original = ArrowFormat.write_shard
 
@@ -188,6 +201,8 @@ def _topp_store(tmp_path, format_name: str):
     ("target_values_offsets", lambda a: a * 1000, "target_values offsets that disagree"),
     ("target_ids_offsets", lambda a: a[:2], "target_ids offsets of shape"),
     ("input_ids", lambda a: a + 299, "input ids outside the vocabulary of 300"),
+    ("target_ids", lambda a: np.full_like(a, 255), "decodes to target ids outside the vocabulary of 300"),
+    ("target_values", lambda a: np.full_like(a, np.nan), "decodes to NaN log-probabilities"),
 ])
 def test_damaged_lengths_and_offsets_are_refused_before_decoding(tmp_path, monkeypatch, array, damage, message):
     """Arrays that pass their metadata's shape check but hold damaged values (checksums off): the
