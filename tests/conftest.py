@@ -115,6 +115,24 @@ def edit_manifest(root: Path, change) -> dict:
     return manifest
 
 
+def with_shard(manifest: dict, index: int, **changes) -> dict:
+    """``manifest`` with shard ``index``'s record changed (a copy)."""
+    shards = [dict(s) for s in manifest["shards"]]
+    shards[index].update(changes)
+    return {**manifest, "shards": shards}
+
+
+def with_digest_everywhere(manifest: dict, index: int) -> dict:
+    """``manifest`` with shard ``index``'s content digest edited and the totals made to agree: the table
+    adds up, so only the shard's columns disagree with what its record says."""
+    from softcache.store.consistency import store_content_digest
+    from softcache.store.manifest import ShardRecord
+
+    manifest = with_shard(manifest, index, content_sha256="ab" * 32)
+    digest = store_content_digest([ShardRecord.from_dict(s) for s in manifest["shards"]])
+    return {**manifest, "totals": {**manifest["totals"], "content_sha256": digest}}
+
+
 def edit_record(path: Path, change) -> None:
     """Like :func:`edit_manifest`, for one progress record."""
     from softcache.store.manifest import RECORD_SEAL, sealed

@@ -22,11 +22,11 @@ from softcache import StoreError, open_store
 from softcache.store import StoreWriter
 from softcache.store.arrow_format import ArrowFormat
 from softcache.store.convert import convert_store
-from softcache.store.encoding import Encoding, Ragged
+from softcache.store.encoding import Encoding
 from softcache.store.manifest import MANIFEST_SEAL, sealed
 from softcache.store.reader import Store
 
-from conftest import edit_manifest, edit_record
+from conftest import edit_manifest, edit_record, with_digest_everywhere, with_shard
 from test_store import header, make, write_store
 
 
@@ -42,41 +42,25 @@ def _problems(root) -> list[str]:
     return Store(root, allow_incomplete=True, refuse_inconsistent=False).verify()
 
 
-def _with_totals(manifest: dict) -> dict:
-    """``manifest`` with its totals recomputed from its (edited) shard table: the sums agree again, so
-    only what a record claims about its content is left to catch."""
-    from softcache.store.consistency import store_content_digest
-    from softcache.store.manifest import ShardRecord
-
-    shards = [ShardRecord.from_dict(s) for s in manifest["shards"]]
-    return {**manifest, "totals": {**manifest["totals"], "content_sha256": store_content_digest(shards)}}
-
-
 TABLE_DAMAGE = [
     ("a shard entry removed", lambda m: {**m, "shards": m["shards"][:1] + m["shards"][2:]},
      "lists 2 shards for a layout of 3 (missing: 1)"),
     ("shards out of order", lambda m: {**m, "shards": [m["shards"][1], m["shards"][0], m["shards"][2]]},
      "out of order or repeated"),
-    ("a shard's first sequence moved", lambda m: _shard(m, 1, first=2), "shard 1 claims sequences 2..4"),
-    ("a shard's count changed", lambda m: _shard(m, 2, count=2), "shard 2 claims sequences 6..7"),
-    ("a shard's size changed", lambda m: _shard(m, 0, bytes=1), "shard 0 records 1 bytes"),
-    ("a shard's files emptied", lambda m: _shard(m, 0, files=[], bytes=0), "shard 0 lists no files"),
-    ("a shard listing another's file", lambda m: _shard(m, 0, files=m["shards"][1]["files"],
+    ("a shard's first sequence moved", lambda m: with_shard(m, 1, first=2), "shard 1 claims sequences 2..4"),
+    ("a shard's count changed", lambda m: with_shard(m, 2, count=2), "shard 2 claims sequences 6..7"),
+    ("a shard's size changed", lambda m: with_shard(m, 0, bytes=1), "shard 0 records 1 bytes"),
+    ("a shard's files emptied", lambda m: with_shard(m, 0, files=[], bytes=0), "shard 0 lists no files"),
+    ("a shard listing another's file", lambda m: with_shard(m, 0, files=m["shards"][1]["files"],
                                                         bytes=m["shards"][1]["bytes"]), "which is not one of its files"),
     ("the sequence total changed", lambda m: {**m, "totals": {**m["totals"], "sequences": 8}},
      "totals.sequences is 8"),
     ("the byte total changed", lambda m: {**m, "totals": {**m["totals"], "data_bytes": 5}}, "totals.data_bytes is 5"),
-    ("a shard's content digest edited", lambda m: _shard(m, 1, content_sha256="ab" * 32),
+    ("a shard's content digest edited", lambda m: with_shard(m, 1, content_sha256="ab" * 32),
      "totals.content_sha256"),
     ("a tokenizer file outside tokenizer/", lambda m: {**m, "files": [{**m["files"][0], "path": "data.zarr/x"}]},
      "outside tokenizer/"),
 ]
-
-
-def _shard(manifest: dict, index: int, **changes) -> dict:
-    shards = [dict(s) for s in manifest["shards"]]
-    shards[index].update(changes)
-    return {**manifest, "shards": shards}
 
 
 @pytest.mark.parametrize("name,damage,message", TABLE_DAMAGE, ids=[d[0] for d in TABLE_DAMAGE])
@@ -89,7 +73,7 @@ def test_a_shard_table_that_does_not_add_up_is_refused_when_opened_and_listed_by
 
 
 def test_a_content_digest_edited_everywhere_is_caught_when_the_shard_is_read(store):
-    edit_manifest(store, lambda m: _with_totals(_shard(m, 1, content_sha256="ab" * 32)))
+    edit_manifest(store, lambda m: with_digest_everywhere(m, 1))
     opened = open_store(store)  # the table adds up now
     opened.read(0, 3)
     with pytest.raises(StoreError, match="shard 1 holds columns whose content digest differs"):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from softcache.cli import main
 
-from conftest import edit_manifest
+from conftest import edit_manifest, with_digest_everywhere, with_shard
 
 
 @pytest.fixture(scope="module")
@@ -149,22 +149,6 @@ def _flip(path: Path, at: int = 0) -> None:
     path.write_bytes(bytes(data))
 
 
-def _shard(manifest: dict, index: int, **changes) -> dict:
-    shards = [dict(s) for s in manifest["shards"]]
-    shards[index].update(changes)
-    return {**manifest, "shards": shards}
-
-
-def _digest_everywhere(manifest: dict) -> dict:
-    """Shard 0's content digest edited, and the totals made to agree: only the shard's columns disagree."""
-    from softcache.store.consistency import store_content_digest
-    from softcache.store.manifest import ShardRecord
-
-    manifest = _shard(manifest, 0, content_sha256="ab" * 32)
-    digest = store_content_digest([ShardRecord.from_dict(s) for s in manifest["shards"]])
-    return {**manifest, "totals": {**manifest["totals"], "content_sha256": digest}}
-
-
 def _zarr_meta(copy: Path, array: str, **changes) -> None:
     path = copy / "data.zarr" / "shards" / "00000" / array / "zarr.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
@@ -179,10 +163,10 @@ STORE_DAMAGE = {
     "edited-unsealed": lambda c: _manifest_text(c, '"seq_len": 32', '"seq_len": 33'),
     "unsealed": lambda c: _manifest_text(c, '"manifest_sha256"', '"x"'),
     "entry-removed": lambda c: edit_manifest(c, lambda m: {**m, "shards": [m["shards"][0], m["shards"][2]]}),
-    "count-edited": lambda c: edit_manifest(c, lambda m: _shard(m, 1, count=3)),
+    "count-edited": lambda c: edit_manifest(c, lambda m: with_shard(m, 1, count=3)),
     "totals-edited": lambda c: edit_manifest(c, lambda m: {**m, "totals": {**m["totals"], "tokens": 1}}),
-    "digest-edited": lambda c: edit_manifest(c, _digest_everywhere),
-    "path-outside": lambda c: edit_manifest(c, lambda m: _shard(m, 0, files=[{**m["shards"][0]["files"][0],
+    "digest-edited": lambda c: edit_manifest(c, lambda m: with_digest_everywhere(m, 0)),
+    "path-outside": lambda c: edit_manifest(c, lambda m: with_shard(m, 0, files=[{**m["shards"][0]["files"][0],
                                                                               "path": "../elsewhere/zarr.json"}])),
     "wrong-type": lambda c: edit_manifest(c, lambda m: {**m, "layout": {**m["layout"], "seq_len": "32"}}),
     "unknown-codec": lambda c: edit_manifest(c, lambda m: {**m, "storage": {**m["storage"], "codec": {"name": "lz9"}}}),
