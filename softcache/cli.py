@@ -24,12 +24,20 @@ from softcache.version import __version__
 
 
 class _Group(click.Group):
-    """Turns SoftcacheError (and a few OS errors) into one line and exit status 1, and an interrupt
-    (Ctrl-C) into one line and exit status 130."""
+    """Turns SoftcacheError (and a few OS errors) into one line and exit status 1, a command-line
+    usage error (a value of the wrong type, an unknown option) into one line and click's exit status
+    2, and an interrupt (Ctrl-C) into one line and exit status 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            click.echo(f"error: {' '.join(err.format_message().split())} (softcache{command} --help lists the "
+                       "options)", err=True)
+            ctx.exit(2)
         except (SoftcacheError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

@@ -143,3 +143,17 @@ def test_python_dash_m_and_debug_traceback(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "softcache", "--debug", "info", str(tmp_path)],
                            capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--seed", "1.5"], "Invalid value for '--seed': '1.5' is not a valid integer. (softcache train --help"),
+    (["cache", "--format", "parquet"], "Invalid value for '--format'"),
+    (["train", "--lrr", "0.1"], "No such option '--lrr'. Did you mean '--lr'?"),
+    (["info"], "Missing argument 'STORE'"),
+    (["verify", "a", "b"], "Got unexpected extra argument (b)"),
+])
+def test_a_usage_error_is_one_line_with_exit_status_2(args, message):
+    result = run(*args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0] and "Traceback" not in result.output
