@@ -214,7 +214,10 @@ FIELDS = [(("layout",), "num_sequences"), (("layout",), "seq_len"), (("layout",)
           (("shards", 1, "teacher_nll"), None), (("totals",), "teacher_ce"), (("files", 0), None), ((), "complete"),
           ((), "format_version"), ((), "shards"), ((), "files"), ((), "totals"), ((), "layout")]
 """(where the field is, from the manifest's top; its key, or None: any key there, drawn)."""
-FUZZ_EXAMPLES = int(os.environ.get("SOFTCACHE_FUZZ_EXAMPLES", "60"))
+FUZZ_EXAMPLES = os.environ.get("SOFTCACHE_FUZZ_EXAMPLES", "60")
+if not FUZZ_EXAMPLES.isdigit() or int(FUZZ_EXAMPLES) < 1:
+    raise pytest.UsageError(f"SOFTCACHE_FUZZ_EXAMPLES must be a positive integer, got {FUZZ_EXAMPLES!r}")
+FUZZ_EXAMPLES = int(FUZZ_EXAMPLES)
 WRONG = [None, "x", -1, 0, 10**12, 1.5, float("inf"), [], {}, True]
 
 
