@@ -10,6 +10,8 @@ write several stores from one teacher pass (same teacher and corpus, other targe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -26,6 +28,7 @@ from softcache.distributed import Ranks, barrier, broadcast, on_main, process_gr
 from softcache.errors import SoftcacheError
 from softcache.logs import note, notes
 from softcache.models import max_positions, output_vocab, resolve_device, resolve_dtype
+from softcache.packing import forward_documents, uses_varlen
 from softcache.store import Layout, StoreWriter
 from softcache.store.manifest import CorpusSection, TeacherSection, TokenizerSection
 from softcache.store.registry import storage_section
@@ -144,6 +147,7 @@ class TeacherJob:
     def load(self) -> None:
         """Load the teacher and pack the corpus (unless given), and check the settings against them."""
         first = self.configs[0]
+        tokenizer = None
         if self.corpus is None:  # before the model: a bad --data fails in seconds
             tokenizer = self.teacher.tokenizer if self.teacher else load_tokenizer(resolve_source(first.teacher,
                                                                                                   first.gguf_file))
@@ -188,7 +192,8 @@ class TeacherJob:
         with _progress(self.configs[0], total, disable=not self.ranks.main) as bar:
             started = time.perf_counter()
             teacher_loop(self.teacher.model, self.corpus.input_ids, jobs, self.configs[0].batch_size,
-                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine)
+                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine,
+                         teach=self.corpus.teach, segments=self.corpus.segments)
             self.seconds = time.perf_counter() - started
         barrier(self.ranks)  # every rank's shards are durable
 
@@ -237,12 +242,14 @@ def cache_many(configs: Sequence[CacheConfig]) -> list[CacheResult]:
 
 
 def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
-                 device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
+                 device: torch.device, on_batch=None, shards: list[int] | None = None,
+                 teach: np.ndarray | None = None, segments: np.ndarray | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
     Besides the targets, each shard records the teacher's summed cross-entropy on the true next
-    tokens (``teacher_nll``), so a store knows its teacher's loss on its own corpus.
+    tokens of the positions that teach (``teacher_nll``), so a store knows its teacher's loss on its
+    own corpus.
 
     Args:
         input_ids: the [num_sequences, seq_len] packed corpus.
@@ -251,6 +258,10 @@ def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cac
         batch_size: sequences per forward pass.
         on_batch: called with the batch's token count after each forward pass.
         shards: write only these shard indices (this rank's part of a multi-rank job).
+        teach: [num_sequences, seq_len] bool, the positions whose targets are kept (a masked store),
+            or None: every position.
+        segments: [num_sequences, seq_len] document numbers of packed rows (a documents store): the
+            forward pass sees each document alone (softcache.packing), or None: one stream.
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
@@ -258,6 +269,7 @@ def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cac
     if shards is not None:
         pending = sorted(set(pending) & set(shards))
     targets = [config.targets_section() for _, config in jobs]
+    varlen = uses_varlen(model)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
         for index in pending:
@@ -269,10 +281,19 @@ def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cac
                 host_ids = input_ids[lo:hi]
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
                 labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
-                logits = model(input_ids=ids, use_cache=False).logits
+                rows = {}
+                if teach is not None:
+                    rows["teach"] = torch.from_numpy(teach[lo:hi])
+                    labels = labels.masked_fill(~rows["teach"].to(device, non_blocking=True), -100)
+                if segments is None:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                else:
+                    rows["segments"] = torch.from_numpy(segments[lo:hi])
+                    logits = forward_documents(functools.partial(model, use_cache=False), ids,
+                                               rows["segments"].to(device, non_blocking=True), varlen).logits
                 for writer_thread, section in wanted:
                     extracted = section.spec.extract(logits, labels, section, first_sequence=lo)
-                    writer_thread.submit(index, lo, host_ids, for_storage(extracted),
+                    writer_thread.submit(index, lo, host_ids, {**for_storage(extracted), **rows},
                                          -extracted.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
                 del logits
                 if on_batch is not None:
@@ -290,7 +311,8 @@ def for_storage(targets) -> dict:
 
 def store_header(config: CacheConfig, layout: Layout, teacher: Teacher, corpus: PackedCorpus) -> dict:
     """Every manifest section except the shard table; the identity sections decide resumes."""
-    encoding = config.encoding(teacher.vocab_size)
+    encoding = dataclasses.replace(config.encoding(teacher.vocab_size), masked=corpus.teach is not None,
+                                   documents=corpus.segments is not None)
     tokenizer = TokenizerSection(fingerprint=tokenizer_fingerprint(teacher.tokenizer), vocab_size=teacher.vocab_size,
                                  tokenizer_size=len(teacher.tokenizer), eos_token_id=teacher.tokenizer.eos_token_id)
     described = CorpusSection(**corpus.describe(),

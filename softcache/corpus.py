@@ -41,6 +41,10 @@ class PackedCorpus:
     """Tokens read but in no sequence: the incomplete tail, and anything past ``max_sequences``."""
     empty_documents: int = 0
     """Documents skipped because they hold no text (empty, whitespace only, or a missing value)."""
+    teach: np.ndarray | None = None
+    """[num_sequences, seq_len] bool: the positions that teach; None: every position (a stream)."""
+    segments: np.ndarray | None = None
+    """[num_sequences, seq_len] int32 document numbers within each row; None: one stream."""
 
     @property
     def fingerprint(self) -> str:

@@ -71,9 +71,12 @@ class StoreDataset(IterableDataset):
 
     Each item is a dict: ``input_ids`` [B, L] int64, ``target_ids`` [B, L, k] int64,
     ``target_logprobs`` [B, L, k] float32 (padded where a position has fewer than k entries: see
-    softcache.store.encoding), ``target_mask`` [B, L, k] bool (the real entries), ``mask`` [B, L] bool (positions with a teacher target),
-    ``labels`` [B, L] int64 (the true next token, -100 where there is none: the last position of
-    each sequence and padding rows), and ``step`` (0-d int64: the global batch number, for resuming).
+    softcache.store.encoding), ``target_mask`` [B, L, k] bool (the real entries), ``mask`` [B, L]
+    bool (positions with a teacher target: not padding rows, and in a masked store only the positions
+    that teach), ``labels`` [B, L] int64 (the true next token where ``mask`` is on, -100 elsewhere
+    and at the last position of each sequence), ``step`` (0-d int64: the global batch number, for
+    resuming) and ``epoch``. A documents store adds ``segments`` [B, L] int32 (document numbers:
+    the student must see each document alone, softcache.packing.forward_documents).
 
     Args:
         store: path of a complete store.
@@ -155,11 +158,12 @@ class StoreDataset(IterableDataset):
                 padded[name][valid] = array
             arrays = padded
         input_ids = arrays["input_ids"]
-        length = input_ids.shape[1]
-        mask = np.repeat(valid[:, None], length, axis=1)
-        labels = np.full((len(rows), length), -100, dtype=np.int64)
-        labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], -100)
-        return {
+        mask = np.repeat(valid[:, None], input_ids.shape[1], axis=1)
+        if "teach" in arrays:  # a masked store: only the positions that teach count, for KD and CE alike
+            mask &= arrays["teach"]
+        labels = np.full(input_ids.shape, -100, dtype=np.int64)
+        labels[:, :-1] = np.where(mask[:, :-1], input_ids[:, 1:], -100)
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "target_ids": torch.from_numpy(arrays["target_ids"]),
             "target_logprobs": torch.from_numpy(arrays["target_logprobs"]),
@@ -167,6 +171,9 @@ class StoreDataset(IterableDataset):
             "mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(labels),
         }
+        if "segments" in arrays:
+            batch["segments"] = torch.from_numpy(arrays["segments"])
+        return batch
 
 
 def _clip(sizes: list[int], start: int, stop: int) -> list[int]:

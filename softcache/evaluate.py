@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from softcache.data import StoreDataset
 from softcache.losses import distillation_loss
+from softcache.packing import forward_documents, uses_varlen
 
 
 @torch.no_grad()
@@ -41,7 +42,10 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     for batch in DataLoader(dataset, batch_size=None, num_workers=0):
         batch = {name: value.to(device) for name, value in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"]).logits
+            if "segments" in batch:
+                logits = forward_documents(model, batch["input_ids"], batch["segments"], uses_varlen(model)).logits
+            else:
+                logits = model(input_ids=batch["input_ids"]).logits
         kl, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], batch["mask"],
                                    batch["labels"], "fkl", tail, temperature, chunk_tokens=chunk_tokens)
         top = logits.float().softmax(-1).max(-1)

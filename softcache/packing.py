@@ -13,13 +13,20 @@ student's, so it learns in the same conditions):
 Hugging Face causal LMs take both (``model(input_ids, attention_mask=mask, position_ids=positions)``);
 with eager or SDPA attention the 4-D mask is used as given, so a packed row's logits equal each
 document's logits computed alone, to float rounding (tests/test_packing.py). The mask costs B x L^2
-bytes; on CUDA, flash-attention's variable-length kernels get the same effect from the position ids
-alone, without a mask (not yet used here).
+bytes. A model whose attention is flash-attention's (``attn_implementation="flash_attention_2"``)
+gets the same effect without a mask from its variable-length kernels: the rows are laid end to end
+as one row of B x L tokens and the restarting position ids mark the documents
+(:func:`forward_documents`; written for CUDA, not yet run on one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention implementations that find documents from position ids alone (one packed row of B x L)."""
 
 
 def document_starts(segments: torch.Tensor) -> torch.Tensor:
@@ -53,3 +60,25 @@ def crosses_documents(segments: torch.Tensor) -> torch.Tensor:
     crossing = torch.ones_like(starts)
     crossing[:, :-1] = starts[:, 1:]
     return crossing
+
+
+def uses_varlen(model) -> bool:
+    """Whether ``model`` (a Hugging Face model) attends with a variable-length kernel (see the module)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) in VARLEN_ATTENTION
+
+
+def forward_documents(forward: Callable, input_ids: torch.Tensor, segments: torch.Tensor, varlen: bool = False):
+    """``forward(input_ids=..., ...)`` on packed rows [B, L] so that each document is seen alone.
+
+    With ``varlen`` the rows go in as one row of B x L tokens with only position ids (which restart at
+    every row's first token too, as each row starts a document), and the output's ``logits`` (or the
+    output itself, a tensor) is shaped back to [B, L, ...]; else with the block-diagonal mask."""
+    positions = document_positions(segments)
+    if not varlen:
+        return forward(input_ids=input_ids, attention_mask=document_mask(segments), position_ids=positions)
+    batch, length = input_ids.shape
+    output = forward(input_ids=input_ids.reshape(1, -1), position_ids=positions.reshape(1, -1))
+    if isinstance(output, torch.Tensor):
+        return output.reshape(batch, length, *output.shape[2:])
+    output.logits = output.logits.reshape(batch, length, *output.logits.shape[2:])
+    return output

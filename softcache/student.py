@@ -214,8 +214,9 @@ class Trunk(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.base_model(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+        """[B, L, H] final hidden states; ``inputs`` (a mask, position ids) go to the base model."""
+        return self.model.base_model(input_ids=input_ids, **inputs).last_hidden_state
 
     @property
     def projection(self) -> torch.Tensor:

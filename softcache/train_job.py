@@ -45,6 +45,7 @@ from softcache.logs import note, notes
 from softcache.losses import DistillationLoss, Projected
 from softcache.models import output_vocab, resolve_device
 from softcache.optim import adamw, warmup_cosine
+from softcache.packing import forward_documents, uses_varlen
 from softcache.store import open_store
 from softcache.store.files import atomic_file, write_json
 from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
@@ -53,7 +54,8 @@ log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RUN_LOCK = "run.lock"  # names the process training into the run directory (softcache.lock)
-# The batch tensors a training step moves to its device (a batch also carries target_mask, step and epoch).
+# The batch tensors a training step moves to its device (a batch also carries target_mask, step and epoch),
+# and segments when the store packs documents.
 LOSS_INPUTS = ("input_ids", "target_ids", "target_logprobs", "mask", "labels")
 
 
@@ -209,7 +211,10 @@ class StudentJob:
     def forward(self, batch: dict):
         """The student's output for the loss: logits, or hidden states and head weight when fused."""
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            output = self.trained(input_ids=batch["input_ids"])
+            if "segments" in batch:  # packed documents: each seen alone, as the teacher saw it
+                output = forward_documents(self.trained, batch["input_ids"], batch["segments"], uses_varlen(self.model))
+            else:
+                output = self.trained(input_ids=batch["input_ids"])
         if self.fused:
             return Projected(output, self.model.get_output_embeddings().weight)
         return output.logits
@@ -232,7 +237,8 @@ class StudentJob:
         kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
         kd_total = ce_total = 0.0
         for index, batch in enumerate(micro):
-            batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS}
+            batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS + ("segments",)
+                     if name in batch}
             sync = index == len(micro) - 1 or ranks.world == 1
             with contextlib.nullcontext() if sync else self.trained.no_sync():
                 kd, ce = self.loss(self.forward(batch), batch)

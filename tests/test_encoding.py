@@ -160,3 +160,56 @@ def test_any_vocab_k_and_lengths_roundtrip(vocab, k, positions, ids_code, ragged
     data = targets(rng, (1, positions), k, vocab, ragged=ragged)
     ids, values = decode(encoding, encode(encoding, **data))
     assert canonical(ids, values) == canonical(data["ids"], data["values"].astype(np.float16).astype(np.float32))
+
+
+# ---- masked and documents stores (chat corpora) ----------------------------------------------------
+
+@pytest.mark.parametrize("kind,values_code", [("topk", "float16"), ("topk", "log8"), ("topp", "log8"),
+                                              ("topp", "float16"), ("sampled", "counts")])
+@pytest.mark.parametrize("ids_code", ["plain", "delta", "bitpack"])
+def test_masked_positions_store_nothing_and_the_rest_roundtrips(kind, values_code, ids_code):
+    rng = np.random.default_rng(11)
+    vocab, k = 300, 6
+    samples = 9 if values_code == "counts" else None
+    data = targets(rng, (4, 10), k, vocab, ragged=kind != "topk")
+    if values_code == "counts":
+        data["values"] = np.where(data["values"] > -np.inf, rng.integers(1, 4, data["values"].shape), 0)
+    teach = rng.random((4, 10)) < 0.4
+    teach[1] = False  # a sequence with nothing to teach
+    teach[2] = True
+    masked = Encoding(kind, k, vocab, ids_code, values_code, samples, masked=True)
+    plain = Encoding(kind, k, vocab, ids_code, values_code, samples)
+    columns = encode(masked, **data, teach=teach)
+    assert "target_lengths" in columns and (columns["target_lengths"][~teach] == 0).all()
+    ids, values = decode(masked, columns)
+    full_ids, full_values = decode(plain, encode(plain, **data))
+    # Where a position teaches, exactly what the unmasked store holds; elsewhere a point mass on id 0.
+    assert canonical(ids[teach], values[teach]) == canonical(full_ids[teach], full_values[teach])
+    assert (ids[~teach] == 0).all() and (values[~teach][:, 0] == 0).all() and (values[~teach][:, 1:] == -np.inf).all()
+    # Masked positions cost no target bytes: the ragged columns shrink in proportion.
+    unmasked = encode(plain, **data)
+    lengths = data["lengths"] if data["lengths"] is not None else np.full((4, 10), k)
+    assert len(columns["target_values"].values) == lengths[teach].sum() < len(unmasked["target_values"].values)
+    assert masked.to_dict()["masked"] is True and "masked" not in plain.to_dict()
+
+
+def test_document_starts_roundtrip_and_are_checked():
+    from softcache.store.consistency import column_problem
+    from softcache.store.encoding import segments_of
+
+    rng = np.random.default_rng(3)
+    data = targets(rng, (3, 8), 4, 50)
+    segments = np.array([[0, 0, 0, 1, 1, 2, 2, 2], [0] * 8, [0, 1, 2, 3, 4, 5, 6, 7]])
+    encoding = Encoding("topk", 4, 50, "delta", "float16", documents=True)
+    columns = encode(encoding, **data, segments=segments)
+    starts = columns["document_starts"]
+    assert starts.values.tolist() == [3, 5, 1, 2, 3, 4, 5, 6, 7] and starts.offsets.tolist() == [0, 2, 2, 9]
+    np.testing.assert_array_equal(segments_of(starts, 8), segments)
+    np.testing.assert_array_equal(segments_of(take(columns, np.array([2, 0]))["document_starts"], 8), segments[[2, 0]])
+    assert column_problem(encoding, 8, 3, columns) is None
+    for values, problem in (([3, 5, 0, 2, 3, 4, 5, 6, 7], "outside 1..7"), ([5, 3, 1, 2, 3, 4, 5, 6, 7], "increase"),
+                            ([3, 5, 1, 2, 3, 4, 5, 6, 8], "outside 1..7")):
+        damaged = {**columns, "document_starts": Ragged(np.array(values, dtype=np.uint32), starts.offsets)}
+        assert problem in column_problem(encoding, 8, 3, damaged)
+    # The step from one sequence's last start to the next one's first may go down.
+    assert starts.values[1] > starts.values[2]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from softcache.store.encoding import RAGGED, Encoding, Ragged
+from softcache.store.encoding import DOCUMENT_STARTS, RAGGED, Encoding, Ragged
 from softcache.store.layout import Layout
 from softcache.store.manifest import TOKENIZER_DIR, FileEntry, ShardRecord, Totals
 
@@ -125,6 +125,8 @@ def array_limit(encoding: Encoding, seq_len: int, count: int, name: str) -> tupl
     ``name`` is a column, or ``<ragged column>_offsets``."""
     if name.endswith("_offsets"):
         return (count + 1,), count + 1
+    if name == DOCUMENT_STARTS:
+        return None, count * max(seq_len - 1, 0)
     if name in RAGGED:
         entries = count * seq_len * encoding.k
         if name == "target_ids" and encoding.ids == "bitpack":
@@ -136,13 +138,14 @@ def array_limit(encoding: Encoding, seq_len: int, count: int, name: str) -> tupl
 def column_problem(encoding: Encoding, seq_len: int, count: int, columns: dict) -> str | None:
     """What is wrong with a shard's loaded ``columns`` (on-disk dtypes), or None: every column there,
     in its dtype and shape, lengths within 1..k, offsets that start at 0, never decrease, end at the
-    entries there are, and give each sequence the entries its lengths say. Run before decoding, so
-    damaged bytes are reported instead of sized into an allocation."""
+    entries there are, and give each sequence the entries its lengths say; document starts inside
+    1..L-1 and increasing within each sequence. Run before decoding, so damaged bytes are reported
+    instead of sized into an allocation."""
     for name in encoding.columns:
         if name not in columns:
             return f"has no {name} column"
         value = columns[name]
-        if isinstance(value, Ragged) != (name in RAGGED):
+        if isinstance(value, Ragged) != (name in encoding.ragged_columns):
             return f"has a {name} column of the wrong kind"
         array = value.values if isinstance(value, Ragged) else value
         if array.dtype != encoding.dtype(name):
@@ -153,8 +156,8 @@ def column_problem(encoding: Encoding, seq_len: int, count: int, columns: dict) 
         entries = np.full(count, seq_len * encoding.k, dtype=np.int64)
     else:
         lengths = columns["target_lengths"]
-        if lengths.size and (lengths.min() < 1 or lengths.max() > encoding.k):
-            return f"has target_lengths outside 1..{encoding.k}"
+        if lengths.size and (lengths.min() < encoding.smallest_length or lengths.max() > encoding.k):
+            return f"has target_lengths outside {encoding.smallest_length}..{encoding.k}"
         entries = lengths.sum(axis=1, dtype=np.int64)
     for name in RAGGED:
         values, offsets = columns[name]
@@ -165,8 +168,27 @@ def column_problem(encoding: Encoding, seq_len: int, count: int, columns: dict) 
             return f"has {name} offsets of shape {offsets.shape} ({offsets.dtype}), expected ({count + 1},) integers"
         if offsets[0] != 0 or offsets[-1] != len(values) or not np.array_equal(np.diff(offsets), want):
             return f"has {name} offsets that disagree with its lengths"
+    if encoding.documents and (problem := _starts_problem(columns[DOCUMENT_STARTS], count, seq_len)):
+        return problem
     if columns["input_ids"].size and int(columns["input_ids"].max()) >= encoding.vocab_size:
         return f"has input ids outside the vocabulary of {encoding.vocab_size}"
+    return None
+
+
+def _starts_problem(starts: Ragged, count: int, seq_len: int) -> str | None:
+    values, offsets = starts
+    if offsets.shape != (count + 1,) or not np.issubdtype(offsets.dtype, np.integer):
+        return f"has {DOCUMENT_STARTS} offsets of shape {offsets.shape} ({offsets.dtype}), expected ({count + 1},) integers"
+    sizes = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != len(values) or (sizes < 0).any() or (sizes > seq_len - 1).any():
+        return f"has {DOCUMENT_STARTS} offsets that disagree with its entries"
+    if len(values) and (int(values.min()) < 1 or int(values.max()) > seq_len - 1):
+        return f"has {DOCUMENT_STARTS} outside 1..{seq_len - 1}"
+    steps = np.diff(values.astype(np.int64))
+    inside = np.ones(len(steps), dtype=bool)  # consecutive entries of one sequence
+    inside[(offsets[1:-1] - 1)[(offsets[1:-1] > 0) & (offsets[1:-1] < len(values))]] = False
+    if (steps[inside] <= 0).any():
+        return f"has {DOCUMENT_STARTS} that do not increase within a sequence"
     return None
 
 

@@ -11,6 +11,16 @@ needed ``target_lengths`` and ``target_tail``) and *ragged* columns holding only
 position after position (``target_ids``, ``target_values``), with per-sequence offsets: a
 :class:`Ragged` pair. Nothing is stored for padding.
 
+Two options serve chat and instruction corpora (softcache.documents):
+
+- ``masked``: only some positions teach (an assistant's tokens, not the prompt's). Every position
+  then has a ``target_lengths`` entry, 0 where it does not teach, and the ragged columns hold
+  nothing for it: a masked position costs its ``input_ids`` and length, never target bytes.
+  Decoded, such a position is a point mass on id 0 (finite, so a loss that masks it stays finite)
+  and ``teach`` says which positions are real.
+- ``documents``: rows hold several documents that must not see each other; the ragged
+  ``document_starts`` column lists, per sequence, the positions (after 0) where a document starts.
+
 What the targets mean is their kind (softcache.kinds.TARGET_KINDS: top-k, top-p, sampled): the
 kind says whether every position keeps exactly k entries (then no lengths column is stored) and
 which value codes can hold it.
@@ -52,6 +62,9 @@ UINT16_VOCAB = 1 << 16
 
 FIXED = ("input_ids", "target_lengths", "target_tail")
 RAGGED = ("target_ids", "target_values")
+"""Ragged columns of target entries (their sizes follow ``target_lengths``)."""
+DOCUMENT_STARTS = "document_starts"
+"""Ragged column of a ``documents`` store: per sequence, the positions after 0 where a document starts."""
 
 
 def id_dtype_for(vocab_size: int) -> str:
@@ -79,6 +92,10 @@ class Encoding:
     values: str = "float16"
     samples: int | None = None
     """Draws per position (sampled targets only)."""
+    masked: bool = False
+    """Only some positions hold targets (``target_lengths`` 0 elsewhere); see the module docstring."""
+    documents: bool = False
+    """Sequences hold several documents, their starts in ``document_starts``."""
 
     def __post_init__(self):
         assert self.kind in TARGET_KINDS and self.ids in ID_CODES and self.values in VALUE_CODES, self
@@ -88,7 +105,13 @@ class Encoding:
 
     @property
     def fixed_length(self) -> bool:
-        return TARGET_KINDS[self.kind].fixed_length
+        """Every position holds exactly k entries (a fixed-length kind in a store that is not masked)."""
+        return TARGET_KINDS[self.kind].fixed_length and not self.masked
+
+    @property
+    def smallest_length(self) -> int:
+        """Fewest entries a position may hold: 0 in a masked store, else 1."""
+        return 0 if self.masked else 1
 
     @property
     def bits(self) -> int:
@@ -106,6 +129,8 @@ class Encoding:
             return np.dtype("uint8" if self.ids == "bitpack" else id_dtype_for(self.vocab_size))
         if column == "target_values":
             return np.dtype({"float16": "float16", "log8": "uint8"}.get(self.values) or _uint_for(self.samples))
+        if column == DOCUMENT_STARTS:
+            return np.dtype("uint32")
         raise KeyError(column)
 
     @property
@@ -115,11 +140,19 @@ class Encoding:
             ("target_tail",) if self.values == "log8" else ())
 
     @property
+    def ragged_columns(self) -> tuple[str, ...]:
+        """Columns of a variable number of values per sequence (:class:`Ragged`)."""
+        return RAGGED + ((DOCUMENT_STARTS,) if self.documents else ())
+
+    @property
     def columns(self) -> tuple[str, ...]:
-        return self.fixed_columns + RAGGED
+        return self.fixed_columns + self.ragged_columns
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
+        for option in ("masked", "documents"):  # a plain-text store's section is what it always was
+            if not data[option]:
+                del data[option]
         data["dtypes"] = {name: str(self.dtype(name)) for name in self.columns}
         return data
 
@@ -179,7 +212,8 @@ def num_rows(columns: dict) -> int:
 # ---- encoding ------------------------------------------------------------------------------------
 
 def encode(encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, values: np.ndarray,
-           lengths: np.ndarray | None = None, log_tail: np.ndarray | None = None) -> dict:
+           lengths: np.ndarray | None = None, log_tail: np.ndarray | None = None,
+           teach: np.ndarray | None = None, segments: np.ndarray | None = None) -> dict:
     """Columns for a group of sequences.
 
     Args:
@@ -189,14 +223,21 @@ def encode(encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, values: n
         lengths: [S, L] real entries per position (None: all k).
         log_tail: [S, L] log of the mass outside the entries (needed by ``log8``; computed from
             ``values`` when None).
+        teach: [S, L] bool, the positions that keep their targets (a ``masked`` encoding only).
+        segments: [S, L] integer document numbers, changing where a document starts (a ``documents``
+            encoding only).
     """
     s, length, k = ids.shape
     assert k == encoding.k, f"targets have {k} entries per position, the encoding {encoding.k}"
+    assert (teach is not None) == encoding.masked, "a masked encoding needs the teach mask, and only it"
+    assert (segments is not None) == encoding.documents, "a documents encoding needs the segments, and only it"
     if lengths is None:
         lengths = np.full((s, length), k, dtype=np.int64)
     lengths = lengths.astype(np.int64)
     if lengths.min(initial=1) < 1 or lengths.max(initial=1) > k:
         raise ValueError("every position needs between 1 and k entries")
+    if teach is not None:
+        lengths = np.where(np.asarray(teach, dtype=bool), lengths, 0)
     valid = np.arange(k) < lengths[..., None]
     ids = ids.astype(np.int64)
     if encoding.ids == "delta":
@@ -212,10 +253,31 @@ def encode(encoding: Encoding, input_ids: np.ndarray, ids: np.ndarray, values: n
     if encoding.values == "log8":
         if log_tail is None:
             log_tail = _log1mexp(np.minimum(_logsumexp(np.where(valid, values, -np.inf)), 0.0))
+        log_tail = np.where(lengths > 0, log_tail, 0.0)  # nothing stored: all the mass is outside
         columns["target_tail"] = np.asarray(log_tail, dtype=np.float64).astype(np.float16)
     columns["target_ids"] = _encode_ids(encoding, ids, valid, per_sequence, entry_offsets)
     columns["target_values"] = Ragged(_encode_values(encoding, values, valid), entry_offsets)
+    if segments is not None:
+        columns[DOCUMENT_STARTS] = starts_of(np.asarray(segments))
     return columns
+
+
+def starts_of(segments: np.ndarray) -> Ragged:
+    """The ``document_starts`` column of [S, L] document numbers: per sequence, where they change."""
+    changes = segments[:, 1:] != segments[:, :-1]
+    rows, positions = np.nonzero(changes)
+    offsets = np.zeros(len(segments) + 1, dtype=np.int64)
+    np.cumsum(changes.sum(axis=1), out=offsets[1:])
+    return Ragged((positions + 1).astype(np.uint32), offsets)
+
+
+def segments_of(starts: Ragged, length: int) -> np.ndarray:
+    """[S, L] int32 document numbers (0 from position 0, one more at each start) of a ``document_starts`` column."""
+    values, offsets = starts
+    flags = np.zeros((len(offsets) - 1, length), dtype=np.int32)
+    rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    flags[rows, values.astype(np.int64)] = 1
+    return np.cumsum(flags, axis=1, dtype=np.int32)
 
 
 def _encode_ids(encoding: Encoding, ids: np.ndarray, valid: np.ndarray, per_sequence, entry_offsets) -> Ragged:
@@ -246,32 +308,47 @@ def _encode_values(encoding: Encoding, values: np.ndarray, valid: np.ndarray) ->
     if encoding.values == "float16":
         return np.maximum(values[valid], FLOAT16_MIN).astype(np.float16)
     top = np.where(valid, values, -np.inf).max(-1, keepdims=True)
-    code = np.clip(np.rint((top - values) / LOG8_STEP), 0, 255)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a position stores nothing: never kept
+        code = np.clip(np.rint((top - values) / LOG8_STEP), 0, 255)
     return code[valid].astype(np.uint8)
 
 
 # ---- decoding ------------------------------------------------------------------------------------
 
 def decode(encoding: Encoding, columns: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Padded ``(ids [n, L, k] int64, logprobs [n, L, k] float32)`` of the columns' sequences."""
+    """Padded ``(ids [n, L, k] int64, logprobs [n, L, k] float32)`` of the columns' sequences. A
+    position of a masked store that holds nothing decodes to a point mass on id 0."""
     n, length = columns["input_ids"].shape
     k = encoding.k
     if encoding.fixed_length:
         lengths = np.full(n * length, k, dtype=np.int64)
     else:
         lengths = columns["target_lengths"].reshape(-1).astype(np.int64)
+    held = np.flatnonzero(lengths) if encoding.masked else None
+    if held is not None:
+        lengths = lengths[held]
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     ids = _decode_ids(encoding, columns["target_ids"], columns["target_values"].offsets, lengths, starts)
-    logprobs = _decode_values(encoding, columns, lengths, starts)
+    log_tail = None
+    if encoding.values == "log8":
+        log_tail = columns["target_tail"].reshape(-1)
+        log_tail = log_tail if held is None else log_tail[held]
+    logprobs = _decode_values(encoding, columns["target_values"].values, log_tail, lengths, starts)
     if encoding.fixed_length:
         return ids.reshape(n, length, k), logprobs.reshape(n, length, k)
-    out_ids = np.repeat(ids[starts][:, None], k, axis=1)
+    out_ids = np.repeat(ids[starts][:, None], k, axis=1) if len(ids) else np.zeros((0, k), dtype=np.int64)
     out_values = np.full((len(lengths), k), -np.inf, dtype=np.float32)
     position = np.repeat(np.arange(len(lengths)), lengths)
     slot = np.arange(len(ids), dtype=np.int64) - starts[position]
     out_ids[position, slot] = ids
     out_values[position, slot] = logprobs
+    if held is not None:
+        all_ids = np.zeros((n * length, k), dtype=np.int64)
+        all_values = np.full((n * length, k), -np.inf, dtype=np.float32)
+        all_values[:, 0] = 0.0
+        all_ids[held], all_values[held] = out_ids, out_values
+        out_ids, out_values = all_ids, all_values
     return out_ids.reshape(n, length, k), out_values.reshape(n, length, k)
 
 
@@ -296,15 +373,14 @@ def _decode_ids(encoding: Encoding, column: Ragged, entry_offsets, lengths, star
     return ((word >> (start_bit & 7).astype(np.uint64)) & np.uint64((1 << bits) - 1)).astype(np.int64)
 
 
-def _decode_values(encoding: Encoding, columns: dict, lengths, starts) -> np.ndarray:
-    flat = columns["target_values"].values
+def _decode_values(encoding: Encoding, flat: np.ndarray, log_tail: np.ndarray | None, lengths, starts) -> np.ndarray:
     if encoding.values == "float16":
         return flat.astype(np.float32)
     if encoding.values == "counts":
         return np.log(flat.astype(np.float32) / encoding.samples)
     relative = flat.astype(np.float32) * np.float32(-LOG8_STEP)
     head = np.add.reduceat(np.exp(relative, dtype=np.float64), starts) if len(flat) else np.zeros(0)
-    log_tail = columns["target_tail"].reshape(-1).astype(np.float64)
+    log_tail = log_tail.astype(np.float64)
     shift = _log1mexp(np.minimum(log_tail, 0.0)) - np.log(head)  # head mass 1 - tail, exactly
     return (relative + np.repeat(shift, lengths)).astype(np.float32)
 

@@ -32,8 +32,16 @@ PROGRESS_DIR = "progress"
 TOKENIZER_DIR = "tokenizer"
 WRITER_LOCK = "writer.lock"
 FORMAT_NAME = "softcache-store"
-FORMAT_VERSION = 3
-"""2 -> 3: the manifest and the progress records carry their own sha256 (their seal)."""
+FORMAT_VERSION = 4
+"""2 -> 3: the manifest and the progress records carry their own sha256 (their seal).
+3 -> 4: masked and documents stores (encoding.masked, encoding.documents; chat corpora). A store
+that uses neither is written as version 3, which it still is, so older softcache reads it."""
+OLDEST_READABLE = 3
+
+
+def format_version(encoding: dict) -> int:
+    """The version a store with this ``encoding`` section is written as: the oldest that describes it."""
+    return 4 if encoding.get("masked") or encoding.get("documents") else 3
 REQUIRED = ("format", "format_version", "complete", "storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus", "shards")
 # Sections that must match for a job to resume into an existing store.
 IDENTITY = ("storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus")
@@ -260,6 +268,31 @@ class CorpusSection(Section):
     """sha256 of the packed token ids (softcache.corpus.PackedCorpus.fingerprint)."""
     text_column: str | None = None
     split: str | None = None
+    # How rows became sequences (softcache.documents); absent for a plain-text stream.
+    input_shape: str | None = None
+    """messages, prompt_completion or text."""
+    chat_template_sha256: str | None = None
+    """sha256 of the chat template the rows were rendered with (None: none was used)."""
+    train_on: str | None = None
+    """Which positions teach: assistant, completion or all."""
+    packing: str | None = None
+    """stream, documents or none."""
+    long: str | None = None
+    """What was done with documents longer than a sequence: truncate, split or drop."""
+    bad_rows: int | None = None
+    """Rows skipped (--skip-bad-rows)."""
+    long_truncated: int | None = None
+    long_split: int | None = None
+    long_dropped: int | None = None
+    teaching_positions: int | None = None
+    """Positions that hold targets."""
+    padding_positions: int | None = None
+    """Positions of padding (no document)."""
+
+    _OMIT_NONE = ("input_shape", "chat_template_sha256", "train_on", "packing", "long", "bad_rows", "long_truncated",
+                  "long_split", "long_dropped", "teaching_positions", "padding_positions")
+    _AT_LEAST = {"bad_rows": 0, "long_truncated": 0, "long_split": 0, "long_dropped": 0, "teaching_positions": 0,
+                 "padding_positions": 0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,10 +360,10 @@ def read_manifest(root: Path) -> dict:
         raise StoreError(
             f"{path} has format version {version}, newer than this softcache reads ({FORMAT_VERSION}); upgrade softcache"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise StoreError(
-            f"{path} has format version {version}, from an older softcache; this one reads version "
-            f"{FORMAT_VERSION}: rerun its softcache cache command into a new directory"
+            f"{path} has format version {version}, from an older softcache; this one reads versions "
+            f"{OLDEST_READABLE} to {FORMAT_VERSION}: rerun its softcache cache command into a new directory"
         )
     if problem := seal_problem(manifest, MANIFEST_SEAL):
         raise StoreError(f"{path} {problem}; the store's manifest is damaged: restore it from a copy or "

@@ -20,7 +20,7 @@ from softcache.store.consistency import (
     shard_table_problems,
     totals_problems,
 )
-from softcache.store.encoding import Encoding, concat, decode, take
+from softcache.store.encoding import DOCUMENT_STARTS, Encoding, concat, decode, segments_of, take
 from softcache.store.files import TMP_MARK, check_file, content_sha256
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
@@ -195,13 +195,22 @@ class Store:
     def read_rows(self, indices) -> dict[str, np.ndarray]:
         """Sequences at ``indices`` (any order, repeats allowed), decoded: ``input_ids`` [n, L] int64,
         ``target_ids`` [n, L, k] int64 and ``target_logprobs`` [n, L, k] float32 (natural-log
-        probabilities over the full vocabulary; padding entries repeat slot 0's id with -inf)."""
+        probabilities over the full vocabulary; padding entries repeat slot 0's id with -inf).
+
+        A masked store adds ``teach`` [n, L] bool (the positions that hold targets; the others decode
+        to a point mass on id 0); a documents store adds ``segments`` [n, L] int32 (each position's
+        document number within its sequence: softcache.packing)."""
         columns = self.read_columns(indices)
         ids, logprobs = decode(self.encoding, columns)
         if problem := decoded_problem(self.encoding, ids, logprobs):
             raise StoreError(f"{self.root}: a shard {problem}; the store is damaged (softcache verify {self.root} "
                              "names it)")
-        return {"input_ids": columns["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": logprobs}
+        rows = {"input_ids": columns["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": logprobs}
+        if self.encoding.masked:
+            rows["teach"] = columns["target_lengths"] > 0
+        if self.encoding.documents:
+            rows["segments"] = segments_of(columns[DOCUMENT_STARTS], self.layout.seq_len)
+        return rows
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Sequences [start, stop), decoded as in :meth:`read_rows`."""

@@ -34,7 +34,6 @@ from softcache.store.encoding import Encoding
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     MANIFEST_SEAL,
     PROGRESS_DIR,
@@ -48,6 +47,7 @@ from softcache.store.manifest import (
     progress_name,
     read_manifest,
     read_progress,
+    format_version,
     sealed,
 )
 from softcache.store.registry import make_format
@@ -259,7 +259,8 @@ class StoreWriter:
 
 def _stamped(header: dict) -> dict:
     """``header`` with the format name and the versions that every manifest carries."""
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "softcache_version": __version__, **header}
+    return {"format": FORMAT_NAME, "format_version": format_version(header["encoding"]),
+            "softcache_version": __version__, **header}
 
 
 def _same_store(root: Path, header: dict, out_flag: str) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 
 from softcache.errors import StoreError
 from softcache.store.consistency import array_limit, column_problem
-from softcache.store.encoding import RAGGED, Encoding, Ragged
+from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import TMP_MARK, fsync_path
 from softcache.store.layout import Layout
 
@@ -122,7 +122,7 @@ class ZarrReader:
         columns = {}
         for name in self.encoding.columns:
             data = self._read(group, name, count, name)
-            if name in RAGGED:
+            if name in self.encoding.ragged_columns:
                 columns[name] = Ragged(data, self._read(group, f"{name}_offsets", count, "offsets"))
             else:
                 columns[name] = data
