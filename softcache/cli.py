@@ -179,10 +179,25 @@ def info(store: str, as_json: bool) -> None:
         ("corpus", lambda: f"{opened.corpus.source}, {opened.corpus.documents:,} documents, "
                            f"fingerprint {opened.corpus.fingerprint[:16]}"),
     ]
+    corpus = opened.corpus
+    if corpus.packing is not None:  # rows rendered and packed (softcache.documents)
+        rows += [
+            ("input", lambda: f"{corpus.input_shape} rows"
+             + (f", chat template sha256 {corpus.chat_template_sha256[:16]}" if corpus.chat_template_sha256 else "")
+             + f"; {corpus.bad_rows:,} bad rows skipped"),
+            ("teaching", lambda: f"{corpus.teaching_positions:,} positions "
+                                 f"({corpus.teaching_positions / opened.layout.num_tokens:.1%} of "
+                                 f"{opened.layout.num_tokens:,}; --train-on {corpus.train_on}), padding "
+                                 f"{corpus.padding_positions / opened.layout.num_tokens:.1%}"),
+            ("packing", lambda: f"{corpus.packing}; longer than a sequence (--long {corpus.long}): "
+                                f"{corpus.long_truncated:,} truncated, {corpus.long_split:,} split, "
+                                f"{corpus.long_dropped:,} dropped"),
+        ]
     rows = [(name, _or_not_recorded(describe)) for name, describe in rows]
     if opened.totals is not None and opened.totals.teacher_ce is not None:
         ce = opened.totals.teacher_ce
-        rows.append(("teacher CE", f"{ce:.4f} nats per token on this corpus (perplexity {math.exp(ce):.2f})"))
+        where = "teaching position" if opened.encoding.masked else "token"
+        rows.append(("teacher CE", f"{ce:.4f} nats per {where} on this corpus (perplexity {math.exp(ce):.2f})"))
     if opened.totals is not None:
         rows.append(("content", f"sha256 {opened.totals.content_sha256}"))
     width = max(len(name) for name, _ in rows)
@@ -194,8 +209,11 @@ def _summary(opened) -> dict:
     sequences = len(opened)
     data_bytes = sum(s.bytes for s in opened.shards)
     tokens = sequences * opened.layout.seq_len
-    return {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
-            "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
+    summary = {"complete": opened.complete, "sequences": sequences, "tokens": tokens, "shards": len(opened.shards),
+               "data_bytes": data_bytes, "bytes_per_token": data_bytes / tokens if tokens else 0.0}
+    if opened.corpus.teaching_positions is not None:
+        summary["teaching_share"] = opened.corpus.teaching_positions / max(opened.layout.num_tokens, 1)
+    return summary
 
 
 def _or_not_recorded(describe) -> str:
@@ -312,4 +330,4 @@ def demo(**options) -> None:
     check_settings(config)
     result = run_demo(config)
     click.echo(result.table())
-    click.echo(f"report: {result.out / 'report.md'}")
+    click.echo(f"report: {result.report}")

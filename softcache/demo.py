@@ -7,6 +7,10 @@ split as top-64, to measure KL to the teacher), then train two students of the s
 configuration from the same initialisation for the same steps on the same batches, one with
 cross-entropy only and one distilled from the store, and compare everyone's held-out loss.
 Everything lands in one run directory; a rerun reuses the stores and the finished students.
+
+``--chat`` does the same for chat distillation: the corpus is builtin:python-docs-chat
+(softcache.chat_corpus), rendered with the teacher's chat template, packed with documents kept
+apart, and only the assistant's tokens teach and are measured; sequences are 512 tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
 
 log = logging.getLogger(__name__)
+CHAT_SEQ_LEN = 512  # a conversation of the chat corpus is 150-450 tokens: one or more per row
 # A ~16 M-parameter Llama (12.6 M of it the tied 49,152 x 256 embedding): small enough to train in
 # minutes on two CPU cores, big enough to learn something from 100k tokens.
 STUDENT = {
@@ -43,6 +48,7 @@ class DemoConfig:
     out: str = setting("runs/demo", help="Run directory for the stores, students and report.")
     teacher: str = setting("builtin:smollm2", help="Teacher (as for softcache cache).")
     seq_len: int = 256
+    """Tokens per sequence of a text demo (a chat demo uses CHAT_SEQ_LEN)."""
     targets: str = setting("sampled", choices=("sampled", "topk"),
                            help="The training store's targets: 50 sampled draws per position (unbiased, 32 "
                                 "bytes/token), or the top 64 ids (134 bytes/token).")
@@ -55,6 +61,9 @@ class DemoConfig:
     alpha: float = 0.5
     """Weight of the KD loss for the distilled student (the other student has alpha 0)."""
     seed: int = setting(0, ge=0, le=MAX_SEED, help="Seed of both students (same initialisation).")
+    chat: bool = setting(False, help="Chat distillation instead: conversations about the Python docs "
+                                     "(builtin:python-docs-chat) in the teacher's chat template, only the assistant's "
+                                     "tokens teach and are measured.")
     progress: bool = setting(True, help="Progress bars on stderr.")
 
 
@@ -64,6 +73,8 @@ class DemoResult:
     rows: list[dict]
     bytes_per_token: float
     targets: str = "top-64 log-probs"
+    report: Path | None = None
+    """The report's file (report.md, or report-chat.md for a chat demo)."""
 
     def table(self) -> str:
         lines = ["| model | held-out CE (nats/token) | perplexity | KL to teacher | top-1 agreement | train time |",
@@ -88,12 +99,15 @@ def _run(config: DemoConfig) -> DemoResult:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise SoftcacheError(f"--out {out} is a file; give a directory for the demo")
-    stores, names = {}, {"train": f"store-train-{config.targets}", "heldout": "store-heldout"}
+    kind = "chat-" if config.chat else ""
+    data = "builtin:python-docs-chat" if config.chat else "builtin:python-docs"
+    seq_len = CHAT_SEQ_LEN if config.chat and config.seq_len == DemoConfig.seq_len else config.seq_len
+    stores, names = {}, {"train": f"store-train-{kind}{config.targets}", "heldout": f"store-heldout{'-chat' * config.chat}"}
     for split in ("train", "heldout"):
-        log.info(f"== teacher job: {config.teacher} over builtin:python-docs ({split} topics)")
+        log.info(f"== teacher job: {config.teacher} over {data} ({split} topics)")
         targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {}
-        result = run_cache(CacheConfig(teacher=config.teacher, data="builtin:python-docs", split=split,
-                                       out=str(out / names[split]), seq_len=config.seq_len, k=config.k,
+        result = run_cache(CacheConfig(teacher=config.teacher, data=data, split=split,
+                                       out=str(out / names[split]), seq_len=seq_len, k=config.k,
                                        batch_size=8, progress=config.progress, **targets))
         log.info(result.summary())
         stores[split] = open_store(out / names[split])
@@ -102,11 +116,11 @@ def _run(config: DemoConfig) -> DemoResult:
 
     rows = [{"model": f"teacher ({config.teacher})", "ce": stores["heldout"].totals.teacher_ce}]
     for name, alpha in (("student, cross-entropy only", 0.0), ("student, distilled from the store", config.alpha)):
-        run_dir = out / ("student-ce" if alpha == 0 else f"student-kd-{config.targets}")
+        run_dir = out / (f"student-{kind}ce" if alpha == 0 else f"student-{kind}kd-{config.targets}")
         log.info(f"== {name} ({config.steps} steps)")
         train = TrainConfig(store=str(out / names["train"]), student=str(student), out=str(run_dir), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, alpha=alpha, seed=config.seed,
-                            eval_store=str(out / "store-heldout"), checkpoint_every=50, num_workers=0,
+                            eval_store=str(out / names["heldout"]), checkpoint_every=50, num_workers=0,
                             progress=config.progress, resume=(run_dir / "config.json").exists())
         if (run_dir / "final").is_dir() and _finished(run_dir, train):
             log.info(f"{run_dir} is already trained; reusing it")
@@ -114,8 +128,9 @@ def _run(config: DemoConfig) -> DemoResult:
             log.info(run_train(train).summary())
         rows.append({"model": name, **_final_eval(run_dir)})
     train = stores["train"]
-    result = DemoResult(out, rows, train.totals.bytes_per_token, train.targets.describe())
-    (out / "report.md").write_text(_report(config, result))
+    result = DemoResult(out, rows, train.totals.bytes_per_token, train.targets.describe(),
+                        out / f"report{'-chat' * config.chat}.md")
+    result.report.write_text(_report(config, result, data, seq_len))
     return result
 
 
@@ -134,12 +149,14 @@ def _final_eval(run_dir: Path) -> dict:
             "seconds": sum(line["tokens"] / line["tokens_per_s"] for line in lines)}
 
 
-def _report(config: DemoConfig, result: DemoResult) -> str:
+def _report(config: DemoConfig, result: DemoResult, data: str, seq_len: int) -> str:
+    chat = (" rendered with the teacher's chat template, conversations packed apart; only the assistant's tokens "
+            "teach and are measured" if config.chat else "")
     return "\n".join([
-        "# softcache demo",
+        f"# softcache demo{' (chat)' * config.chat}",
         "",
-        f"Teacher {config.teacher}; corpus builtin:python-docs (train topics for training, every fifth topic "
-        f"held out); sequences of {config.seq_len} tokens; training targets: {result.targets}; held-out "
+        f"Teacher {config.teacher}; corpus {data} (train topics for training, every fifth topic "
+        f"held out){chat}; sequences of {seq_len} tokens; training targets: {result.targets}; held-out "
         f"targets: top-{config.k}. Both students: the same "
         f"{sum(1 for _ in STUDENT)}-key Llama config (`student.json`), seed {config.seed}, {config.steps} steps of "
         f"{config.batch_size} sequences, lr {config.lr}; the distilled one uses alpha {config.alpha}.",

@@ -178,3 +178,25 @@ def test_student_loss_and_gradients_on_a_packed_batch_equal_the_documents_apart(
     # Without the document mask the same batch gives another loss: the test can tell.
     leaky, _ = loss(student(input_ids=batch["input_ids"]).logits, batch)
     assert (leaky - packed_kd).abs() > 100 * (1e-5 + 1e-5 * packed_kd.abs())
+
+
+def test_builtin_chat_corpus_is_fixed_split_and_valid():
+    from softcache.chat import InputShape, conversation
+    from softcache.chat_corpus import CHUNK_CHARS, python_docs_chat
+
+    train, heldout, every = python_docs_chat("train"), python_docs_chat("heldout"), python_docs_chat("all")
+    assert len(train) + len(heldout) == len(every) and len(heldout) > 20
+    assert {r["topic"] for r in train}.isdisjoint({r["topic"] for r in heldout})
+    assert python_docs_chat("train") == train  # the same rows every time
+    for index, row in enumerate(every):
+        conversation(row, InputShape.MESSAGES, index)  # a valid conversation that teaches
+        roles = [turn["role"] for turn in row["messages"]]
+        assert roles in (["user", "assistant"], ["user", "assistant", "user", "assistant"])
+        assert all(turn["content"].strip() for turn in row["messages"])
+    # Answers are the documentation's text, cut at paragraph (or line) boundaries.
+    from pydoc_data.topics import topics
+
+    answers = [turn["content"] for row in every for turn in row["messages"] if turn["role"] == "assistant"]
+    assert all(paragraph in topics[row["topic"]] for row in every for turn in row["messages"]
+               if turn["role"] == "assistant" for paragraph in turn["content"].split("\n\n"))
+    assert sum(len(a) <= CHUNK_CHARS for a in answers) / len(answers) > 0.95
