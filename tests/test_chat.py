@@ -14,8 +14,8 @@ import string
 import numpy as np
 import pytest
 
-from softcache.chat import (InputShape, Rendered, chat_template_of, conversation, input_shape, render,
-                            teaching_positions)
+from softcache.chat import (InputShape, Rendered, TrainOn, chat_template_of, conversation, input_shape,
+                            read_chat_template, render, teaching_positions)
 from softcache.corpus import python_docs
 from softcache.errors import BadRow, SoftcacheError
 
@@ -339,3 +339,54 @@ def test_teaching_positions():
     batch = np.array([[0, 1, 1], [1, 0, 1]], dtype=bool)
     assert teaching_positions(batch).tolist() == [[True, True, False], [False, True, False]]
     assert teaching_positions(np.ones(1, dtype=bool)).tolist() == [False]  # the last position never teaches
+
+
+def test_train_on_chooses_the_turns_that_teach(tokenizers):
+    tokenizer = tokenizers["chatml"]
+    row = {"messages": CONVERSATION}
+    by_choice = {choice: render(tokenizer, row, MESSAGES, index=0, train_on=choice) for choice in TrainOn}
+    assert runs(tokenizer, by_choice[TrainOn.ASSISTANT]) == EXPECTED["chatml"]
+    assert runs(tokenizer, by_choice[TrainOn.COMPLETION]) == EXPECTED["chatml"][1:]  # the last assistant turn
+    assert by_choice[TrainOn.ALL].assistant.all()  # every token, system prompt and template text included
+    assert teaching_positions(by_choice[TrainOn.ALL].assistant).sum() == len(by_choice[TrainOn.ALL].input_ids) - 1
+    assert len({r.text for r in by_choice.values()}) == 1  # the choice changes the mask, never the tokens
+    # A pair: assistant and completion both mean the completion's assistant turns; all is every token.
+    pair = {"prompt": CONVERSATION[:5], "completion": CONVERSATION[5:]}
+    for choice in (TrainOn.ASSISTANT, TrainOn.COMPLETION):
+        assert runs(tokenizer, render(tokenizer, pair, PAIRS, index=0, train_on=choice)) == EXPECTED["chatml"][1:]
+    assert render(tokenizer, pair, PAIRS, index=0, train_on=TrainOn.ALL).assistant.all()
+    strings = {"prompt": "What is a tuple?", "completion": "An immutable sequence."}
+    assert runs(tokenizer, render(tokenizer, strings, PAIRS, index=0, train_on=TrainOn.COMPLETION)) == [
+        "An immutable sequence.<|im_end|>"]
+    plain = render(tokenizers["none"], {"prompt": "Q: 1 + 1?\nA:", "completion": " 2."}, PAIRS, index=0,
+                   train_on=TrainOn.ALL)
+    assert runs(tokenizers["none"], plain) == ["Q: 1 + 1?\nA: 2.<eos>"]
+
+
+def test_train_on_all_needs_no_mask_so_a_rewriting_template_is_fine(tokenizers):
+    tokenizer = tokenizers["chatml"]
+    turns = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>Add.</think> 4."},
+             {"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "6."}]
+    with pytest.raises(BadRow):
+        render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING)
+    rendered = render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING,
+                      train_on=TrainOn.ALL)
+    assert rendered.assistant.all() and "<think>" not in rendered.text
+    # Only the last turn teaches under completion, and the template renders that one prefix by prefix.
+    last = render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING,
+                  train_on=TrainOn.COMPLETION)
+    assert runs(tokenizer, last) == ["6.<|im_end|>"]
+
+
+def test_read_chat_template(tmp_path):
+    assert read_chat_template(None) is None
+    (tmp_path / "t.jinja").write_text(CHATML, encoding="utf-8")
+    assert read_chat_template(str(tmp_path / "t.jinja")) == CHATML
+    (tmp_path / "latin1.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    (tmp_path / "blank.jinja").write_text(" \n")
+    for path, message in [(tmp_path / "none.jinja", "does not exist"),
+                          (tmp_path / "latin1.jinja", "is not UTF-8 text (byte 7 is 0xe9)"),
+                          (tmp_path / "blank.jinja", "is empty; give a Jinja chat template"),
+                          (tmp_path, "cannot be read (Is a directory)")]:
+        with pytest.raises(SoftcacheError, match="^" + re.escape(f"--chat-template {path} {message}") + "$"):
+            read_chat_template(str(path))
