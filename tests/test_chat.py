@@ -16,20 +16,11 @@ import pytest
 
 from softcache.chat import (InputShape, Rendered, TrainOn, chat_template_of, conversation, input_shape,
                             read_chat_template, render, teaching_positions)
-from softcache.corpus import python_docs
 from softcache.errors import BadRow, SoftcacheError
 
-MESSAGES, PAIRS = InputShape.MESSAGES, InputShape.PROMPT_COMPLETION
+from conftest import CHATML, SMOLLM_SYSTEM, fast_tokenizer, train_bpe
 
-# SmolLM2-135M-Instruct's template, verbatim: ChatML, a default system prompt when none is given,
-# no {% generation %} markers.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+MESSAGES, PAIRS = InputShape.MESSAGES, InputShape.PROMPT_COMPLETION
 
 # Meta-Llama-3-8B-Instruct's template, verbatim: BOS, role headers, content trimmed, <|eot_id|>.
 LLAMA3 = (
@@ -72,43 +63,20 @@ EXPECTED = {
 }
 
 
-def _train(pre_tokenizer, decoder, special: list[str], alphabet: list[str]):
-    from tokenizers import Tokenizer, models, trainers
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *special], initial_alphabet=alphabet)
-    core.train_from_iterator(python_docs()[:20], trainer=trainer)
-    return core
-
-
-def _fast(core, template: str | None, bos: str | None = None, **tokens):
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer.from_str(core.to_str())
-    if bos:  # as the real Llama tokenizers do: BOS added by default, which a template's BOS must not double
-        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                            special_tokens=[(bos, core.token_to_id(bos))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=bos, **tokens)
-    tokenizer.chat_template = template
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tokenizers():
     from tokenizers import decoders, pre_tokenizers
 
-    byte_level = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+    byte_level = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
                         ["<eos>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
                          "<|end_header_id|>", "<|eot_id|>"], pre_tokenizers.ByteLevel.alphabet())
-    metaspace = _train(pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="never"),
+    metaspace = train_bpe(pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="never"),
                        ["<s>", "</s>"], list(string.printable))
     return {
-        "chatml": _fast(byte_level, CHATML, eos_token="<|im_end|>"),
-        "llama3": _fast(byte_level, LLAMA3, bos="<|begin_of_text|>", eos_token="<|eot_id|>"),
-        "inst": _fast(metaspace, INST, bos="<s>", eos_token="</s>"),
-        "none": _fast(byte_level, None, eos_token="<eos>"),
+        "chatml": fast_tokenizer(byte_level, CHATML, eos_token="<|im_end|>"),
+        "llama3": fast_tokenizer(byte_level, LLAMA3, bos="<|begin_of_text|>", eos_token="<|eot_id|>"),
+        "inst": fast_tokenizer(metaspace, INST, bos="<s>", eos_token="</s>"),
+        "none": fast_tokenizer(byte_level, None, eos_token="<eos>"),
     }
 
 
