@@ -3,10 +3,10 @@
 ``--data`` is the built-in corpus, a file, a directory of files or a ``save_to_disk`` directory
 (:func:`read_rows`). Its rows are text (one column: plain documents), ``messages`` or ``prompt`` and
 ``completion`` (softcache.chat.InputShape): the shape the first file's columns show, or the one
-``--input-shape`` names. Every file must hold that shape (one store holds one kind of row): files are
-opened one at a time as rows are read, so a later file of another shape is refused when it is
-reached, still before anything is cached (the whole corpus is packed first). Row numbers, in error
-lines too, count from 0 within each file (within the split of a saved dataset).
+``--input-shape`` names. Every file must hold that shape (one store holds one kind of row): each
+file's columns are read (datasets loads it, memory-mapped) before any row is, so a file of another
+shape is refused at once, not after hours of rendering. Row numbers, in error lines too, count from
+0 within each file (within the split of a saved dataset).
 
 Packing the rows is softcache.documents' (``pack`` and ``PackedCorpus`` are re-exported here).
 """
@@ -14,7 +14,6 @@ Packing the rows is softcache.documents' (``pack`` and ``PackedCorpus`` are re-e
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,19 +69,24 @@ def read_rows(data: str, text_column: str = "text", split: str = "train",
     Without ``shape``, a file with none of the columns ``messages``, ``prompt``, ``completion`` is
     text (its ``text_column``), else :func:`softcache.chat.input_shape` decides. Every file must be
     UTF-8. Raises :class:`SoftcacheError` naming ``--data`` and the file (with the line or byte where
-    known); the first file is opened here, the others as the rows are read.
+    known), here for a file that cannot be loaded or holds another shape than the first.
     """
-    parts = _parts(data, split)
-    ahead = []
+    parts = list(_parts(data, split))
+    found, first = None, None
     for part in parts:
-        ahead.append(part)
         columns = part.columns(text_column)
-        if columns is not None:
-            found = _shape_of(part, columns, shape, text_column)
-            return CorpusRows(data, found, _fields(found, text_column), text_column, shape, part.where,
-                              itertools.chain(ahead, parts))
-    found = InputShape(shape or InputShape.TEXT)  # no file holds a row: nothing to detect, nothing to read
-    return CorpusRows(data, found, _fields(found, text_column), text_column, shape, "", iter(ahead))
+        if columns is None:  # no rows
+            continue
+        its = _shape_of(part, columns, shape, text_column)
+        if found is None:
+            found, first = its, part
+        elif its != found:
+            raise SoftcacheError(f"--data {part.where} holds {its} rows (columns: {', '.join(columns)}) but "
+                                 f"{first.where} holds {found} rows; every file of --data must hold rows of one "
+                                 "input shape")
+    if found is None:  # no file holds a row: nothing to detect, nothing to read
+        found = InputShape(shape or InputShape.TEXT)
+    return CorpusRows(data, found, _fields(found, text_column), parts)
 
 
 def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
@@ -94,40 +98,27 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
 
 @dataclass
 class CorpusRows:
-    """The rows of ``--data``, all of one input shape; iterate once."""
+    """The rows of ``--data``, all of one input shape."""
 
     source: str
     """The ``--data`` value."""
     shape: InputShape
     columns: tuple[str, ...]
     """The columns a row holds: ``(text_column,)``, ``("messages",)`` or ``("prompt", "completion")``."""
-    text_column: str
-    override: str | None
-    """The ``--input-shape`` given, or None (found from the columns)."""
-    first: str
-    """The file the shape was found in."""
-    parts: Iterator[_Part]
+    parts: list[_Part]
 
     def __iter__(self) -> Iterator[tuple[str, int, str | dict]]:
         """``(file, row, value)``: the file, the row's number in it (from 0), and for text the row's text (a
         missing value as ""), else a dict of :attr:`columns` (list columns as lists of dicts)."""
         text = self.shape == InputShape.TEXT
         for part in self.parts:
-            columns = part.columns(self.text_column)
-            if columns is None:
-                continue
-            shape = _shape_of(part, columns, self.override, self.text_column)
-            if shape != self.shape:
-                raise SoftcacheError(f"--data {part.where} holds {shape} rows (columns: {', '.join(columns)}) but "
-                                     f"{self.first} holds {self.shape} rows; every file of --data must hold rows of "
-                                     "one input shape")
-            values = part.values(list(self.columns), self.text_column if text else None)
+            values = part.values(list(self.columns), self.columns[0] if text else None)
             for index, row in enumerate(values):
                 if not text:
                     yield part.where, index, dict(zip(self.columns, row))
                     continue
                 if row[0] is not None and not isinstance(row[0], str):
-                    raise SoftcacheError(f"--data {part.where}: column {self.text_column!r} holds "
+                    raise SoftcacheError(f"--data {part.where}: column {self.columns[0]!r} holds "
                                          f"{type(row[0]).__name__}, not text; choose a text column with --text-column")
                 yield part.where, index, row[0] or ""
 

@@ -335,11 +335,10 @@ def test_a_directory_holds_one_input_shape(tmp_path):
     assert [(Path(where).name, index) for where, index, _ in rows] == [("a.jsonl", 0), ("a.jsonl", 1),
                                                                        ("b.parquet", 0)]  # numbered per file
     _rows_file(tmp_path / "c.jsonl", [{"text": "plain", "n": 1}])
-    rows = read_rows(str(tmp_path))
     with pytest.raises(SoftcacheError, match=f"^--data {tmp_path}/c.jsonl holds text rows \\(columns: text, n\\) but "
                                              f"{tmp_path}/a.jsonl holds messages rows; every file of --data must hold "
                                              "rows of one input shape$"):
-        list(rows)
+        read_rows(str(tmp_path))  # refused before any row is read
     (tmp_path / "0.txt").write_text("a text file is a text row")
     with pytest.raises(SoftcacheError, match="a.jsonl holds messages rows .* but .*0.txt holds text rows"):
-        list(read_rows(str(tmp_path)))
+        read_rows(str(tmp_path))
