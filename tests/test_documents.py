@@ -359,3 +359,28 @@ def test_bad_rows_stop_the_job_or_are_skipped_and_counted(chatml, tmp_path):
     with pytest.raises(SoftcacheError, match=r"^--data .*bad.jsonl has no rows to cache: all 2 of its rows are bad and "
                                              r"were skipped \(the first: --data .*bad.jsonl: row 0, column 'messages': "):
         pack_rows(read_rows(only_bad), chatml, 256, skip_bad_rows=True)
+
+
+def test_pack_corpus_follows_the_flags(cache_config, tmp_path, monkeypatch):
+    from softcache import cache_job
+    from softcache.teacher import load_tokenizer, resolve_source
+
+    notes = []
+    monkeypatch.setattr(cache_job, "note", lambda ranks, message: notes.append(message))
+    config = cache_config()
+    tokenizer = load_tokenizer(resolve_source(config.teacher))
+    corpus = cache_job.pack_corpus(config, tokenizer)  # text: the stream of before, its note line unchanged
+    texts = [json.loads(line)["text"] for line in open(config.data)]
+    np.testing.assert_array_equal(corpus.input_ids, _pack_before_chat(texts, tokenizer, 32, 24)["input_ids"])
+    assert notes[-1] == f"corpus {config.data}: 20 documents, 24 sequences of 32 tokens (31,981 trailing tokens dropped)"
+    assert corpus.describe().keys() == {"source", "documents", "tokens_read", "dropped_tokens", "fingerprint"}
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    chat = cache_config(data=_jsonl(tmp_path / "c.jsonl", CHAT * 5), chat_template=str(template), seq_len=512,
+                        max_sequences=None, train_on="completion", packing="none")
+    corpus = cache_job.pack_corpus(chat, tokenizer)
+    assert corpus.input_ids.shape == (10, 512) and (corpus.segments.max(axis=1) == 1).all()
+    assert taught(tokenizer, corpus) == ["Zero.<|im_end|>", "No.<|im_end|>"] * 5
+    assert corpus.chat_template_sha256 == hashlib.sha256(CHATML.encode()).hexdigest()
+    assert notes[-1].startswith(f"corpus {chat.data}: messages rows, 10 documents; 10 rows of 512 tokens (--packing "
+                                "none), ") and "of positions teach (--train-on completion), " in notes[-1]
