@@ -107,6 +107,10 @@ class CorpusRows:
     """The columns a row holds: ``(text_column,)``, ``("messages",)`` or ``("prompt", "completion")``."""
     parts: list[_Part]
 
+    def __len__(self) -> int:
+        """Rows in all files (empty and bad ones included)."""
+        return sum(len(part) for part in self.parts)
+
     def __iter__(self) -> Iterator[tuple[str, int, str | dict]]:
         """``(file, row, value)``: the file, the row's number in it (from 0), and for text the row's text (a
         missing value as ""), else a dict of :attr:`columns` (list columns as lists of dicts)."""
@@ -149,10 +153,15 @@ class _Part:
     datasets, once, when their columns are first asked for; a blank JSON or CSV file has no rows."""
 
     def __init__(self, where: Path | str, builder: str, texts: Callable[[], list[str]] | None = None,
-                 load: Callable[[], object] | None = None):
+                 load: Callable[[], object] | None = None, size: int = 0):
         self.where, self.builder, self._texts, self._load = str(where), builder, texts, load
         self._columns: list[str] | None = None
         self._dataset = None
+        self._size = size
+
+    def __len__(self) -> int:
+        """Rows: a text part's ``size``, a dataset's rows once loaded (by :meth:`columns`)."""
+        return self._size if self._dataset is None else self._dataset.num_rows
 
     def columns(self, text_column: str) -> list[str] | None:
         """The part's columns; None when it holds no rows."""
@@ -196,7 +205,7 @@ def _parts(data: str, split: str) -> Iterator[_Part]:
             raise SoftcacheError(f"--data {data}: unknown built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
         if split not in BUILTIN_SPLITS:
             raise SoftcacheError(f"--split {split}: {data} has the splits {', '.join(BUILTIN_SPLITS)}")
-        yield _Part(data, "builtin", texts=lambda: python_docs(split))
+        yield _Part(data, "builtin", texts=lambda: python_docs(split), size=len(python_docs(split)))
         return
     path = Path(data)
     if not path.exists():
@@ -222,7 +231,7 @@ def _file_part(path: Path) -> _Part:
         raise SoftcacheError(f"--data {path}: unsupported file type {path.suffix or '(none)'}; "
                              f"use one of {', '.join(sorted(BUILDERS))} or a save_to_disk directory")
     if builder == "text":
-        return _Part(path, builder, texts=lambda: [_read_text(path)])
+        return _Part(path, builder, texts=lambda: [_read_text(path)], size=1)
     if builder in ("json", "csv") and _blank(path):
         return _Part(path, builder)  # no rows (datasets fails on such a file)
     options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}

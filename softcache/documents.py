@@ -14,8 +14,10 @@ seeing each other:
   that never teaches. Greedy first-fit over at most :data:`OPEN_ROWS` open rows: a document goes
   into the oldest open row with room, else opens a row; opening one more than OPEN_ROWS closes the
   oldest, and a full row closes at once. Deterministic, memory bounded by the rows themselves, rows
-  in the order of their first document and each row's documents in corpus order.
-- ``none``: one document per row: the most padding, nothing shared.
+  in the order of their first document and each row's documents in corpus order. Measured on 2,608
+  conversations in SmolLM2's template (median 89 tokens) at seq_len 1024: 6.9% padding with one
+  open row, 2.1% with 4, 1.8% with 8 and no less with 64; and 1.4% on the Python docs' topics.
+- ``none``: one document per row: the most padding (90% on those conversations), nothing shared.
 
 A document longer than ``seq_len`` (:data:`LONG`) is truncated to its first ``seq_len`` tokens (a
 causal model's targets on a prefix are those of the whole document), split into consecutive pieces
@@ -230,7 +232,9 @@ def no_text(empty: int) -> str:
     """Why a corpus has no text, given how many empty documents it had."""
     if not empty:
         return "it holds no documents"
-    return f"its {empty:,} documents are all empty or whitespace" if empty > 1 else "its one document is empty or whitespace"
+    if empty == 1:
+        return "its one document is empty or whitespace"
+    return f"its {empty:,} documents are all empty or whitespace"
 
 
 def fit(document: Document, seq_len: int, long: str) -> list[Document]:
@@ -254,8 +258,9 @@ def fit(document: Document, seq_len: int, long: str) -> list[Document]:
 
 
 class _Rows:
-    """[rows, seq_len] ids, teach and segments, allocated a block of rows at a time, so memory stays at
-    the rows' own bytes (no copy of everything when they grow) and padding is filled in up front."""
+    """[rows, seq_len] ids, teach and segments, allocated a block of rows at a time, so memory stays near
+    the rows' own bytes (no copy of everything when they grow; peak RSS 1.33x those bytes packing 18M
+    tokens) and padding is filled in up front."""
 
     def __init__(self, seq_len: int, pad_id: int):
         self.seq_len, self.pad_id = seq_len, pad_id
@@ -269,7 +274,8 @@ class _Rows:
     def open(self) -> int:
         if len(self.used) == len(self.blocks) * self.per_block:
             shape = (self.per_block, self.seq_len)
-            self.blocks.append((np.full(shape, self.pad_id, np.uint32), np.zeros(shape, bool), np.zeros(shape, np.int32)))
+            self.blocks.append((np.full(shape, self.pad_id, np.uint32), np.zeros(shape, bool),
+                                np.zeros(shape, np.int32)))
         self.used.append(0)
         self.documents.append(0)
         return len(self.used) - 1

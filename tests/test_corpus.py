@@ -334,6 +334,7 @@ def test_a_directory_holds_one_input_shape(tmp_path):
     rows = read_rows(str(tmp_path))
     assert [(Path(where).name, index) for where, index, _ in rows] == [("a.jsonl", 0), ("a.jsonl", 1),
                                                                        ("b.parquet", 0)]  # numbered per file
+    assert len(rows) == 3 and len(read_rows("builtin:python-docs", split="heldout")) == len(python_docs()[4::5])
     _rows_file(tmp_path / "c.jsonl", [{"text": "plain", "n": 1}])
     with pytest.raises(SoftcacheError, match=f"^--data {tmp_path}/c.jsonl holds text rows \\(columns: text, n\\) but "
                                              f"{tmp_path}/a.jsonl holds messages rows; every file of --data must hold "

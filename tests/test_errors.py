@@ -435,7 +435,8 @@ def test_each_mistake_gets_one_clear_line(world, tmp_path, name, args, message):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert message.replace("{root}", str(world["root"])).replace("{corpus}", str(world["corpus"])) in lines[0], lines[0]
+    message = message.replace("{root}", str(world["root"])).replace("{corpus}", str(world["corpus"]))
+    assert message in lines[0], lines[0]
     assert "Traceback" not in result.output
     # Refused runs leave nothing; one stopped by damaged data in its first step leaves no model.
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
