@@ -28,11 +28,9 @@ from softcache.errors import SoftcacheError
 __all__ = ["BUILTIN_CORPORA", "CorpusRows", "PackedCorpus", "iter_documents", "pack", "python_docs", "read_rows"]
 
 BUILTIN_CORPORA = ("builtin:python-docs",)
+BUILTIN_SPLITS = ("train", "heldout", "all")
 _READ_BATCH = 1024  # rows per batch read from a dataset
 _CHAT_COLUMNS = {"messages", "prompt", "completion"}
-
-
-BUILTIN_SPLITS = ("train", "heldout", "all")
 
 
 def python_docs(split: str = "all") -> list[str]:
