@@ -23,7 +23,9 @@ import torch
 
 from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
-from softcache.corpus import PackedCorpus, iter_documents, pack
+from softcache.chat import read_chat_template
+from softcache.corpus import PackedCorpus, read_rows
+from softcache.corpus_documents import pack_rows
 from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.logs import note, notes
@@ -37,8 +39,9 @@ from softcache.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 # Settings every store of one teacher pass shares (the rest describe each store's own targets and files).
-PASS_SETTINGS = ("teacher", "gguf_file", "data", "text_column", "split", "seq_len", "max_sequences", "batch_size",
-                 "shard_size", "device", "dtype")
+PASS_SETTINGS = ("teacher", "gguf_file", "data", "text_column", "split", "input_shape", "chat_template", "train_on",
+                 "packing", "long", "skip_bad_rows", "seq_len", "max_sequences", "batch_size", "shard_size", "device",
+                 "dtype")
 
 
 @dataclass
@@ -92,12 +95,15 @@ def load_teacher(config: CacheConfig, ranks: Ranks = Ranks(), tokenizer=None) ->
 
 
 def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> PackedCorpus:
-    """``--data`` read, tokenized with the teacher's tokenizer and packed into ``--seq-len`` sequences."""
-    corpus = pack(iter_documents(config.data, config.text_column, config.split), tokenizer, config.seq_len,
-                  config.max_sequences, source=config.data)
-    empty = f", {corpus.empty_documents:,} empty ones skipped" if corpus.empty_documents else ""
-    note(ranks, f"corpus {config.data}: {corpus.documents:,} documents{empty}, {len(corpus.input_ids):,} sequences "
-                f"of {config.seq_len} tokens ({corpus.dropped_tokens:,} trailing tokens dropped)")
+    """``--data`` read, tokenized or rendered with the teacher's tokenizer and packed into ``--seq-len``
+    sequences (softcache.corpus_documents)."""
+    template = read_chat_template(config.chat_template)
+    rows = read_rows(config.data, config.text_column, config.split,
+                     None if config.input_shape == "auto" else config.input_shape)
+    corpus = pack_rows(rows, tokenizer, config.seq_len, max_sequences=config.max_sequences, train_on=config.train_on,
+                       packing=config.packing, long=config.long, chat_template=template,
+                       skip_bad_rows=config.skip_bad_rows, progress=config.progress and ranks.main)
+    note(ranks, f"corpus {config.data}: {corpus.summary()}")
     return corpus
 
 

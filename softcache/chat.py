@@ -31,6 +31,9 @@ Choices, each tested in ``tests/test_chat.py``:
   only the completion's assistant turns teach, assistant turns in the prompt are context.
 - A conversation without an assistant turn teaches nothing and is a :class:`BadRow`, as are a
   wrong type, an unknown role, an empty conversation and a template that fails on the row.
+- Which turns teach is :class:`TrainOn` (``--train-on``): every assistant turn, the last one (a
+  pair's completion), or every token of the rendering. Under ``all`` no mask is needed, so a template
+  that rewrites earlier turns is no reason to refuse a row.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ from softcache.errors import BadRow, SoftcacheError, one_line
 ROLES = ("system", "user", "assistant", "tool")
 SHAPE_FLAG = "--input-shape"
 TEMPLATE_FLAG = "--chat-template"
+
+
+class TrainOn(StrEnum):
+    """Which tokens of a chat row are targets (``--train-on``)."""
+
+    ASSISTANT = "assistant"
+    """Every assistant turn: of the whole conversation for ``messages`` rows, of the completion for pairs."""
+    COMPLETION = "completion"
+    """The last assistant turn of a ``messages`` row; a pair's completion (its assistant turns, as ASSISTANT)."""
+    ALL = "all"
+    """Every token of the rendering, template text and prompt included, as in a text corpus."""
 
 
 class InputShape(StrEnum):
@@ -161,9 +175,30 @@ class Rendered:
     input_ids: np.ndarray
     """[T] uint32 token ids of the whole rendering (no BOS added beyond what the template writes)."""
     assistant: np.ndarray
-    """[T] bool: True for the tokens of teaching assistant turns (content and end-of-turn token)."""
+    """[T] bool: True for the target tokens: those of the teaching assistant turns (content and end-of-turn
+    token), or every token under ``TrainOn.ALL``."""
     text: str
     """The rendered text the ids are the tokens of (for a plain pair: ``prompt + completion + eos_token``)."""
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of the ``--chat-template`` file (UTF-8), or None when ``path`` is None. Raises
+    :class:`SoftcacheError` naming the flag when it is missing, unreadable, not UTF-8 or empty."""
+    if path is None:
+        return None
+    where = f"{TEMPLATE_FLAG} {path}"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise SoftcacheError(f"{where} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise SoftcacheError(f"{where} is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    except OSError as err:  # a directory, no permission
+        raise SoftcacheError(f"{where} cannot be read ({err.strerror or err})") from None
+    if not text.strip():
+        raise SoftcacheError(f"{where} is empty; give a Jinja chat template")
+    return text
 
 
 def chat_template_of(tokenizer, override: str | None = None) -> str | None:
@@ -177,25 +212,32 @@ def chat_template_of(tokenizer, override: str | None = None) -> str | None:
     return template or None
 
 
-def render(tokenizer, row: Mapping, shape: InputShape, *, index: int, chat_template: str | None = None) -> Rendered:
+def render(tokenizer, row: Mapping, shape: InputShape, *, index: int, chat_template: str | None = None,
+           train_on: TrainOn = TrainOn.ASSISTANT) -> Rendered:
     """Validate and render row ``index`` with the fast ``tokenizer``; ``chat_template`` overrides the
-    tokenizer's template. Raises :class:`BadRow` for the row's own faults (see :func:`conversation`, a
-    template that fails on it or does not render it prefix by prefix) and :class:`SoftcacheError` when
-    there is no template to use, the tokenizer is not a fast one, or a plain pair has no EOS token."""
+    tokenizer's template and ``train_on`` says which assistant turns teach (under ``TrainOn.ALL`` every
+    token does, and the template need not render the row prefix by prefix). Raises :class:`BadRow` for
+    the row's own faults (see :func:`conversation`, a template that fails on it or does not render it
+    prefix by prefix) and :class:`SoftcacheError` when there is no template to use, the tokenizer is not
+    a fast one, or a plain pair has no EOS token."""
     chat = conversation(row, shape, index)
     if not getattr(tokenizer, "is_fast", False):
         raise SoftcacheError("the teacher's tokenizer is not a fast (tokenizers) one, which the assistant mask "
                              "needs for character offsets")
     template = chat_template_of(tokenizer, chat_template)
     if template is None and chat.pair is not None:
-        return _render_plain(tokenizer, *chat.pair)
+        return _render_plain(tokenizer, *chat.pair, everything=train_on == TrainOn.ALL)
     if template is None:
         raise SoftcacheError(f"the teacher's tokenizer has no chat template to render {shape} rows with; "
                              f"pass one with {TEMPLATE_FLAG} FILE")
     text = _apply(tokenizer, template, chat, len(chat.messages), False, index)
-    spans = [_span(tokenizer, template, chat, i, text, index) for i, turn in enumerate(chat.messages)
-             if turn["role"] == "assistant" and i >= chat.teach_from]
     ids, offsets = _tokenize(tokenizer, text)
+    if train_on == TrainOn.ALL:
+        return Rendered(ids, np.ones(len(ids), dtype=bool), text)
+    teaching = [i for i, turn in enumerate(chat.messages) if turn["role"] == "assistant" and i >= chat.teach_from]
+    if train_on == TrainOn.COMPLETION:
+        teaching = teaching[-1:]  # a pair's teach_from already starts at its completion
+    spans = [_span(tokenizer, template, chat, i, text, index) for i in teaching]
     return Rendered(ids, _overlapping(offsets, spans), text)
 
 
@@ -229,14 +271,15 @@ def _apply(tokenizer, template: str, chat: Conversation, turns: int, generation_
         raise BadRow(index, chat.columns, f"the chat template failed to render it ({one_line(err)})") from err
 
 
-def _render_plain(tokenizer, prompt: str, completion: str) -> Rendered:
+def _render_plain(tokenizer, prompt: str, completion: str, everything: bool = False) -> Rendered:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SoftcacheError("the teacher's tokenizer has neither a chat template nor an EOS token to end a "
                              f"completion with; pass a template with {TEMPLATE_FLAG} FILE")
     text = prompt + completion
     ids, offsets = _tokenize(tokenizer, text)
-    assistant = _overlapping(offsets, [(len(prompt), len(text))] if completion else [])
+    start = 0 if everything else len(prompt)
+    assistant = _overlapping(offsets, [(start, len(text))] if len(text) > start else [])
     return Rendered(np.append(ids, np.uint32(eos)), np.append(assistant, True), text + tokenizer.eos_token)
 
 

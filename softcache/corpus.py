@@ -1,67 +1,36 @@
-"""Corpus preparation: read documents, tokenize them, pack them into fixed-length sequences.
+"""Corpus reading: the rows of ``--data``, in a fixed order, all of one input shape.
 
-Packing is deterministic: documents are read in a fixed order (:func:`iter_documents`), each one
-holding text is tokenized without special tokens and followed by the tokenizer's EOS token (empty
-ones are skipped, so no EOS stands alone), and the resulting stream is cut into
-consecutive sequences of ``seq_len`` tokens. The trailing tokens that do not fill a whole sequence
-are dropped (and counted in :class:`PackedCorpus`), so every cached position has a real context.
-Token ids are held in memory as uint32 (4 bytes per token): a corpus must fit in RAM as ids.
+``--data`` is the built-in corpus, a file, a directory of files or a ``save_to_disk`` directory
+(:func:`read_rows`). Its rows are text (one column: plain documents), ``messages`` or ``prompt`` and
+``completion`` (softcache.chat.InputShape): the shape the first file's columns show, or the one
+``--input-shape`` names. Every file must hold that shape (one store holds one kind of row): each
+file's columns are read (datasets loads it, memory-mapped) before any row is, so a file of another
+shape is refused at once, not after hours of rendering. Row numbers, in error lines too, count from
+0 within each file (within the split of a saved dataset).
+
+Packing the rows is softcache.documents' (``pack`` and ``PackedCorpus`` are re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from softcache.chat import InputShape, input_shape
 from softcache.corpus_dir import BUILDERS, corpus_files, is_saved_dataset
 from softcache.corpus_errors import encoding_problem, unreadable
+from softcache.documents import PackedCorpus, pack
 from softcache.errors import SoftcacheError
 
-BUILTIN_CORPORA = ("builtin:python-docs",)
-_TOKENIZE_BATCH = 512  # documents per fast-tokenizer call
+__all__ = ["BUILTIN_CORPORA", "CorpusRows", "PackedCorpus", "iter_documents", "pack", "python_docs", "read_rows"]
 
-
-@dataclass
-class PackedCorpus:
-    """The packed token ids and what was done to get them."""
-
-    input_ids: np.ndarray
-    """[num_sequences, seq_len] uint32 token ids."""
-    source: str
-    documents: int
-    """Documents tokenized (reading stops in batches once ``max_sequences`` is reached)."""
-    tokens_read: int
-    """Tokens in the stream, EOS separators included."""
-    dropped_tokens: int
-    """Tokens read but in no sequence: the incomplete tail, and anything past ``max_sequences``."""
-    empty_documents: int = 0
-    """Documents skipped because they hold no text (empty, whitespace only, or a missing value)."""
-    teach: np.ndarray | None = None
-    """[num_sequences, seq_len] bool: the positions that teach; None: every position (a stream)."""
-    segments: np.ndarray | None = None
-    """[num_sequences, seq_len] int32 document numbers within each row; None: one stream."""
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the packed ids as little-endian uint32: equal ids, equal fingerprint."""
-        return hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype="<u4").tobytes()).hexdigest()
-
-    def describe(self) -> dict:
-        return {
-            "source": self.source,
-            "documents": self.documents,
-            "tokens_read": self.tokens_read,
-            "dropped_tokens": self.dropped_tokens,
-            "fingerprint": self.fingerprint,
-        }
-
-
+BUILTIN_CORPORA = ("builtin:python-docs", "builtin:python-docs-chat")
 BUILTIN_SPLITS = ("train", "heldout", "all")
+_READ_BATCH = 1024  # rows per batch read from a dataset
+_CHAT_COLUMNS = {"messages", "prompt", "completion"}
 
 
 def python_docs(split: str = "all") -> list[str]:
@@ -78,15 +47,17 @@ def python_docs(split: str = "all") -> list[str]:
     return [doc for i, doc in enumerate(documents) if (i % 5 == 4) == (split == "heldout")]
 
 
-def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield the documents of ``data``: the text of each, in a fixed order (a missing value as "").
+def read_rows(data: str, text_column: str = "text", split: str = "train",
+              shape: str | None = None) -> CorpusRows:
+    """The rows of ``data``, of the input ``shape`` (``--input-shape``; None: found from the columns).
 
     ``data`` is one of:
 
-    - ``builtin:python-docs`` (splits train, heldout, all);
-    - a file: .txt/.text/.md is one document (the whole file); .json/.jsonl/.ndjson, .parquet,
-      .csv/.tsv and .arrow are one document per row (the ``text_column`` value). Its one split is
-      ``train``;
+    - ``builtin:python-docs`` (text; splits train, heldout, all);
+    - ``builtin:python-docs-chat`` (``messages`` rows: conversations about those topics, softcache.chat_corpus;
+      the same splits);
+    - a file: .txt/.text/.md is one text row (the whole file); .json/.jsonl/.ndjson, .parquet,
+      .csv/.tsv and .arrow hold one row per record. Its one split is ``train``;
     - a directory written by ``Dataset.save_to_disk`` (its splits);
     - any other directory: every file under it, recursively, in sorted path order, each read as
       above by its own type, so text, JSON and CSV files can be mixed. Names starting with ``.``
@@ -95,15 +66,149 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
       ``test.jsonl``) divide the files into splits as Hugging Face datasets does
       (:mod:`softcache.corpus_dir`); else every file is in ``train``.
 
-    Every file must be UTF-8. Empty documents are yielded too: :func:`pack` skips them. Raises
-    :class:`SoftcacheError` naming ``--data`` and the file (with the line or byte where known).
+    Without ``shape``, a file with none of the columns ``messages``, ``prompt``, ``completion`` is
+    text (its ``text_column``), else :func:`softcache.chat.input_shape` decides. Every file must be
+    UTF-8. Raises :class:`SoftcacheError` naming ``--data`` and the file (with the line or byte where
+    known), here for a file that cannot be loaded or holds another shape than the first.
     """
+    parts = list(_parts(data, split))
+    found, first = None, None
+    for part in parts:
+        columns = part.columns(text_column)
+        if columns is None:  # no rows
+            continue
+        its = _shape_of(part, columns, shape, text_column)
+        if found is None:
+            found, first = its, part
+        elif its != found:
+            raise SoftcacheError(f"--data {part.where} holds {its} rows (columns: {', '.join(columns)}) but "
+                                 f"{first.where} holds {found} rows; every file of --data must hold rows of one "
+                                 "input shape")
+    if found is None:  # no file holds a row: nothing to detect, nothing to read
+        found = InputShape(shape or InputShape.TEXT)
+    return CorpusRows(data, found, _fields(found, text_column), parts)
+
+
+def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
+    """Yield the documents of ``data`` read as text (see :func:`read_rows`): each row's ``text_column``
+    (a missing value as ""), in a fixed order. Empty documents are yielded too: :func:`pack` skips them."""
+    for _, _, text in read_rows(data, text_column, split, InputShape.TEXT):
+        yield text
+
+
+@dataclass
+class CorpusRows:
+    """The rows of ``--data``, all of one input shape."""
+
+    source: str
+    """The ``--data`` value."""
+    shape: InputShape
+    columns: tuple[str, ...]
+    """The columns a row holds: ``(text_column,)``, ``("messages",)`` or ``("prompt", "completion")``."""
+    parts: list[_Part]
+
+    def __len__(self) -> int:
+        """Rows in all files (empty and bad ones included)."""
+        return sum(len(part) for part in self.parts)
+
+    def __iter__(self) -> Iterator[tuple[str, int, str | dict]]:
+        """``(file, row, value)``: the file, the row's number in it (from 0), and for text the row's text (a
+        missing value as ""), else a dict of :attr:`columns` (list columns as lists of dicts)."""
+        text = self.shape == InputShape.TEXT
+        for part in self.parts:
+            values = part.values(list(self.columns), self.columns[0] if text else None)
+            for index, row in enumerate(values):
+                if not text:
+                    yield part.where, index, dict(zip(self.columns, row))
+                    continue
+                if row[0] is not None and not isinstance(row[0], str):
+                    raise SoftcacheError(f"--data {part.where}: column {self.columns[0]!r} holds "
+                                         f"{type(row[0]).__name__}, not text; choose a text column with --text-column")
+                yield part.where, index, row[0] or ""
+
+
+def _fields(shape: InputShape, text_column: str) -> tuple[str, ...]:
+    return {InputShape.TEXT: (text_column,), InputShape.MESSAGES: ("messages",),
+            InputShape.PROMPT_COMPLETION: ("prompt", "completion")}[shape]
+
+
+def _shape_of(part: _Part, columns: list[str], override: str | None, text_column: str) -> InputShape:
+    """The input shape of one file's ``columns``: ``override`` if given (the file must have its columns),
+    text when none of the chat columns is there (as every corpus was before chat rows), else the one
+    shape they fit (softcache.chat.input_shape)."""
+    if override == InputShape.TEXT or (override is None and not _CHAT_COLUMNS & set(columns)):
+        if text_column not in columns:
+            raise SoftcacheError(f"--data {part.where} has no column {text_column!r} (columns: {', '.join(columns)}); "
+                                 "choose one with --text-column")
+        return InputShape.TEXT
+    try:
+        return input_shape(columns, override, text_column)
+    except SoftcacheError as err:
+        raise SoftcacheError(f"--data {part.where}: {err}") from None
+
+
+class _Part:
+    """One file of ``--data`` (or a saved dataset, or the built-in corpus): its columns and its rows.
+    Text parts (a .txt file, the built-in corpus) have one column; dataset parts are loaded by
+    datasets, once, when their columns are first asked for; a blank JSON or CSV file has no rows."""
+
+    def __init__(self, where: Path | str, builder: str, texts: Callable[[], list[str]] | None = None,
+                 load: Callable[[], object] | None = None, size: int = 0):
+        self.where, self.builder, self._texts, self._load = str(where), builder, texts, load
+        self._columns: list[str] | None = None
+        self._dataset = None
+        self._size = size
+
+    def __len__(self) -> int:
+        """Rows: a text part's ``size``, a dataset's rows once loaded (by :meth:`columns`)."""
+        return self._size if self._dataset is None else self._dataset.num_rows
+
+    def columns(self, text_column: str) -> list[str] | None:
+        """The part's columns; None when it holds no rows."""
+        if self._texts is not None:
+            return [text_column]
+        if self._load is not None and self._dataset is None:
+            with _reading(self, text_column):
+                self._dataset = self._load()
+                self._columns = list(self._dataset.column_names)
+        return self._columns
+
+    def values(self, columns: list[str], text_column: str | None) -> Iterator[tuple]:
+        """Each row's values of ``columns``; a failure of datasets names the file (``text_column``: the
+        column that must hold strings, for the message)."""
+        if self._texts is not None:
+            for text in self._texts():
+                yield (text,)
+            return
+        if self._dataset is None:
+            return
+        with _reading(self, text_column):
+            for batch in self._dataset.select_columns(columns).iter(batch_size=_READ_BATCH):
+                yield from zip(*(batch[column] for column in columns))
+
+
+@contextlib.contextmanager
+def _reading(part: _Part, text_column: str | None):
+    """Any failure of datasets, loading or iterating, becomes one line naming the file and the cause
+    (see :func:`softcache.corpus_errors.unreadable`)."""
+    try:
+        yield
+    except SoftcacheError:
+        raise
+    except Exception as err:  # datasets raises many types (and wraps them) for unreadable input
+        raise SoftcacheError(unreadable(Path(part.where), part.builder, text_column, err)) from err
+
+
+def _parts(data: str, split: str) -> Iterator[_Part]:
     if data.startswith("builtin:"):
-        if data != "builtin:python-docs":
+        if data not in BUILTIN_CORPORA:
             raise SoftcacheError(f"--data {data}: unknown built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
         if split not in BUILTIN_SPLITS:
             raise SoftcacheError(f"--split {split}: {data} has the splits {', '.join(BUILTIN_SPLITS)}")
-        yield from python_docs(split)
+        if data == "builtin:python-docs-chat":
+            yield _Part(data, "builtin", load=lambda: _chat_rows(split))
+        else:
+            yield _Part(data, "builtin", texts=lambda: python_docs(split), size=len(python_docs(split)))
         return
     path = Path(data)
     if not path.exists():
@@ -111,7 +216,7 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
     if not path.is_file() and not path.is_dir():  # a pipe or a device: reading it would block or never end
         raise SoftcacheError(f"--data {data} is not a regular file or a directory")
     if is_saved_dataset(path):
-        yield from _text_column(path, "saved dataset", text_column, lambda: _load_saved(path, split))
+        yield _Part(path, "saved dataset", load=lambda: _load_saved(path, split))
         return
     if path.is_dir():
         files = corpus_files(path, split)
@@ -120,22 +225,20 @@ def iter_documents(data: str, text_column: str = "text", split: str = "train") -
     else:
         files = [path]
     for file in files:
-        yield from _read_file(file, text_column)
+        yield _file_part(file)
 
 
-def _read_file(path: Path, text_column: str) -> Iterator[str]:
+def _file_part(path: Path) -> _Part:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise SoftcacheError(f"--data {path}: unsupported file type {path.suffix or '(none)'}; "
                              f"use one of {', '.join(sorted(BUILDERS))} or a save_to_disk directory")
     if builder == "text":
-        yield _read_text(path)
-        return
+        return _Part(path, builder, texts=lambda: [_read_text(path)], size=1)
     if builder in ("json", "csv") and _blank(path):
-        return  # no rows (datasets fails on such a file)
+        return _Part(path, builder)  # no rows (datasets fails on such a file)
     options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    yield from _text_column(path, builder, text_column,
-                            lambda: _load(builder, data_files=str(path), split="train", **options))
+    return _Part(path, builder, load=lambda: _load(builder, data_files=str(path), split="train", **options))
 
 
 def _read_text(path: Path) -> str:
@@ -159,28 +262,13 @@ def _blank(path: Path) -> bool:
     return True
 
 
-def _text_column(path: Path, builder: str, text_column: str, load) -> Iterator[str]:
-    """The ``text_column`` values of the dataset ``load()`` returns; any failure of datasets, loading
-    or iterating, becomes one line naming ``path`` and the cause (see :func:`unreadable`)."""
-    try:
-        dataset = load()
-        if text_column not in dataset.column_names:
-            raise SoftcacheError(
-                f"--data {path} has no column {text_column!r} (columns: {', '.join(dataset.column_names)}); "
-                "choose one with --text-column"
-            )
-        for batch in dataset.select_columns([text_column]).iter(batch_size=1024):
-            for text in batch[text_column]:
-                if text is not None and not isinstance(text, str):
-                    raise SoftcacheError(
-                        f"--data {path}: column {text_column!r} holds {type(text).__name__}, not text; "
-                        "choose a text column with --text-column"
-                    )
-                yield text or ""
-    except SoftcacheError:
-        raise
-    except Exception as err:  # datasets raises many types (and wraps them) for unreadable input
-        raise SoftcacheError(unreadable(path, builder, text_column, err)) from err
+def _chat_rows(split: str):
+    """The built-in chat corpus (softcache.chat_corpus) as a dataset of ``messages`` rows."""
+    import datasets
+
+    from softcache.chat_corpus import python_docs_chat
+
+    return datasets.Dataset.from_list(python_docs_chat(split))
 
 
 def _load_saved(path: Path, split: str):
@@ -207,76 +295,3 @@ def _load(builder: str, **options):
         return datasets.load_dataset(builder, **options)
     finally:
         datasets.logging.set_verbosity(verbosity)
-
-
-def pack(
-    documents: Iterator[str],
-    tokenizer,
-    seq_len: int,
-    max_sequences: int | None = None,
-    source: str = "",
-) -> PackedCorpus:
-    """Tokenize ``documents`` in batches, join them with EOS and cut the stream into sequences.
-
-    A document that is empty or only whitespace is skipped (counted in ``empty_documents``): it
-    would add an EOS with nothing before it. Stops reading once ``max_sequences`` full sequences
-    exist. Raises :class:`SoftcacheError` when the tokenizer has no EOS token, no document holds
-    text, or the corpus is too short for a single sequence; ``source`` (the ``--data`` value)
-    names the corpus in those messages.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to separate documents")
-    limit = None if max_sequences is None else max_sequences * seq_len
-    pieces: list[np.ndarray] = []
-    total = 0
-    n_docs = 0
-    batch: list[str] = []
-
-    def flush() -> None:
-        nonlocal total
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for ids in encoded:
-            piece = np.empty(len(ids) + 1, dtype=np.uint32)
-            piece[:-1] = ids
-            piece[-1] = eos
-            pieces.append(piece)
-            total += len(piece)
-        batch.clear()
-
-    empty = 0
-    for text in documents:
-        if not text or text.isspace():
-            empty += 1
-            continue
-        batch.append(text)
-        n_docs += 1
-        if len(batch) == _TOKENIZE_BATCH:
-            flush()
-            if limit is not None and total >= limit:
-                break
-    if batch and (limit is None or total < limit):
-        flush()
-    corpus = f"--data {source}" if source else "the corpus"
-    if not n_docs:
-        found = (f"its {empty:,} documents are all empty or whitespace" if empty > 1 else
-                 "its one document is empty or whitespace") if empty else "it holds no documents"
-        raise SoftcacheError(f"{corpus} has no text to cache: {found}")
-    stream = np.concatenate(pieces)
-    n_seq = len(stream) // seq_len
-    if max_sequences is not None:
-        n_seq = min(n_seq, max_sequences)
-    if n_seq == 0:
-        raise SoftcacheError(
-            f"{corpus} has {len(stream)} tokens, fewer than one sequence of "
-            f"--seq-len {seq_len}; give more text or a smaller --seq-len"
-        )
-    used = n_seq * seq_len
-    return PackedCorpus(
-        input_ids=stream[:used].reshape(n_seq, seq_len),
-        source=source,
-        documents=n_docs,
-        tokens_read=int(len(stream)),
-        dropped_tokens=int(len(stream) - used),
-        empty_documents=empty,
-    )

@@ -19,8 +19,9 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
                type(None): "null"}
 
 
-def unreadable(path: Path, builder: str, text_column: str, err: BaseException) -> str:
-    """The line to show for ``path``, which the datasets ``builder`` failed to read with ``err``."""
+def unreadable(path: Path, builder: str, text_column: str | None, err: BaseException) -> str:
+    """The line to show for ``path``, which the datasets ``builder`` failed to read with ``err``
+    (``text_column``: the column that must hold strings, None for chat rows)."""
     found = None
     if builder in ("json", "csv"):
         found = encoding_problem(path)
@@ -64,9 +65,10 @@ def _not_utf8(path: Path, offset: int, reason: str, head: bytes) -> str:
             f"e.g. iconv -f {source} -t UTF-8")
 
 
-def json_problem(path: Path, text_column: str) -> str | None:
+def json_problem(path: Path, text_column: str | None) -> str | None:
     """The first line of the JSON-lines file ``path`` that is not a JSON object with a string (or
-    null, or no) ``text_column``; a file whose first line is not JSON is checked as one JSON document."""
+    null, or no) ``text_column`` (any object when None); a file whose first line is not JSON is checked
+    as one JSON document."""
     first = True
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
@@ -81,7 +83,7 @@ def json_problem(path: Path, text_column: str) -> str | None:
             first = False
             if not isinstance(row, dict):
                 return f"--data {path} line {number}: a JSON {_json_type(row)}, not an object"
-            value = row.get(text_column)
+            value = None if text_column is None else row.get(text_column)
             if value is not None and not isinstance(value, str):
                 return (f"--data {path} line {number}: {text_column!r} is a JSON {_json_type(value)}, not a string; "
                         "choose a text column with --text-column")

@@ -16,6 +16,16 @@ from softcache.corpus import python_docs
 
 TINY_VOCAB = 384
 
+# SmolLM2-135M-Instruct's template, verbatim: ChatML, a default system prompt when none is given,
+# no {% generation %} markers.
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
 
 def train_tokenizer(directory: Path, vocab_size: int = TINY_VOCAB):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -47,6 +57,40 @@ def make_teacher(directory: Path, vocab_size: int = TINY_VOCAB, seed: int = 0) -
         model.lm_head.weight.mul_(20)
     model.save_pretrained(directory)
     return directory
+
+
+def train_bpe(pre_tokenizer, decoder, special: list[str], alphabet: list[str]):
+    """A byte-pair tokenizer (vocabulary 400) trained on 20 topics of the Python docs, with ``special`` tokens."""
+    from tokenizers import Tokenizer, models, trainers
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *special], initial_alphabet=alphabet)
+    core.train_from_iterator(python_docs()[:20], trainer=trainer)
+    return core
+
+
+def fast_tokenizer(core, template: str | None, bos: str | None = None, **tokens):
+    """A transformers fast tokenizer around a copy of ``core``, with the chat ``template``."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer.from_str(core.to_str())
+    if bos:  # as the real Llama tokenizers do: BOS added by default, which a template's BOS must not double
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                            special_tokens=[(bos, core.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=bos, **tokens)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def chatml_tokenizer():
+    """A byte-level tokenizer with SmolLM2's ChatML template, <|im_end|> as its EOS and no pad token."""
+    from tokenizers import decoders, pre_tokenizers
+
+    core = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+                     ["<eos>", "<|im_start|>", "<|im_end|>"], pre_tokenizers.ByteLevel.alphabet())
+    return fast_tokenizer(core, CHATML, eos_token="<|im_end|>")
 
 
 @pytest.fixture(scope="session")

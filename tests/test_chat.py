@@ -14,22 +14,13 @@ import string
 import numpy as np
 import pytest
 
-from softcache.chat import (InputShape, Rendered, chat_template_of, conversation, input_shape, render,
-                            teaching_positions)
-from softcache.corpus import python_docs
+from softcache.chat import (InputShape, Rendered, TrainOn, chat_template_of, conversation, input_shape,
+                            read_chat_template, render, teaching_positions)
 from softcache.errors import BadRow, SoftcacheError
 
-MESSAGES, PAIRS = InputShape.MESSAGES, InputShape.PROMPT_COMPLETION
+from conftest import CHATML, SMOLLM_SYSTEM, fast_tokenizer, train_bpe
 
-# SmolLM2-135M-Instruct's template, verbatim: ChatML, a default system prompt when none is given,
-# no {% generation %} markers.
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+MESSAGES, PAIRS = InputShape.MESSAGES, InputShape.PROMPT_COMPLETION
 
 # Meta-Llama-3-8B-Instruct's template, verbatim: BOS, role headers, content trimmed, <|eot_id|>.
 LLAMA3 = (
@@ -72,43 +63,20 @@ EXPECTED = {
 }
 
 
-def _train(pre_tokenizer, decoder, special: list[str], alphabet: list[str]):
-    from tokenizers import Tokenizer, models, trainers
-
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer, core.decoder = pre_tokenizer, decoder
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", *special], initial_alphabet=alphabet)
-    core.train_from_iterator(python_docs()[:20], trainer=trainer)
-    return core
-
-
-def _fast(core, template: str | None, bos: str | None = None, **tokens):
-    from tokenizers import Tokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer.from_str(core.to_str())
-    if bos:  # as the real Llama tokenizers do: BOS added by default, which a template's BOS must not double
-        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
-                                                            special_tokens=[(bos, core.token_to_id(bos))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=bos, **tokens)
-    tokenizer.chat_template = template
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tokenizers():
     from tokenizers import decoders, pre_tokenizers
 
-    byte_level = _train(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+    byte_level = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
                         ["<eos>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
                          "<|end_header_id|>", "<|eot_id|>"], pre_tokenizers.ByteLevel.alphabet())
-    metaspace = _train(pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="never"),
+    metaspace = train_bpe(pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="never"),
                        ["<s>", "</s>"], list(string.printable))
     return {
-        "chatml": _fast(byte_level, CHATML, eos_token="<|im_end|>"),
-        "llama3": _fast(byte_level, LLAMA3, bos="<|begin_of_text|>", eos_token="<|eot_id|>"),
-        "inst": _fast(metaspace, INST, bos="<s>", eos_token="</s>"),
-        "none": _fast(byte_level, None, eos_token="<eos>"),
+        "chatml": fast_tokenizer(byte_level, CHATML, eos_token="<|im_end|>"),
+        "llama3": fast_tokenizer(byte_level, LLAMA3, bos="<|begin_of_text|>", eos_token="<|eot_id|>"),
+        "inst": fast_tokenizer(metaspace, INST, bos="<s>", eos_token="</s>"),
+        "none": fast_tokenizer(byte_level, None, eos_token="<eos>"),
     }
 
 
@@ -339,3 +307,54 @@ def test_teaching_positions():
     batch = np.array([[0, 1, 1], [1, 0, 1]], dtype=bool)
     assert teaching_positions(batch).tolist() == [[True, True, False], [False, True, False]]
     assert teaching_positions(np.ones(1, dtype=bool)).tolist() == [False]  # the last position never teaches
+
+
+def test_train_on_chooses_the_turns_that_teach(tokenizers):
+    tokenizer = tokenizers["chatml"]
+    row = {"messages": CONVERSATION}
+    by_choice = {choice: render(tokenizer, row, MESSAGES, index=0, train_on=choice) for choice in TrainOn}
+    assert runs(tokenizer, by_choice[TrainOn.ASSISTANT]) == EXPECTED["chatml"]
+    assert runs(tokenizer, by_choice[TrainOn.COMPLETION]) == EXPECTED["chatml"][1:]  # the last assistant turn
+    assert by_choice[TrainOn.ALL].assistant.all()  # every token, system prompt and template text included
+    assert teaching_positions(by_choice[TrainOn.ALL].assistant).sum() == len(by_choice[TrainOn.ALL].input_ids) - 1
+    assert len({r.text for r in by_choice.values()}) == 1  # the choice changes the mask, never the tokens
+    # A pair: assistant and completion both mean the completion's assistant turns; all is every token.
+    pair = {"prompt": CONVERSATION[:5], "completion": CONVERSATION[5:]}
+    for choice in (TrainOn.ASSISTANT, TrainOn.COMPLETION):
+        assert runs(tokenizer, render(tokenizer, pair, PAIRS, index=0, train_on=choice)) == EXPECTED["chatml"][1:]
+    assert render(tokenizer, pair, PAIRS, index=0, train_on=TrainOn.ALL).assistant.all()
+    strings = {"prompt": "What is a tuple?", "completion": "An immutable sequence."}
+    assert runs(tokenizer, render(tokenizer, strings, PAIRS, index=0, train_on=TrainOn.COMPLETION)) == [
+        "An immutable sequence.<|im_end|>"]
+    plain = render(tokenizers["none"], {"prompt": "Q: 1 + 1?\nA:", "completion": " 2."}, PAIRS, index=0,
+                   train_on=TrainOn.ALL)
+    assert runs(tokenizers["none"], plain) == ["Q: 1 + 1?\nA: 2.<eos>"]
+
+
+def test_train_on_all_needs_no_mask_so_a_rewriting_template_is_fine(tokenizers):
+    tokenizer = tokenizers["chatml"]
+    turns = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<think>Add.</think> 4."},
+             {"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "6."}]
+    with pytest.raises(BadRow):
+        render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING)
+    rendered = render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING,
+                      train_on=TrainOn.ALL)
+    assert rendered.assistant.all() and "<think>" not in rendered.text
+    # Only the last turn teaches under completion, and the template renders that one prefix by prefix.
+    last = render(tokenizer, {"messages": turns}, MESSAGES, index=0, chat_template=DROPS_REASONING,
+                  train_on=TrainOn.COMPLETION)
+    assert runs(tokenizer, last) == ["6.<|im_end|>"]
+
+
+def test_read_chat_template(tmp_path):
+    assert read_chat_template(None) is None
+    (tmp_path / "t.jinja").write_text(CHATML, encoding="utf-8")
+    assert read_chat_template(str(tmp_path / "t.jinja")) == CHATML
+    (tmp_path / "latin1.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    (tmp_path / "blank.jinja").write_text(" \n")
+    for path, message in [(tmp_path / "none.jinja", "does not exist"),
+                          (tmp_path / "latin1.jinja", "is not UTF-8 text (byte 7 is 0xe9)"),
+                          (tmp_path / "blank.jinja", "is empty; give a Jinja chat template"),
+                          (tmp_path, "cannot be read (Is a directory)")]:
+        with pytest.raises(SoftcacheError, match="^" + re.escape(f"--chat-template {path} {message}") + "$"):
+            read_chat_template(str(path))

@@ -14,9 +14,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from softcache.chat import InputShape, TrainOn
 from softcache.cli import main
 from softcache.config import DTYPES, FUSED_LINEAR, RESUMABLE_CHANGES, CacheConfig, EvalConfig, TrainConfig
 from softcache.demo import DemoConfig
+from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
 from softcache.kinds import TARGET_KINDS
 from softcache.losses import DIVERGENCES, TAILS
@@ -29,6 +31,8 @@ REGISTRIES = {
     ("cache", "format"): tuple(FORMATS), ("cache", "targets"): tuple(TARGET_KINDS), ("cache", "ids"): ID_CODES,
     ("cache", "values"): VALUE_CODES, ("cache", "dtype"): DTYPES, ("train", "loss"): DIVERGENCES,
     ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR,
+    ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
+    ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG),
 }
 REQUIRED = {"cache": ["--teacher", "t", "--data", "d"], "train": ["--store", "s", "--student", "x"],
             "eval": ["--model", "m", "--store", "s"]}

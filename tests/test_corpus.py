@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from softcache import SoftcacheError
-from softcache.corpus import iter_documents, pack, python_docs
+from softcache.chat import InputShape
+from softcache.corpus import iter_documents, pack, python_docs, read_rows
 
 DOCS = ["alpha beta gamma", "delta", "epsilon zeta eta theta iota"]
 
@@ -266,3 +269,77 @@ def test_a_damaged_file_shows_the_parser_error_not_the_datasets_wrapper(tmp_path
     with pytest.raises(SoftcacheError):
         list(iter_documents(str(tmp_path / "c.jsonl")))
     assert "Failed to" not in capfd.readouterr().err  # datasets' own error log stays quiet: the error is one line
+
+
+# ---- rows of any input shape (issue 14) ----
+
+TURNS = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "name": "bot"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+          {"role": "assistant", "content": "4"}]]
+
+
+def _rows_file(path, rows):
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_rows_of_turns_come_as_lists_of_dicts(tmp_path, suffix):
+    path = _rows_file(tmp_path / f"c{suffix}", [{"messages": turns, "id": i} for i, turns in enumerate(TURNS)])
+    rows = read_rows(path)
+    assert rows.shape is InputShape.MESSAGES and rows.columns == ("messages",)
+    read = list(rows)
+    assert [(where, index) for where, index, _ in read] == [(path, 0), (path, 1)]
+    for (_, _, row), turns in zip(read, TURNS):
+        assert list(row) == ["messages"] and isinstance(row["messages"], list)
+        # parquet gives every turn every key (missing ones as None); softcache.chat drops those
+        assert [{k: v for k, v in turn.items() if v is not None} for turn in row["messages"]] == turns
+    pairs = _rows_file(tmp_path / f"p{suffix}", [{"prompt": TURNS[1][:2], "completion": TURNS[1][2:]}])
+    (_, _, row), = read_rows(pairs)
+    assert read_rows(pairs).shape is InputShape.PROMPT_COMPLETION
+    assert [{k: v for k, v in t.items() if v is not None} for t in row["prompt"] + row["completion"]] == TURNS[1]
+
+
+def test_input_shape_found_from_the_columns_or_given(tmp_path):
+    pairs = _rows_file(tmp_path / "p.jsonl", [{"prompt": "Q?", "completion": "A."}])
+    assert read_rows(pairs).shape is InputShape.PROMPT_COMPLETION
+    assert list(read_rows(pairs)) == [(pairs, 0, {"prompt": "Q?", "completion": "A."})]
+    assert read_rows("builtin:python-docs").shape is InputShape.TEXT
+    both = _rows_file(tmp_path / "both.jsonl", [{"messages": TURNS[0], "text": "plain"}])
+    with pytest.raises(SoftcacheError, match=f"^--data {re.escape(both)}: the corpus fits more than one input shape "
+                                             r"\(messages, text; columns: messages, text\); choose one with "
+                                             "--input-shape$"):
+        read_rows(both)
+    assert list(read_rows(both, shape="text")) == [(both, 0, "plain")]
+    assert read_rows(both, shape="messages").shape is InputShape.MESSAGES
+    with pytest.raises(SoftcacheError, match=f"^--data {re.escape(pairs)}: --input-shape messages needs the column "
+                                             r"'messages' \(columns: prompt, completion\)$"):
+        read_rows(pairs, shape="messages")
+    with pytest.raises(SoftcacheError, match="^--data builtin:python-docs: --input-shape prompt_completion needs"):
+        read_rows("builtin:python-docs", shape="prompt_completion")
+    half = _rows_file(tmp_path / "half.jsonl", [{"prompt": "Q?", "answer": "A."}])
+    with pytest.raises(SoftcacheError, match=r"\(columns: prompt, answer\) \('prompt' needs a 'completion' column\)"):
+        read_rows(half)
+
+
+def test_a_directory_holds_one_input_shape(tmp_path):
+    _rows_file(tmp_path / "a.jsonl", [{"messages": turns} for turns in TURNS])
+    _rows_file(tmp_path / "b.parquet", [{"messages": TURNS[1]}])
+    rows = read_rows(str(tmp_path))
+    assert [(Path(where).name, index) for where, index, _ in rows] == [("a.jsonl", 0), ("a.jsonl", 1),
+                                                                       ("b.parquet", 0)]  # numbered per file
+    assert len(rows) == 3 and len(read_rows("builtin:python-docs", split="heldout")) == len(python_docs()[4::5])
+    _rows_file(tmp_path / "c.jsonl", [{"text": "plain", "n": 1}])
+    with pytest.raises(SoftcacheError, match=f"^--data {tmp_path}/c.jsonl holds text rows \\(columns: text, n\\) but "
+                                             f"{tmp_path}/a.jsonl holds messages rows; every file of --data must hold "
+                                             "rows of one input shape$"):
+        read_rows(str(tmp_path))  # refused before any row is read
+    (tmp_path / "0.txt").write_text("a text file is a text row")
+    with pytest.raises(SoftcacheError, match="a.jsonl holds messages rows .* but .*0.txt holds text rows"):
+        read_rows(str(tmp_path))

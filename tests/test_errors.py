@@ -95,6 +95,17 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     (root / "loop-dir" / "a.bin").write_text("x")
     (root / "loop-dir" / "again").symlink_to(root / "loop-dir")
     (root / "short.json").write_text(json.dumps({**json.loads(student.read_text()), "max_position_embeddings": 16}))
+    # chat rows (issue 14)
+    turns = [{"role": "user", "content": documents[0][:200]}, {"role": "assistant", "content": documents[1][:200]}]
+    (root / "chat.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    (root / "robot.jsonl").write_text(json.dumps({"messages": turns}) + "\n"
+                                      + json.dumps({"messages": [{**turns[0], "role": "robot"}, turns[1]]}) + "\n")
+    (root / "chatml.jinja").write_text("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
+                                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (root / "latin1.jinja").write_bytes("{# caf\u00e9 #}".encode("latin-1"))
+    (root / "two-shapes-dir").mkdir()
+    shutil.copy(root / "chat.jsonl", root / "two-shapes-dir" / "a.jsonl")
+    shutil.copy(corpus_file, root / "two-shapes-dir" / "b.jsonl")
     # store, manifest and shard damage
     for name, damage in STORE_DAMAGE.items():
         shutil.copytree(store, root / name)
@@ -387,6 +398,33 @@ MISTAKES += [
     ("a checkpoint that no longer fits the student on --resume",
      lambda w: with_student(w, "changed-student.json", w["root"] / "changed-run", "--resume"),
      "does not fit this run's student or optimiser"),
+    # chat rows and the packing flags (issue 14)
+    ("an --input-shape whose columns the corpus lacks", lambda w: cache(w, **{"--input-shape": "messages"}),
+     "docs.jsonl: --input-shape messages needs the column 'messages' (columns: text, id)"),
+    ("--train-on assistant on text rows", lambda w: cache(w, **{"--train-on": "assistant"}),
+     "--train-on assistant needs chat rows (messages or prompt_completion); --data {corpus} holds text rows"),
+    ("--long truncate with a stream", lambda w: cache(w, **{"--long": "truncate"}),
+     "--long truncate needs whole documents (--packing documents or none)"),
+    ("--chat-template on text rows", lambda w: cache(w, **{"--chat-template": w["root"] / "chatml.jinja"}),
+     "--chat-template renders messages and prompt_completion rows; --data {corpus} holds text rows"),
+    ("a --chat-template file that does not exist",
+     lambda w: cache(w, **{"--data": w["root"] / "chat.jsonl", "--chat-template": w["root"] / "none.jinja"}),
+     "--chat-template {root}/none.jinja does not exist"),
+    ("a --chat-template file that is not UTF-8",
+     lambda w: cache(w, **{"--data": w["root"] / "chat.jsonl", "--chat-template": w["root"] / "latin1.jinja"}),
+     "--chat-template {root}/latin1.jinja is not UTF-8 text (byte 6 is 0xe9)"),
+    ("chat rows and a teacher without a chat template", lambda w: cache(w, **{"--data": w["root"] / "chat.jsonl"}),
+     "the teacher's tokenizer has no chat template to render messages rows with; pass one with --chat-template FILE"),
+    ("--packing stream on chat rows",
+     lambda w: cache(w, **{"--data": w["root"] / "chat.jsonl", "--packing": "stream"}),
+     "--packing stream joins text documents into one stream; messages rows are packed whole"),
+    ("a chat row with an unknown role", lambda w: cache(w, **{"--data": w["root"] / "robot.jsonl",
+                                                              "--chat-template": w["root"] / "chatml.jinja"}),
+     "--data {root}/robot.jsonl: row 1, column 'messages': turn 0 has the role 'robot'; roles are system, user, "
+     "assistant, tool (rows count from 0; --skip-bad-rows skips such rows)"),
+    ("a corpus directory holding two input shapes", lambda w: cache(w, **{"--data": w["root"] / "two-shapes-dir"}),
+     "two-shapes-dir/b.jsonl holds text rows (columns: text, id) but {root}/two-shapes-dir/a.jsonl holds messages "
+     "rows; every file of --data must hold rows of one input shape"),
 ]
 
 
@@ -397,7 +435,8 @@ def test_each_mistake_gets_one_clear_line(world, tmp_path, name, args, message):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert message.replace("{root}", str(world["root"])) in lines[0], lines[0]
+    message = message.replace("{root}", str(world["root"])).replace("{corpus}", str(world["corpus"]))
+    assert message in lines[0], lines[0]
     assert "Traceback" not in result.output
     # Refused runs leave nothing; one stopped by damaged data in its first step leaves no model.
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
