@@ -30,7 +30,6 @@ from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
 
 log = logging.getLogger(__name__)
-CHAT_SEQ_LEN = 512  # a conversation of the chat corpus is 150-450 tokens: one or more per row
 # A ~16 M-parameter Llama (12.6 M of it the tied 49,152 x 256 embedding): small enough to train in
 # minutes on two CPU cores, big enough to learn something from 100k tokens.
 STUDENT = {
@@ -48,7 +47,9 @@ class DemoConfig:
     out: str = setting("runs/demo", help="Run directory for the stores, students and report.")
     teacher: str = setting("builtin:smollm2", help="Teacher (as for softcache cache).")
     seq_len: int = 256
-    """Tokens per sequence of a text demo (a chat demo uses CHAT_SEQ_LEN)."""
+    """Tokens per sequence of the text demo."""
+    chat_seq_len: int = 512
+    """Tokens per sequence of the chat demo: a conversation of builtin:python-docs-chat is 150-450 tokens."""
     targets: str = setting("sampled", choices=("sampled", "topk"),
                            help="The training store's targets: 50 sampled draws per position (unbiased, 32 "
                                 "bytes/token), or the top 64 ids (134 bytes/token).")
@@ -101,7 +102,7 @@ def _run(config: DemoConfig) -> DemoResult:
         raise SoftcacheError(f"--out {out} is a file; give a directory for the demo")
     kind = "chat-" if config.chat else ""
     data = "builtin:python-docs-chat" if config.chat else "builtin:python-docs"
-    seq_len = CHAT_SEQ_LEN if config.chat and config.seq_len == DemoConfig.seq_len else config.seq_len
+    seq_len = config.chat_seq_len if config.chat else config.seq_len
     stores, names = {}, {"train": f"store-train-{kind}{config.targets}", "heldout": f"store-heldout{'-chat' * config.chat}"}
     for split in ("train", "heldout"):
         log.info(f"== teacher job: {config.teacher} over {data} ({split} topics)")

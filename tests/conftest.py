@@ -24,6 +24,10 @@ CHATML = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A chat template that costs the tiny teacher's tokenizer few tokens (it spells ChatML's markers byte by
+# byte): each turn is its role's initial, its content and the <eos> special token.
+COMPACT_TEMPLATE = ("{% for message in messages %}{{ message['role'][0] + ': ' + message['content'] + '<eos>' + '\\n' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ 'a: ' }}{% endif %}")
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 

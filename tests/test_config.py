@@ -83,9 +83,9 @@ def test_every_choice_list_is_its_registry():
     assert choices == REGISTRIES
 
 
-def test_the_demo_keeps_exactly_its_six_flags():
+def test_the_demo_keeps_exactly_its_seven_flags():
     built = options("demo")
-    assert sorted(built) == ["out", "progress", "seed", "steps", "targets", "teacher"]
+    assert sorted(built) == ["chat", "out", "progress", "seed", "steps", "targets", "teacher"]
     defaults = DemoConfig()
     assert all(option.default == getattr(defaults, name) for name, option in built.items())
 
