@@ -18,7 +18,6 @@ from softcache.chat import teaching_positions
 from softcache.corpus import PackedCorpus
 from softcache.data import StoreDataset
 from softcache.losses import DistillationLoss
-from softcache.packing import document_mask, document_positions
 
 from conftest import interrupted, store_files
 
