@@ -90,6 +90,17 @@ def store_sizes(path: Path) -> dict:
             "teaching_share": teaching / store.layout.num_tokens, "data_bytes": store.totals.data_bytes}
 
 
+def entries_by_position(work: Path) -> dict:
+    """Mean stored entries (unique sampled ids) per position of the sampled text store, at the positions
+    that teach in the chat store and at the others: what the two kinds of position cost."""
+    text, chat = open_store(work / "bytes-text-sampled50"), open_store(work / "bytes-chat-sampled50")
+    lengths = text.read_columns(np.arange(len(text)))["target_lengths"]
+    teach = chat.read(0, len(chat))["teach"]
+    chat_entries = int(chat.read_columns(np.arange(len(chat)))["target_lengths"].sum())
+    return {"text_teaching": float(lengths[teach].mean()), "text_other": float(lengths[~teach].mean()),
+            "chat_total": chat_entries, "text_total_at_teaching": int(lengths[teach].sum())}
+
+
 def student_run(work: Path, train: Path, heldout: Path, name: str, alpha: float, seed: int, args) -> dict:
     """Train (or reuse) one student and return its held-out evaluation and wall time."""
     out = work / "students" / f"{name}-seed{seed}"
@@ -121,8 +132,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(HERE / "out" / "chat"))
+    parser.add_argument("--report-only", action="store_true", help="Redraw from results/chat.json.")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="Measure the teacher job's speed again and update results/chat.json (bytes and students "
+                             "kept).")
     args = parser.parse_args()
     work = Path(args.work)
+    if args.report_only:
+        results = json.loads((HERE / "results" / "chat.json").read_text())
+        results.setdefault("entries", entries_by_position(work))
+        write_report(results)
+        return
     work.mkdir(parents=True, exist_ok=True)
 
     def config(name: str, split: str = "train", **fields) -> CacheConfig:
@@ -141,23 +161,32 @@ def main() -> None:
                                  segments=train.segments[:args.sequences])
     kinds = {"top64": {"k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
     sizes = {}
-    for shape, corpus in (("chat", subset), ("text", as_text(subset))):
+    for shape, corpus in () if args.speed_only else (("chat", subset), ("text", as_text(subset))):
         configs = [config(f"bytes-{shape}-{name}", **fields) for name, fields in kinds.items()]
         timed_job(configs, teacher, corpus)
         sizes[shape] = {name: store_sizes(Path(c.out)) for name, c in zip(kinds, configs)}
-    print(json.dumps(sizes, indent=1), flush=True)
+    if sizes:
+        print(json.dumps(sizes, indent=1), flush=True)
     model, device = teacher.model, teacher.device
     bare_forward(model, subset.input_ids[:4], subset.segments[:4], 4, device)  # warm-up
-    seconds = {"forward, document mask": [], "forward, no mask": [], "cache job, chat store (top-64)": []}
+    seconds = {"forward, document mask": [], "forward, no mask": [], "cache job, chat store (top-64)": [],
+               "cache job, text store of the same tokens (top-64)": []}
     for round_ in range(args.rounds):
         for mode, segments in (("forward, document mask", subset.segments), ("forward, no mask", None)):
             started = time.perf_counter()
             bare_forward(model, subset.input_ids, segments, 4, device)
             seconds[mode].append(time.perf_counter() - started)
         seconds["cache job, chat store (top-64)"].append(timed_job([config("speed-chat", k=64)], teacher, subset))
+        seconds["cache job, text store of the same tokens (top-64)"].append(
+            timed_job([config("speed-text", k=64)], teacher, as_text(subset)))
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
     masked = seconds["forward, document mask"]
     ratios = {mode: statistics.median(s / b for s, b in zip(values, masked)) for mode, values in seconds.items()}
+    if args.speed_only:
+        results = json.loads((HERE / "results" / "chat.json").read_text())
+        write_report({**results, "seconds": seconds, "median_ratio_to_masked_forward": ratios, "rounds": args.rounds,
+                      "speed_sequences": args.sequences})
+        return
 
     # 3: the students, on the whole training split and the held-out split.
     stores = {"train": config("train-sampled50", targets="sampled", samples=50),
@@ -180,7 +209,7 @@ def main() -> None:
         "teacher": args.teacher, "seq_len": args.seq_len, "sequences": args.sequences, "rounds": args.rounds,
         "train_rows": len(train.input_ids), "train_teaching_share": float(train.teach.mean()),
         "heldout_teaching_positions": heldout.corpus.teaching_positions, "teacher_ce": heldout.totals.teacher_ce,
-        "sizes": sizes, "seconds": seconds, "median_ratio_to_masked_forward": ratios,
+        "sizes": sizes, "entries": entries_by_position(work), "seconds": seconds, "median_ratio_to_masked_forward": ratios,
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
         "students": {name: {str(seed): run for seed, run in by_seed.items()} for name, by_seed in runs.items()},
     }
@@ -220,9 +249,16 @@ def write_report(results: dict) -> None:
             row = sizes[shape][kind]
             lines.append(f"| {kind} | {shape} | {row['bytes_per_token']:.1f} | {row['bytes_per_teaching_position']:.1f} "
                          f"| {row['teaching_share']:.1%} |")
+    entries = results["entries"]
     lines += ["", "The chat store holds targets only where an assistant token follows; its other positions cost "
-              "their token id and a zero length.", "",
-              f"## Teacher job speed ({results['rounds']} interleaved rounds, medians)", "",
+              "their token id and a zero length. Its bytes per teaching position are above the text store's "
+              "average because the positions that teach are the uncertain ones: in the sampled text store they "
+              f"keep {entries['text_teaching']:.1f} unique ids on average, the prompt and template positions "
+              f"{entries['text_other']:.1f}. The chat store holds {entries['chat_total']:,} sampled entries, the text "
+              f"store {entries['text_total_at_teaching']:,} at the same positions (its contexts run across "
+              "conversations, so its draws differ a little).", "",
+              f"## Teacher job speed (the first {results.get('speed_sequences', results['sequences'])} rows, "
+              f"{results['rounds']} interleaved rounds, medians)", "",
               "| mode | median seconds | / forward with the document mask |", "| --- | ---: | ---: |"]
     for mode, values in results["seconds"].items():
         lines.append(f"| {mode} | {statistics.median(values):.1f} | {results['median_ratio_to_masked_forward'][mode]:.2f}x |")
