@@ -50,6 +50,12 @@ def _tails() -> tuple[str, ...]:
     return TAILS
 
 
+def _trackers() -> tuple[str, ...]:
+    from softcache.trackers import TRACKERS
+
+    return TRACKERS
+
+
 def _check_device(device: str) -> None:
     if not (device in DEVICES or device.startswith("cuda:")):
         raise SoftcacheError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
@@ -238,6 +244,10 @@ class TrainConfig:
              f"CUDA, or when a micro-batch's float32 logits would exceed {FUSE_ABOVE_BYTES >> 30} GiB. Used only when "
              "the model's logits are a plain linear head (checked at start).")
     progress: bool = setting(True, resumable=True, help="Progress bar on stderr.")
+    report_to: str = setting("none", choices=_trackers, resumable=True,
+                             help="Also send metrics.jsonl's records to a tracker: tensorboard (OUT/tensorboard) or "
+                                  "wandb (OUT/wandb, offline unless WANDB_MODE is set); a resumed run continues the "
+                                  "tracker's run. Needs softcache[trackers].")
 
     @property
     def epochs_or_one(self) -> int:

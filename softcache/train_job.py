@@ -8,6 +8,7 @@ adapter drives ``train_step``'s pieces itself):
     setup_model      build and check the student, prepare the run directory, choose the fused loss
     setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps
     restore          continue from the newest checkpoint (--resume)
+    setup_tracker    the --report-to tracker, continuing its run on a resume
     setup_data       the store's batches from the resume point on
     train_step       one optimiser step: micro-batches, KD + CE summed and divided by the step's counts
     evaluate         held-out metrics
@@ -49,6 +50,7 @@ from softcache.packing import forward_documents, uses_varlen
 from softcache.store import open_store
 from softcache.store.files import atomic_file, write_json
 from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
+from softcache.trackers import NoTracker, open_tracker
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
@@ -103,6 +105,7 @@ class StudentJob:
         """Optimiser steps done (restored on resume)."""
         self.checkpointed: int | None = None
         """The step of the newest checkpoint of this run, once there is one."""
+        self.tracker = NoTracker()
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -191,6 +194,11 @@ class StudentJob:
         if self.ranks.world > 1:
             self.trained = torch.nn.parallel.DistributedDataParallel(
                 self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def setup_tracker(self) -> None:
+        """The --report-to tracker (rank 0), continuing its run from the resumed step."""
+        if self.ranks.main:
+            self.tracker = open_tracker(self.config.report_to, self.out, self.step, self.config.to_dict())
 
     def setup_data(self) -> None:
         """The store's batches from the resume point on (deterministic in seed and global batch)."""
@@ -296,6 +304,7 @@ class StudentJob:
         except KeyboardInterrupt:
             raise Interrupted(self._interrupted()) from None
         finally:
+            self.tracker.close()
             if self.ranks.main:
                 lock.release(self.out / RUN_LOCK)  # a killed run's lock is taken over by the next one
 
@@ -312,6 +321,7 @@ class StudentJob:
         self.setup_model()
         self.setup_optimizer()
         self.restore()
+        self.setup_tracker()
         self.setup_forward()
         self.setup_data()
         start_step = self.step
@@ -326,6 +336,7 @@ class StudentJob:
                     final_eval = record["eval"] if done else final_eval
                 if main:
                     _append_metrics(self.out / METRICS, record)
+                    self.tracker.log(record)
                 if main and (self.step % config.checkpoint_every == 0 or done):
                     self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)

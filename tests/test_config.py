@@ -25,6 +25,7 @@ from softcache.losses import DIVERGENCES, TAILS
 from softcache.settings import load_settings, settings_of
 from softcache.store import FORMATS
 from softcache.store.encoding import ID_CODES, VALUE_CODES
+from softcache.trackers import TRACKERS
 
 CONFIGS = {"cache": CacheConfig, "train": TrainConfig, "eval": EvalConfig}
 REGISTRIES = {
@@ -32,7 +33,7 @@ REGISTRIES = {
     ("cache", "values"): VALUE_CODES, ("cache", "dtype"): DTYPES, ("train", "loss"): DIVERGENCES,
     ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR,
     ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
-    ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG),
+    ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG), ("train", "report_to"): TRACKERS,
 }
 REQUIRED = {"cache": ["--teacher", "t", "--data", "d"], "train": ["--store", "s", "--student", "x"],
             "eval": ["--model", "m", "--store", "s"]}
@@ -92,7 +93,7 @@ def test_the_demo_keeps_exactly_its_seven_flags():
 
 def test_resumable_changes_come_from_the_fields():
     assert set(RESUMABLE_CHANGES) == {"out", "resume", "progress", "num_workers", "verify_shards", "eval_every",
-                                      "checkpoint_every", "device", "chunk_tokens", "fused_linear"}
+                                      "checkpoint_every", "device", "chunk_tokens", "fused_linear", "report_to"}
 
 
 @pytest.mark.parametrize("command", ["cache", "train", "eval", "demo"])
