@@ -45,6 +45,7 @@ from transformers import Trainer
 
 from softcache.config import FUSED_LINEAR
 from softcache.data import StoreDataset, batches_per_epoch, epoch_order, rank_batch
+from softcache.distributed import launched_as_main
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
 from softcache.logs import LOGGER
@@ -146,11 +147,11 @@ def store_loss(store: Store, divergence: str = "fkl", tail: str | None = None, t
     """The run's loss: temperature and tail default to the store's (its temperature, its target kind's tail)."""
     targets = store.targets
     temperature = temperature or targets.temperature
-    if temperature != targets.temperature:
+    if temperature != targets.temperature and launched_as_main():
         log.info(f"note: the store was written at temperature {targets.temperature:g}; the student uses "
                  f"{temperature:g} (the KD loss is scaled by T^2 = {temperature ** 2:g})")
     tail = tail or targets.spec.default_tail
-    if targets.spec.default_tail == "none" and tail != "none":
+    if targets.spec.default_tail == "none" and tail != "none" and launched_as_main():
         log.info(f"note: tail={tail!r} on {targets.kind} targets: they sum to 1, so there is no tail and every choice "
                  "gives the same loss up to rounding")
     return DistillationLoss(divergence, tail, temperature, beta, chunk_tokens)
@@ -158,14 +159,16 @@ def store_loss(store: Store, divergence: str = "fkl", tail: str | None = None, t
 
 def _check_settings(alpha, divergence, tail, temperature, beta, chunk_tokens, fused_linear) -> None:
     """One SoftcacheError naming the first argument of DistillationTrainer that is out of range."""
-    problems = [(not 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
-                (divergence not in DIVERGENCES, f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}"),
-                (tail is not None and tail not in TAILS, f"tail must be one of {', '.join(TAILS)} or None, got {tail!r}"),
-                (temperature is not None and not temperature > 0, f"temperature must be > 0, got {temperature!r}"),
-                (not 0 < beta < 1, f"beta must be in (0, 1), got {beta!r}"),
-                (not chunk_tokens >= 1, f"chunk_tokens must be >= 1, got {chunk_tokens!r}"),
-                (fused_linear not in FUSED_LINEAR, f"fused_linear must be one of {', '.join(FUSED_LINEAR)}, got "
-                                                   f"{fused_linear!r}")]
+    problems = [
+        (not 0 <= alpha <= 1, f"alpha must be in [0, 1], got {alpha!r}"),
+        (divergence not in DIVERGENCES, f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}"),
+        (tail is not None and tail not in TAILS, f"tail must be one of {', '.join(TAILS)} or None, got {tail!r}"),
+        (temperature is not None and not temperature > 0, f"temperature must be > 0, got {temperature!r}"),
+        (not 0 < beta < 1, f"beta must be in (0, 1), got {beta!r}"),
+        (not chunk_tokens >= 1, f"chunk_tokens must be >= 1, got {chunk_tokens!r}"),
+        (fused_linear not in FUSED_LINEAR,
+         f"fused_linear must be one of {', '.join(FUSED_LINEAR)}, got {fused_linear!r}"),
+    ]
     for bad, message in problems:
         if bad:
             raise SoftcacheError(message)
@@ -208,7 +211,7 @@ class DistillationTrainer(Trainer):
         ``compute_loss_func`` and ``model_init`` are refused: the batches and the loss are softcache's.
     """
 
-    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's counts
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's counts: no division by the accumulation
 
     def __init__(self, model, args=None, *, train_dataset: StoreSequences, eval_dataset: StoreSequences | None = None,
                  processing_class=None, alpha: float = 0.5, divergence: str = "fkl", tail: str | None = None,
@@ -232,6 +235,7 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self.store, self.alpha = store, alpha
+        self.model_accepts_loss_kwargs = True  # older transformers read this, not loss_is_scaled_for_ga
         self.distillation = store_loss(store, divergence, tail, temperature, beta, chunk_tokens)
         self.fused = self._fuse(fused_linear, train_dataset)
         self._logged = torch.zeros(2)  # KD and CE means of the steps since the last log line
@@ -247,8 +251,9 @@ class DistillationTrainer(Trainer):
         takes = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         if takes and fusable(self.model, sample):
             return True
-        log.info("note: this student's logits are not a plain linear head on its hidden states (or its forward takes "
-                 "no logits_to_keep); the loss is computed from the logits")
+        if launched_as_main():
+            log.info("note: this student's logits are not a plain linear head on its hidden states (or its forward "
+                     "takes no logits_to_keep); the loss is computed from the logits")
         return False
 
     # ---- data -----------------------------------------------------------------------------------
@@ -266,7 +271,8 @@ class DistillationTrainer(Trainer):
                             generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """The step's micro-batches and their :class:`StepCounts` over all ranks (the Trainer's ``num_items_in_batch``)."""
+        """The step's micro-batches and their :class:`StepCounts` over all ranks, which the Trainer hands to
+        :meth:`compute_loss` as ``num_items_in_batch``."""
         batches = list(itertools.islice(epoch_iterator, num_batches))
         if not batches:
             return batches, None

@@ -4,8 +4,11 @@ resumes exactly, handles packed chat stores, and refuses what softcache train re
 from __future__ import annotations
 
 import json
+import os
 import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,8 +155,8 @@ class StopAt(TrainerCallback):
 
 
 def test_resume_from_checkpoint_continues_as_if_never_stopped(stores, student, tmp_path, monkeypatch):
-    """10 steps of 6 per epoch with a checkpoint every 4: stopped after step 9, resumed from checkpoint-8 (in the
-    second epoch), the run ends with the uninterrupted run's losses and weights, and reads only the batches it trains."""
+    """10 steps of 6 per epoch with a checkpoint every 4: stopped after step 9 and resumed from checkpoint-8 (in the
+    second epoch), the run ends with the uninterrupted run's losses and weights, reading only the batches it trains."""
     store = stores["text"]
     options = dict(max_steps=10, save_strategy="steps", save_steps=4)
     reference = train(store, student, hf_args(tmp_path / "reference", **options))
@@ -263,3 +266,37 @@ def test_readme_example_runs_and_resumes(stores, student, tmp_path, monkeypatch)
     assert state["global_step"] == 1  # one epoch of 24 sequences, 8 x 4 per step
     runpy.run_path(str(path), run_name="__main__")  # rerun: resumes from checkpoint-1, nothing left to train
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+RANK_SCRIPT = """
+import json, sys
+from test_hf import hf_args, logged, train
+
+store, student, out = sys.argv[1:4]
+trainer = train(store, student, hf_args(out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4),
+                fused_linear="on")
+if trainer.args.process_index == 0:
+    with open(out + "/log.json", "w") as handle:
+        json.dump({"world": trainer.args.world_size, "fused": trainer.fused, "log": logged(trainer)}, handle)
+"""
+
+
+def test_two_ranks_give_the_one_rank_losses(stores, student, tmp_path):
+    """torchrun, 2 gloo ranks x 2 sequences vs 1 rank x 4, on the chat store (the ranks' counts differ) with the fused
+    loss through DDP: the same losses and gradient norms."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    out = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               stores["chat"], student, str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((out / "log.json").read_text())
+    assert (two["world"], two["fused"]) == (2, True)
+    one = train(stores["chat"], student, hf_args(tmp_path / "one", gradient_accumulation_steps=2, max_steps=4),
+                fused_linear="on")
+    for a, b in zip(two["log"], logged(one), strict=True):
+        for name in ("loss", "kd", "ce", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5), (a["step"], name)
