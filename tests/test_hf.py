@@ -89,15 +89,16 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("kind,accum,fused", [("text", 2, "off"), ("text", 1, "on"), ("chat", 1, "off"),
-                                              ("chat", 2, "on")])
-def test_trainer_gives_softcache_trains_losses(stores, student, tmp_path, kind, accum, fused):
+@pytest.mark.parametrize("kind,accum,fused,workers", [("text", 2, "off", 2), ("text", 1, "on", 0),
+                                                      ("chat", 1, "off", 0), ("chat", 2, "on", 0)])
+def test_trainer_gives_softcache_trains_losses(stores, student, tmp_path, kind, accum, fused, workers):
     """Per step over 8 steps (three epochs of the text store): loss, KD, CE, gradient norm and the final weights. The
-    Trainer's default remove_unused_columns=True is on: the targets still reach the loss."""
+    Trainer's default remove_unused_columns=True is on: the targets still reach the loss. DataLoader workers read
+    the same batches."""
     store = stores[kind]
     run_train(softcache_config(store, student, tmp_path / "cli", grad_accum=accum, fused_linear=fused))
     reference = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
-    args = hf_args(tmp_path / "hf", gradient_accumulation_steps=accum)
+    args = hf_args(tmp_path / "hf", gradient_accumulation_steps=accum, dataloader_num_workers=workers)
     assert args.remove_unused_columns
     trainer = train(store, student, args, fused_linear=fused)
     assert trainer.fused == (fused == "on")
