@@ -82,8 +82,9 @@ def main() -> None:
         lr_scheduler_type="constant", weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
         max_steps=1 + args.steps * args.rounds, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, seed=0)
-    trainer = DistillationTrainer(build_student(args.student, seed=0), training, train_dataset=StoreSequences(args.store),
-                                  fused_linear="off", callbacks=[rounds])
+    student = build_student(args.student, seed=0)
+    trainer = DistillationTrainer(student, training, train_dataset=StoreSequences(args.store), fused_linear="off",
+                                  callbacks=[rounds])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
 
@@ -109,8 +110,8 @@ def write_report(results: dict, out: Path) -> None:
         "",
         f"Student {Path(results['student']).name} ({results['parameters'] / 1e6:.1f} M parameters, vocab "
         f"{results['vocab']:,}), batch {results['batch_size']} x {results['seq_len']} tokens, top-{results['k']} "
-        f"targets, on CPU ({results['machine']}); {results['rounds']} interleaved rounds of {results['steps_per_round']} "
-        "steps, medians. Produced by `python benchmarks/hf_trainer.py`.",
+        f"targets, on CPU ({results['machine']}); {results['rounds']} interleaved rounds of "
+        f"{results['steps_per_round']} steps, medians. Produced by `python benchmarks/hf_trainer.py`.",
         "",
         "| step | median s/step | ratio to `softcache train` (median of rounds) |",
         "| --- | ---: | ---: |",

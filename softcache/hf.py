@@ -48,7 +48,6 @@ from softcache.data import StoreDataset, batches_per_epoch, epoch_order, rank_ba
 from softcache.distributed import launched_as_main
 from softcache.errors import SoftcacheError
 from softcache.evaluate import evaluate
-from softcache.logs import LOGGER
 from softcache.losses import DIVERGENCES, TAILS, DistillationLoss, Projected
 from softcache.models import output_vocab
 from softcache.packing import forward_documents, uses_varlen
@@ -57,7 +56,7 @@ from softcache.student import check_compatible, fusable
 from softcache.tokenizer import tokenizer_fingerprint
 from softcache.train_job import fuse_wanted
 
-log = logging.getLogger(LOGGER)
+log = logging.getLogger(__name__)
 
 
 class StoreSequences(Dataset):
@@ -238,6 +237,11 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # older transformers read this, not loss_is_scaled_for_ga
         self.distillation = store_loss(store, divergence, tail, temperature, beta, chunk_tokens)
         self.fused = self._fuse(fused_linear, train_dataset)
+        ignored = [name for name, value in (("train_sampling_strategy", self.args.train_sampling_strategy != "random"),
+                                            ("dataloader_drop_last", self.args.dataloader_drop_last)) if value]
+        if ignored and launched_as_main():
+            log.warning(f"warning: {' and '.join(ignored)} do not apply: the order and the batches are the store "
+                        "reader's (softcache.hf)")
         self._logged = torch.zeros(2)  # KD and CE means of the steps since the last log line
         self._logged_steps = 0
 
