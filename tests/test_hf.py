@@ -239,15 +239,11 @@ def test_evaluate_gives_softcache_evals_metrics(stores, student, tmp_path):
 
 
 def readme_example() -> str:
-    """The README's Trainer script: the python block that imports softcache.hf, from README.md once it is there."""
-    for name in ("README.md", "README-hf.md"):
-        path = ROOT / name
-        if path.exists():
-            blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
-            found = [block for block in blocks if "from softcache.hf import" in block]
-            if found:
-                return found[0]
-    raise AssertionError("no python block importing softcache.hf in README.md or README-hf.md")
+    """The README's Trainer script: the python block that imports softcache.hf."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+    found = [block for block in blocks if "from softcache.hf import" in block]
+    assert found, "no python block importing softcache.hf in README.md"
+    return found[0]
 
 
 def test_readme_example_runs_and_resumes(stores, student, tmp_path, monkeypatch):
