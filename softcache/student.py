@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ from softcache.hub import HubModel, find_hub_model, looks_like_hub_id
 from softcache.models import max_positions, output_vocab
 from softcache.store import Store
 from softcache.tokenizer import tokenizer_fingerprint
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""What makes a directory a LoRA adapter (peft's file), e.g. a LoRA run's final/."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,15 @@ def find_student(spec: str, flag: str = "--student") -> StudentSource:
 
 def build_student(spec: str, seed: int, flag: str = "--student", dtype: torch.dtype = torch.float32):
     """The student ``spec`` names: a config.json (random init, seeded), a model directory (its weights
-    when present, else random init) or a hub id in the local Hugging Face cache (its weights), with
-    weights of ``dtype``. The boundary for every student file: whatever is wrong with the config, the
+    when present, else random init), a LoRA adapter directory (its base with the adapter merged in) or
+    a hub id in the local Hugging Face cache (its weights), with weights of ``dtype``. The boundary for every student file: whatever is wrong with the config, the
     weights or their fit raises one :class:`SoftcacheError` naming ``flag``, the file and what to do."""
     from transformers import AutoModelForCausalLM
 
     source = find_student(spec, flag)
     path = source.path
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").exists():
+        return _load_adapter(path, spec, seed, flag, dtype)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise SoftcacheError(f"{flag} {spec} has no config.json (give a config.json, a model directory or a hub id)")
@@ -94,6 +100,32 @@ def build_student(spec: str, seed: int, flag: str = "--student", dtype: torch.dt
     except Exception as err:  # any architecture's constructor: its own checks raise many types
         raise SoftcacheError(f"{flag} {config_file}: transformers could not build a {config.model_type} causal LM "
                              f"from it ({one_line(err)}); fix the config") from err
+
+
+def _load_adapter(directory: Path, spec: str, seed: int, flag: str, dtype: torch.dtype):
+    """A LoRA adapter directory (a LoRA run's final/): the student it names as its base, with the adapter
+    merged into its weights."""
+    where = f"{flag} {spec}"
+    try:
+        base = json.loads((directory / ADAPTER_CONFIG).read_bytes().decode("utf-8")).get("base_model_name_or_path")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise SoftcacheError(f"{where}: {ADAPTER_CONFIG} is not a JSON mapping ({one_line(err)}); restore the "
+                             "file") from err
+    if not isinstance(base, str) or not base:
+        raise SoftcacheError(f"{where}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path); set it to the "
+                             "student the adapter was trained on")
+    model = build_student(base, seed, f"{where}: the adapter's base", dtype)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SoftcacheError(f"{where} is a LoRA adapter, which needs the peft package: pip install "
+                             "'softcache[lora]'") from None
+    try:
+        with _quiet_transformers():
+            return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    except Exception as err:  # a damaged or foreign adapter file raises many types
+        raise SoftcacheError(f"{where}: the adapter does not load onto its base {base} ({one_line(err)}); give the "
+                             "adapter's original base, or the merged model (--merge-lora)") from err
 
 
 def _read_config(file: Path, flag: str):
@@ -178,13 +210,16 @@ def _load_weights(directory: Path, files: list[Path], config, flag: str, dtype: 
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' own report of a failed load (a table on stderr) would follow our one line; the
-    load's outcome is checked and reported here instead."""
+    load's outcome is checked and reported here instead. Its deprecation notices about what peft
+    calls are not the user's to act on either."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(level)
 

@@ -172,3 +172,26 @@ def test_lora_needs_a_pretrained_student_peft_and_its_rank(lora_config, tmp_path
                                              r"'softcache\[lora\]'"):
         run_train(lora_config())
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_adapter_directory_as_its_base_with_the_adapter_merged(lora_config, trained_store, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from softcache.cli import main
+
+    run_train(lora_config(merge_lora=True, steps=3))
+    evaluations = {}
+    for model in ("final", "final/merged"):
+        result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run" / model), "--store",
+                                           str(trained_store), "--max-sequences", "8", "--json"])
+        assert result.exit_code == 0, result.output
+        evaluations[model] = json.loads(result.output)
+    assert evaluations["final"]["tokens"] == evaluations["final/merged"]["tokens"] == 8 * 31
+    for name in ("ce", "kl", "top1_agreement"):
+        assert evaluations["final"][name] == pytest.approx(evaluations["final/merged"][name], rel=1e-5)
+    config = tmp_path / "run" / "final" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "gone")}))
+    result = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run" / "final"), "--store", str(trained_store)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: --model {tmp_path / 'run' / 'final'}: the adapter's base {tmp_path / 'gone'} does not exist (give a "
+        "config.json, a model directory or a hub id)"]
