@@ -195,9 +195,9 @@ class TrainConfig:
 
     store: str = setting(help="Store written by softcache cache (must be complete).")
     student: str = setting(help="Student: a config.json of any Hugging Face causal LM (random init), a model "
-                                "directory (its weights are loaded when present), or a hub id (org/name) found in "
-                                "the local Hugging Face cache (HF_HOME; downloaded when not there, unless "
-                                "HF_HUB_OFFLINE=1).")
+                                "directory (its weights are loaded when present), a LoRA adapter directory (its "
+                                "base with the adapter merged in), or a hub id (org/name) found in the local Hugging "
+                                "Face cache (HF_HOME; downloaded when not there, unless HF_HUB_OFFLINE=1).")
     out: str = setting(resumable=True, help="Run directory: config.json, metrics.jsonl, checkpoints/, final/.")
     student_dtype: str = setting("float32", choices=STUDENT_DTYPES,
                                  help="The student's weights. bfloat16 on CPU trains in bfloat16 (a LoRA adapter stays "
@@ -320,7 +320,8 @@ RESUMABLE_CHANGES = tuple(spec.name for spec in settings_of(TrainConfig) if spec
 class EvalConfig:
     """Everything ``softcache eval`` needs; each field is the flag of the same name."""
 
-    model: str = setting(help="A saved model directory (e.g. a run's final/).")
+    model: str = setting(help="A saved model directory (a run's final/; for a LoRA run, final/ is its base with "
+                              "the adapter merged in), or a hub id in the local Hugging Face cache.")
     store: str = setting(help="Store to evaluate on (its true tokens and teacher targets).")
     batch_size: int = setting(8, ge=1, help="Sequences per batch.")
     max_sequences: int | None = setting(None, ge=1, help="Evaluate on the first N sequences only.")

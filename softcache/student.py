@@ -1,9 +1,10 @@
-"""The student: building or loading it, checking it against a store, saving it for ``from_pretrained``.
+"""The student: finding, building or loading it, checking it against a store, saving it for ``from_pretrained``.
 
-A student is any Hugging Face causal LM. It must be able to emit every id the store holds (its
-output vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the
-same way as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer``
-works on it.
+A student is any Hugging Face causal LM, named by a config.json (random init), a model directory,
+a LoRA adapter directory (its base with the adapter merged in) or a hub id found in the local
+Hugging Face cache (softcache.hub). It must be able to emit every id the store holds (its output
+vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the same way
+as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer`` works on it.
 
 :func:`build_student` is the one boundary for the files a user hands us as a student (config.json,
 weights, tokenizer files are checked in :func:`check_compatible`): each is parsed and checked there,

@@ -136,12 +136,15 @@ def test_target_modules_by_name(lora_config, tmp_path):
 
 
 def test_bfloat16_on_cpu_trains_a_float32_adapter_on_a_bfloat16_base(lora_config, tmp_path):
-    job = StudentJob(lora_config(student_dtype="bfloat16", out=str(tmp_path / "inspected")))
+    job = StudentJob(lora_config(student_dtype="bfloat16", fused_linear="on", out=str(tmp_path / "inspected")))
     job.setup_store()
     job.setup_model()
     dtypes = {(p.requires_grad, p.dtype) for p in job.model.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
-    run_train(lora_config(out=str(tmp_path / "bf16"), student_dtype="bfloat16"))
+    job.setup_optimizer()
+    job.setup_forward()
+    assert job.fused  # a bfloat16 head is still a plain linear map of the hidden states
+    run_train(lora_config(out=str(tmp_path / "bf16"), student_dtype="bfloat16", fused_linear="on"))
     run_train(lora_config(out=str(tmp_path / "fp32")))
     for a, b in zip(metrics(tmp_path / "bf16"), metrics(tmp_path / "fp32")):  # the same run, to bf16's precision
         assert a["kd"] == pytest.approx(b["kd"], rel=2e-2) and a["ce"] == pytest.approx(b["ce"], rel=2e-2)
