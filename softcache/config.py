@@ -287,8 +287,8 @@ class TrainConfig:
         if not self.lora_r:
             given = [flag for flag, value, default in (
                 ("--lora-alpha", self.lora_alpha, None), ("--lora-dropout", self.lora_dropout, 0.0),
-                ("--lora-target-modules", self.lora_target_modules, ALL_LINEAR), ("--merge-lora", self.merge_lora, False))
-                if value != default]
+                ("--lora-target-modules", self.lora_target_modules, ALL_LINEAR),
+                ("--merge-lora", self.merge_lora, False)) if value != default]
             if given:
                 raise SoftcacheError(f"{given[0]} needs --lora-r: LoRA is off at --lora-r 0 (the default); give a rank "
                                      "such as --lora-r 16, or drop the flag")

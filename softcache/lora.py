@@ -99,7 +99,7 @@ def frozen_sha256(model) -> str:
             continue
         tensor = parameter.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(parameter.shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
     return digest.hexdigest()
 
 

@@ -79,8 +79,9 @@ def find_student(spec: str, flag: str = "--student") -> StudentSource:
 def build_student(spec: str, seed: int, flag: str = "--student", dtype: torch.dtype = torch.float32):
     """The student ``spec`` names: a config.json (random init, seeded), a model directory (its weights
     when present, else random init), a LoRA adapter directory (its base with the adapter merged in) or
-    a hub id in the local Hugging Face cache (its weights), with weights of ``dtype``. The boundary for every student file: whatever is wrong with the config, the
-    weights or their fit raises one :class:`SoftcacheError` naming ``flag``, the file and what to do."""
+    a hub id in the local Hugging Face cache (its weights), with weights of ``dtype``. The boundary
+    for every student file: whatever is wrong with the config, the weights or their fit raises one
+    :class:`SoftcacheError` naming ``flag``, the file and what to do."""
     from transformers import AutoModelForCausalLM
 
     source = find_student(spec, flag)

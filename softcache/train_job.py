@@ -1,8 +1,9 @@
 """The student job: distil a store's cached teacher targets into a student, with no teacher in memory.
 
-:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a LoRA
-student replaces ``setup_model``, FSDP ``setup_model`` and ``checkpoint``, a Hugging Face Trainer
-adapter drives ``train_step``'s pieces itself):
+:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (FSDP would
+replace ``setup_model`` and ``checkpoint``, a Hugging Face Trainer adapter drives ``train_step``'s
+pieces itself; a LoRA student changes ``setup_model``, ``restore``, ``checkpoint`` and ``save`` by one
+call each into softcache.lora):
 
     setup_store      open the store, resolve temperature and tail, split off evaluation data
     setup_model      build and check the student (and its LoRA adapter), prepare the run directory
@@ -106,6 +107,8 @@ class StudentJob:
         """The step of the newest checkpoint of this run, once there is one."""
         self.adapter = None
         """peft's wrapper of the student when it trains a LoRA adapter (--lora-r), else None."""
+        self.frozen_sha256: str | None = None
+        """With an adapter: the sha256 of the student's frozen weights (softcache.lora.frozen_sha256)."""
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -380,9 +383,9 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
         saved = _read_run_record(saved_path)
         # A setting added after the run started is taken at its default, which keeps the old behaviour.
         defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
-        differences = [f"{key}: run has {saved['config'].get(key, defaults[key])!r}, now {value!r}"
-                       for key, value in wanted["config"].items()
-                       if key not in (*RESUMABLE_CHANGES, "batch_size") and saved["config"].get(key, defaults[key]) != value]
+        before = {**defaults, **saved["config"]}
+        differences = [f"{key}: run has {before[key]!r}, now {value!r}" for key, value in wanted["config"].items()
+                       if key not in (*RESUMABLE_CHANGES, "batch_size") and before[key] != value]
         saved_world = saved.get("world_size", 1)
         if saved["config"]["batch_size"] * saved_world != config.batch_size * world:
             differences.append(f"global batch (--batch-size x ranks): run has {saved['config']['batch_size']} x "
