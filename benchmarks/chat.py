@@ -16,8 +16,8 @@ whose assistant turns are that topic's text; every fifth topic held out). Three 
    initialisation and batches within a seed), evaluated on the held-out split's assistant tokens.
    Differences are paired by seed: mean and standard error.
 
-    python benchmarks/chat.py                      # about 45 minutes on 2 CPU cores (3 seeds)
-    python benchmarks/chat.py --seeds 0 --steps 20 # a quick look
+    python benchmarks/chat.py                      # about an hour on 2 CPU cores (3 seeds)
+    python benchmarks/chat.py --parts students     # one part again; the others kept from chat.json
     python benchmarks/chat.py --device cuda        # the teacher on a GPU (students too)
 
 Stores and students under benchmarks/out/chat are reused; delete them to measure again.
@@ -120,6 +120,9 @@ def student_run(work: Path, train: Path, heldout: Path, name: str, alpha: float,
     return {**lines[-1]["eval"], "seconds": seconds}
 
 
+PARTS = ("bytes", "speed", "students")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="builtin:smollm2")
@@ -127,20 +130,19 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=48, help="Rows of the bytes and speed comparisons.")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=str(HERE / "out" / "chat"))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="Measure only these; the others are kept from results/chat.json.")
     parser.add_argument("--report-only", action="store_true", help="Redraw from results/chat.json.")
-    parser.add_argument("--speed-only", action="store_true",
-                        help="Measure the teacher job's speed again and update results/chat.json (bytes and students "
-                             "kept).")
     args = parser.parse_args()
     work = Path(args.work)
+    path = HERE / "results" / "chat.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
     if args.report_only:
-        results = json.loads((HERE / "results" / "chat.json").read_text())
-        results.setdefault("entries", entries_by_position(work))
         write_report(results)
         return
     work.mkdir(parents=True, exist_ok=True)
@@ -152,26 +154,58 @@ def main() -> None:
     base = config("unused")
     teacher = load_teacher(base)
     train = pack_corpus(base, teacher.tokenizer)
+    device = teacher.device
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
+    results.update({"machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
+                    "teacher": args.teacher, "seq_len": args.seq_len, "train_rows": len(train.input_ids),
+                    "train_teaching_share": float(train.teach.mean()),
+                    "train_padding_share": train.padding_positions / train.input_ids.size})
     print(f"{args.teacher}: training split {len(train.input_ids):,} rows of {args.seq_len}, "
           f"{train.teach.mean():.1%} of positions teach, {(train.segments.max(1) + 1).mean():.2f} segments per row",
           flush=True)
-
-    # 1 and 2: bytes and speed on the first rows, chat and text stores of the same tokens.
     subset = dataclasses.replace(train, input_ids=train.input_ids[:args.sequences], teach=train.teach[:args.sequences],
                                  segments=train.segments[:args.sequences])
-    kinds = {"top64": {"k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
-    sizes = {}
-    for shape, corpus in () if args.speed_only else (("chat", subset), ("text", as_text(subset))):
-        configs = [config(f"bytes-{shape}-{name}", **fields) for name, fields in kinds.items()]
-        timed_job(configs, teacher, corpus)
-        sizes[shape] = {name: store_sizes(Path(c.out)) for name, c in zip(kinds, configs)}
-    if sizes:
+    if "bytes" in args.parts:  # 1: chat and text stores of the same tokens
+        kinds = {"top64": {"k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
+        sizes = {}
+        for shape, corpus in (("chat", subset), ("text", as_text(subset))):
+            configs = [config(f"bytes-{shape}-{name}", **fields) for name, fields in kinds.items()]
+            timed_job(configs, teacher, corpus)
+            sizes[shape] = {name: store_sizes(Path(c.out)) for name, c in zip(kinds, configs)}
+        results.update(sizes=sizes, entries=entries_by_position(work), sequences=args.sequences)
         print(json.dumps(sizes, indent=1), flush=True)
+    if "speed" in args.parts:  # 2: interleaved rounds on the same rows
+        results.update(teacher_speed(teacher, subset, config, args.rounds), speed_sequences=args.sequences,
+                       rounds=args.rounds)
+    if "students" in args.parts:  # 3: on the whole training split and the held-out split
+        stores = {"train": config("train-sampled50", targets="sampled", samples=50),
+                  "heldout": config("heldout-top64", split="heldout", k=64)}
+        for split, store_config in stores.items():
+            if not ((Path(store_config.out) / "manifest.json").exists() and open_store(store_config.out).complete):
+                started = time.perf_counter()
+                TeacherJob(store_config, teacher=teacher, corpus=train if split == "train" else None).run()
+                print(f"{split} store: {time.perf_counter() - started:.0f} s", flush=True)
+        del teacher
+        runs = {name: {str(seed): student_run(work, Path(stores["train"].out), Path(stores["heldout"].out), name, alpha,
+                                              seed, args)
+                       for seed in args.seeds}
+                for name, alpha in (("ce", 0.0), ("kd", 0.5))}
+        heldout = open_store(stores["heldout"].out)
+        results.update(heldout_teaching_positions=heldout.corpus.teaching_positions,
+                       teacher_ce=heldout.totals.teacher_ce, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       seeds=args.seeds, students=runs)
+    write_report(results)
+
+
+def teacher_speed(teacher, subset, config, rounds: int) -> dict:
+    """Seconds per pass over ``subset`` of each mode, in interleaved rounds, and medians of their ratios to
+    the forward with the document mask."""
     model, device = teacher.model, teacher.device
     bare_forward(model, subset.input_ids[:4], subset.segments[:4], 4, device)  # warm-up
     seconds = {"forward, document mask": [], "forward, no mask": [], "cache job, chat store (top-64)": [],
                "cache job, text store of the same tokens (top-64)": []}
-    for round_ in range(args.rounds):
+    for round_ in range(rounds):
         for mode, segments in (("forward, document mask", subset.segments), ("forward, no mask", None)):
             started = time.perf_counter()
             bare_forward(model, subset.input_ids, segments, 4, device)
@@ -181,39 +215,9 @@ def main() -> None:
             timed_job([config("speed-text", k=64)], teacher, as_text(subset)))
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
     masked = seconds["forward, document mask"]
-    ratios = {mode: statistics.median(s / b for s, b in zip(values, masked)) for mode, values in seconds.items()}
-    if args.speed_only:
-        results = json.loads((HERE / "results" / "chat.json").read_text())
-        write_report({**results, "seconds": seconds, "median_ratio_to_masked_forward": ratios, "rounds": args.rounds,
-                      "speed_sequences": args.sequences})
-        return
-
-    # 3: the students, on the whole training split and the held-out split.
-    stores = {"train": config("train-sampled50", targets="sampled", samples=50),
-              "heldout": config("heldout-top64", split="heldout", k=64)}
-    for split, store_config in stores.items():
-        if not ((Path(store_config.out) / "manifest.json").exists() and open_store(store_config.out).complete):
-            started = time.perf_counter()
-            TeacherJob(store_config, teacher=teacher, corpus=train if split == "train" else None).run()
-            print(f"{split} store: {time.perf_counter() - started:.0f} s", flush=True)
-    del teacher, model
-    runs = {name: {seed: student_run(work, Path(stores["train"].out), Path(stores["heldout"].out), name, alpha, seed,
-                                     args)
-                   for seed in args.seeds}
-            for name, alpha in (("ce", 0.0), ("kd", 0.5))}
-    heldout = open_store(stores["heldout"].out)
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    results = {
-        "machine": f"{machine}, torch {torch.__version__}, Python {platform.python_version()}",
-        "teacher": args.teacher, "seq_len": args.seq_len, "sequences": args.sequences, "rounds": args.rounds,
-        "train_rows": len(train.input_ids), "train_teaching_share": float(train.teach.mean()),
-        "heldout_teaching_positions": heldout.corpus.teaching_positions, "teacher_ce": heldout.totals.teacher_ce,
-        "sizes": sizes, "entries": entries_by_position(work), "seconds": seconds, "median_ratio_to_masked_forward": ratios,
-        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds,
-        "students": {name: {str(seed): run for seed, run in by_seed.items()} for name, by_seed in runs.items()},
-    }
-    write_report(results)
+    return {"seconds": seconds,
+            "median_ratio_to_masked_forward": {mode: statistics.median(s / b for s, b in zip(values, masked))
+                                               for mode, values in seconds.items()}}
 
 
 def paired(results: dict, metric: str) -> tuple[float, float]:
@@ -225,10 +229,11 @@ def paired(results: dict, metric: str) -> tuple[float, float]:
 
 
 def write_report(results: dict) -> None:
+    """results/chat.json, and chat.md with a section for each part measured so far."""
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "chat.json").write_text(json.dumps(results, indent=2) + "\n")
-    sizes, seeds = results["sizes"], results["seeds"]
+    padding = f", {results['train_padding_share']:.1%} are padding" if "train_padding_share" in results else ""
     lines = [
         "# Chat distillation: store size, teacher job speed, student quality",
         "",
@@ -236,54 +241,72 @@ def write_report(results: dict) -> None:
         "conversations whose user turns ask about a Python documentation topic and whose assistant turns are the "
         "topic's text, two answers per conversation; every fifth topic held out), rendered and packed by `softcache "
         f"cache` (`--packing documents`, `--train-on assistant`) into rows of {results['seq_len']} tokens: "
-        f"{results['train_rows']:,} training rows, {results['train_teaching_share']:.1%} of positions teach. "
+        f"{results['train_rows']:,} training rows; {results['train_teaching_share']:.1%} of positions teach{padding}. "
         f"{results['machine']}. Produced by `python benchmarks/chat.py`.",
         "",
-        f"## Bytes: a chat store vs a text store of the same tokens (first {results['sequences']} rows)",
-        "",
-        "| targets | store | bytes/token | bytes per teaching position | positions with targets |",
-        "| --- | --- | ---: | ---: | ---: |",
     ]
+    if "sizes" in results:
+        lines += _bytes_section(results)
+    if "seconds" in results:
+        lines += _speed_section(results)
+    if "students" in results:
+        lines += _students_section(results)
+    (out / "chat.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _bytes_section(results: dict) -> list[str]:
+    sizes, entries = results["sizes"], results["entries"]
+    lines = [f"## Bytes: a chat store vs a text store of the same tokens (first {results['sequences']} rows, padding "
+             "included: every position of the text store has a target)", "",
+             "| targets | store | bytes/token | bytes per teaching position | positions with targets |",
+             "| --- | --- | ---: | ---: | ---: |"]
     for kind in sizes["chat"]:
         for shape in ("chat", "text"):
             row = sizes[shape][kind]
             lines.append(f"| {kind} | {shape} | {row['bytes_per_token']:.1f} | {row['bytes_per_teaching_position']:.1f} "
                          f"| {row['teaching_share']:.1%} |")
-    entries = results["entries"]
-    lines += ["", "The chat store holds targets only where an assistant token follows; its other positions cost "
-              "their token id and a zero length. Its bytes per teaching position are above the text store's "
-              "average because the positions that teach are the uncertain ones: in the sampled text store they "
-              f"keep {entries['text_teaching']:.1f} unique ids on average, the prompt and template positions "
-              f"{entries['text_other']:.1f}. The chat store holds {entries['chat_total']:,} sampled entries, the text "
-              f"store {entries['text_total_at_teaching']:,} at the same positions (its contexts run across "
-              "conversations, so its draws differ a little).", "",
-              f"## Teacher job speed (the first {results.get('speed_sequences', results['sequences'])} rows, "
-              f"{results['rounds']} interleaved rounds, medians)", "",
-              "| mode | median seconds | / forward with the document mask |", "| --- | ---: | ---: |"]
+    return lines + ["", "The chat store holds targets only where an assistant token follows; its other positions "
+                    "cost their token id and a zero length. Its bytes per teaching position are above the text "
+                    "store's average because the positions that teach are the uncertain ones: in the sampled text "
+                    f"store they keep {entries['text_teaching']:.1f} unique ids on average, the prompt and template "
+                    f"positions {entries['text_other']:.1f}. The chat store holds {entries['chat_total']:,} sampled "
+                    f"entries, the text store {entries['text_total_at_teaching']:,} at the same positions (its "
+                    "contexts run across conversations, so its draws differ a little).", ""]
+
+
+def _speed_section(results: dict) -> list[str]:
+    lines = [f"## Teacher job speed (the first {results['speed_sequences']} rows, {results['rounds']} interleaved "
+             "rounds, medians)", "", "| mode | median seconds | / forward with the document mask |",
+             "| --- | ---: | ---: |"]
     for mode, values in results["seconds"].items():
-        lines.append(f"| {mode} | {statistics.median(values):.1f} | {results['median_ratio_to_masked_forward'][mode]:.2f}x |")
+        lines.append(f"| {mode} | {statistics.median(values):.1f} | "
+                     f"{results['median_ratio_to_masked_forward'][mode]:.2f}x |")
+    return lines + [""]
+
+
+def _students_section(results: dict) -> list[str]:
+    seeds = results["seeds"]
     ce_mean, ce_error = paired(results, "ce")
     kl_mean, kl_error = paired(results, "kl")
-    lines += ["", f"## Students: cross-entropy only vs distilled ({len(seeds)} seeds)", "",
-              f"The demo's 16 M-parameter Llama (`softcache.demo.STUDENT`), {results['steps']} steps of "
-              f"{results['batch_size']} x {results['seq_len']} tokens, lr {results['lr']}; the distilled student uses "
-              "alpha 0.5 on the training split's 50-draw sampled chat store. Evaluated on the held-out split's "
-              f"{results['heldout_teaching_positions']:,} assistant positions (the teacher's CE there: "
-              f"{results['teacher_ce']:.3f}). Differences are paired by seed (same initialisation and batches).", "",
-              "| student | held-out CE, seeds " + " / ".join(map(str, seeds)) + " | mean CE | KL to teacher (mean) "
-              "| top-1 agreement (mean) | median run |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"## Students: cross-entropy only vs distilled ({len(seeds)} seeds)", "",
+             f"The demo's 16 M-parameter Llama (`softcache.demo.STUDENT`), {results['steps']} steps of "
+             f"{results['batch_size']} x {results['seq_len']} tokens, lr {results['lr']}; the distilled student uses "
+             "alpha 0.5 on the training split's 50-draw sampled chat store. Evaluated on the held-out split's "
+             f"{results['heldout_teaching_positions']:,} assistant positions (the teacher's CE there: "
+             f"{results['teacher_ce']:.3f}). Differences are paired by seed (same initialisation and batches).", "",
+             "| student | held-out CE, seeds " + " / ".join(map(str, seeds)) + " | mean CE | KL to teacher (mean) "
+             "| top-1 agreement (mean) | median run |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, label in (("ce", "cross-entropy only"), ("kd", "distilled (sampled N=50)")):
         runs = [results["students"][name][str(s)] for s in seeds]
         ces = " / ".join(f"{r['ce']:.3f}" for r in runs)
-        lines.append(f"| {label} | {ces} | "
-                     f"{statistics.mean(r['ce'] for r in runs):.3f} | {statistics.mean(r['kl'] for r in runs):.3f} | "
+        lines.append(f"| {label} | {ces} | {statistics.mean(r['ce'] for r in runs):.3f} | "
+                     f"{statistics.mean(r['kl'] for r in runs):.3f} | "
                      f"{statistics.mean(r['top1_agreement'] for r in runs):.3f} | "
                      f"{statistics.median(r['seconds'] for r in runs):.0f} s |")
-    lines += ["", f"Distilled minus cross-entropy only, paired by seed: held-out CE {ce_mean:+.3f} ± {ce_error:.3f} "
-              f"nats, KL to the teacher {kl_mean:+.3f} ± {kl_error:.3f} (mean ± standard error; negative is better).",
-              ""]
-    (out / "chat.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return lines + ["", f"Distilled minus cross-entropy only, paired by seed: held-out CE {ce_mean:+.3f} ± "
+                    f"{ce_error:.3f} nats, KL to the teacher {kl_mean:+.3f} ± {kl_error:.3f} (mean ± standard "
+                    "error; negative is better).", ""]
 
 
 if __name__ == "__main__":
