@@ -1,12 +1,16 @@
 """The student job: distil a store's cached teacher targets into a student, with no teacher in memory.
 
 :class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a LoRA
-student replaces ``setup_model``, FSDP ``setup_model`` and ``checkpoint``, a Hugging Face Trainer
-adapter drives ``train_step``'s pieces itself):
+student replaces ``setup_model``; an FSDP student, softcache.fsdp, replaces the steps that see the
+whole model, ``distribute``, ``evaluate``, ``restore``, ``checkpoint`` and ``save``, and the
+``gradient_sync`` and ``clip_gradients`` hooks of ``train_step``; a Hugging Face Trainer adapter
+drives ``train_step``'s pieces itself):
 
     setup_store      open the store, resolve temperature and tail, split off evaluation data
-    setup_model      build and check the student, prepare the run directory, choose the fused loss
-    setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps
+    setup_model      build and check the student, prepare the run directory
+    setup_forward    choose the fused loss; ``distribute`` the student over the ranks (DDP)
+    setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps (of the distributed
+                     student's parameters: FSDP replaces them with shards)
     restore          continue from the newest checkpoint (--resume)
     setup_tracker    the --report-to tracker, continuing its run on a resume
     setup_data       the store's batches from the resume point on
@@ -37,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from softcache import checkpoint, lock
-from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
+from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TRAIN_DEFAULTS, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import Interrupted, SoftcacheError, one_line
@@ -88,12 +92,21 @@ def run_train(config: TrainConfig) -> TrainResult:
     """
     config.validate()
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-    with process_group(backend) as ranks, notes(config.progress):
+    # FSDP shards over a process group, a group of one outside torchrun (softcache.fsdp says why).
+    with process_group(backend, alone=config.fsdp) as ranks, notes(config.progress):
+        if config.fsdp:
+            from softcache.fsdp import FSDPStudentJob  # imports torch.distributed's FSDP only when asked
+
+            return FSDPStudentJob(config, ranks).run()
         return StudentJob(config, ranks).run()
 
 
 class StudentJob:
     """The student job's state and steps; see the module docstring for the order."""
+
+    sharded = False
+    """Whether the model is sharded over the ranks, so that evaluation, checkpoints and the final save
+    need every rank (FSDP); otherwise rank 0 does them alone."""
 
     def __init__(self, config: TrainConfig, ranks: Ranks = Ranks()):
         self.config = config
@@ -134,8 +147,7 @@ class StudentJob:
             _check_eval_store(config.eval_store, self.store)
 
     def setup_model(self) -> None:
-        """Build the student (seeded), check it against the store, prepare the run directory, and
-        choose the fused loss and DDP wrapping."""
+        """Build the student (seeded), check it against the store, prepare the run directory."""
         config = self.config
         if not config.progress:  # transformers' own bars (saving the final model) obey --no-progress too
             from transformers.utils import logging as hf_logging
@@ -181,7 +193,7 @@ class StudentJob:
             _truncate_metrics(self.out / METRICS, self.step)
 
     def setup_forward(self) -> None:
-        """Fuse the loss with the output projection when wanted and possible; wrap in DDP on several ranks."""
+        """Fuse the loss with the output projection when wanted and possible; distribute the student."""
         config = self.config
         logits_bytes = 4 * config.batch_size * self.store.layout.seq_len * output_vocab(self.model)
         wanted = fuse_wanted(config.fused_linear, self.device, logits_bytes)
@@ -190,10 +202,14 @@ class StudentJob:
         if wanted and not self.fused:
             note(self.ranks, "note: this student's logits are not a plain linear head on its hidden states; the loss "
                              "is computed from the logits")
-        self.trained = Trunk(self.model) if self.fused else self.model
-        if self.ranks.world > 1:
-            self.trained = torch.nn.parallel.DistributedDataParallel(
-                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.trained = self.distribute(Trunk(self.model) if self.fused else self.model)
+
+    def distribute(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (the student, or its Trunk) as the ranks train it: DistributedDataParallel on several."""
+        if self.ranks.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def setup_tracker(self) -> None:
         """The --report-to tracker (rank 0), continuing its run from the resumed step."""
@@ -227,6 +243,15 @@ class StudentJob:
             return Projected(output, self.model.get_output_embeddings().weight)
         return output.logits
 
+    def gradient_sync(self, sync: bool):
+        """The context of one micro-batch's forward and backward: the gradients are reduced over the
+        ranks only when ``sync`` (the step's last micro-batch); DDP's no_sync for the others."""
+        return contextlib.nullcontext() if sync or self.ranks.world == 1 else self.trained.no_sync()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to --clip-grad (0: no clipping); return their norm before clipping, 0-d."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or float("inf"))
+
     def _next_batch(self) -> dict:
         """The reader's next micro-batch. A Ctrl-C while it arrives takes effect once it has: a worker
         handing its tensors over prints a traceback of its own if the main process stops halfway."""
@@ -239,7 +264,7 @@ class StudentJob:
         started = time.perf_counter()
         micro = [self._next_batch() for _ in range(config.grad_accum)]
         # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
-        # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
+        # step's valid-position counts. DDP and FSDP average gradients over ranks, hence the factor world.
         counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
                                              sum((b["labels"] >= 0).sum() for b in micro)]).to(self.device))
         kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
@@ -247,14 +272,13 @@ class StudentJob:
         for index, batch in enumerate(micro):
             batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS + ("segments",)
                      if name in batch}
-            sync = index == len(micro) - 1 or ranks.world == 1
-            with contextlib.nullcontext() if sync else self.trained.no_sync():
+            with self.gradient_sync(index == len(micro) - 1):
                 kd, ce = self.loss(self.forward(batch), batch)
                 loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
                 loss.backward()
             kd_total += kd.detach()
             ce_total += ce.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        grad_norm = self.clip_gradients()
         health = torch.stack([torch.as_tensor(x, device=self.device).float() for x in (kd_total, ce_total, grad_norm)])
         if not bool(torch.isfinite(health).all()):  # before the weights change: the last checkpoint stays good
             kd, ce, norm = health.tolist()
@@ -319,29 +343,30 @@ class StudentJob:
         config, main = self.config, self.ranks.main
         self.setup_store()
         self.setup_model()
+        self.setup_forward()
         self.setup_optimizer()
         self.restore()
         self.setup_tracker()
-        self.setup_forward()
         self.setup_data()
         start_step = self.step
         started = time.perf_counter()
         final_eval = None
+        works = main or self.sharded  # whether this rank takes part in evaluation, checkpoints and the save
         with _progress(config, self.total_steps, start_step, disable=not main) as bar:
             while self.step < self.total_steps:
                 record = self.train_step()
                 done = self.step == self.total_steps
-                if self.evaluation and main and ((config.eval_every and self.step % config.eval_every == 0) or done):
+                if self.evaluation and works and ((config.eval_every and self.step % config.eval_every == 0) or done):
                     record["eval"] = self.evaluate()
                     final_eval = record["eval"] if done else final_eval
                 if main:
                     _append_metrics(self.out / METRICS, record)
                     self.tracker.log(record)
-                if main and (self.step % config.checkpoint_every == 0 or done):
+                if works and (self.step % config.checkpoint_every == 0 or done):
                     self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
-        if main:
+        if works:
             self.save()
         barrier(self.ranks)
         return TrainResult(self.out, self.total_steps - start_step, final_eval, time.perf_counter() - started)
@@ -365,9 +390,10 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
                                  "or choose another directory")
         saved = _read_run_record(saved_path)
-        differences = [f"{key}: run has {saved['config'].get(key)!r}, now {value!r}"
+        recorded = {**TRAIN_DEFAULTS, **saved["config"]}  # a setting newer than the run: it trained with the default
+        differences = [f"{key}: run has {recorded.get(key)!r}, now {value!r}"
                        for key, value in wanted["config"].items()
-                       if key not in (*RESUMABLE_CHANGES, "batch_size") and saved["config"].get(key) != value]
+                       if key not in (*RESUMABLE_CHANGES, "batch_size") and recorded.get(key) != value]
         saved_world = saved.get("world_size", 1)
         if saved["config"]["batch_size"] * saved_world != config.batch_size * world:
             differences.append(f"global batch (--batch-size x ranks): run has {saved['config']['batch_size']} x "
