@@ -92,6 +92,8 @@ def run_train(config: TrainConfig) -> TrainResult:
     """
     config.validate()
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
+    if config.fsdp_cpu_offload and backend == "nccl":  # offloaded shards meet in CPU collectives (the gradient norm)
+        backend = "cuda:nccl,cpu:gloo"
     # FSDP shards over a process group, a group of one outside torchrun (softcache.fsdp says why).
     with process_group(backend, alone=config.fsdp) as ranks, notes(config.progress):
         if config.fsdp:
