@@ -142,6 +142,18 @@ def test_fsdp_on_one_process_trains_as_plain_training(trained_store, students, r
     assert len(AutoTokenizer.from_pretrained(tmp_path / "fsdp" / "final")) == 384
 
 
+def test_a_store_of_packed_documents_trains_under_fsdp_as_without(cache_config, students, tmp_path):
+    from softcache import open_store
+    from softcache.cache_job import run_cache
+
+    store = cache_config(out=str(tmp_path / "documents"), packing="documents", long="split", seq_len=64)
+    run_cache(store)
+    assert "segments" in open_store(store.out).read_rows([0])  # the student sees each document alone
+    for name, fsdp in (("plain", False), ("fsdp", True)):
+        run_train(config(store.out, students["untied"], tmp_path / name, fsdp=fsdp))
+    same_run(tmp_path / "fsdp", tmp_path / "plain")
+
+
 def test_fsdp_on_two_ranks_gives_the_losses_of_ddp_and_of_one_rank(trained_store, students, references,  # noqa: F811
                                                                     tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
