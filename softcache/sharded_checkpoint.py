@@ -132,8 +132,9 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         set_state_dict(model, optimizer, model_state_dict=shards["model"],
                        optim_state_dict={"state": shards["optimizer"], "param_groups": state["param_groups"]})
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException; loaders raise many types
-        raise SoftcacheError(f"checkpoint {path} does not fit this run's student or optimiser ({_cause(err)}); was "
-                             "--student changed in place? Resume with the original student, or start a new --out") from err
+        raise SoftcacheError(f"checkpoint {path} does not fit this run's student or optimiser ({_cause(err)}); "
+                             "was --student changed in place? Resume with the original student, or start a new "
+                             "--out") from err
     return state
 
 

@@ -88,7 +88,8 @@ def run_train(config: TrainConfig) -> TrainResult:
     CUDA): every rank reads its part of each global batch (``--batch-size`` sequences per rank), the
     losses are divided by the valid-position counts of the whole step on all ranks, and rank 0
     writes the metrics, checkpoints and final model. A run can resume on another number of ranks
-    when the global batch (batch size x ranks) stays the same.
+    when the global batch (batch size x ranks) stays the same. With ``config.fsdp`` the student is
+    sharded with FSDP2 instead (softcache.fsdp), also on one process.
     """
     config.validate()
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"

@@ -47,9 +47,9 @@ def args(store, student, out, batch_size: int, *extra, notes: bool = False) -> l
 
 def config(store, student, out, **overrides) -> TrainConfig:
     """The one-process run of :func:`args`."""
-    return TrainConfig(**{**dict(store=str(store), student=student, out=str(out), steps=STEPS, batch_size=4, grad_accum=2,
-                                 lr=5e-3, checkpoint_every=2, eval_fraction=0.2, num_workers=0, progress=False),
-                          **overrides})
+    settings = dict(store=str(store), student=student, out=str(out), steps=STEPS, batch_size=4, grad_accum=2, lr=5e-3,
+                    checkpoint_every=2, eval_fraction=0.2, num_workers=0, progress=False)
+    return TrainConfig(**{**settings, **overrides})
 
 
 def two_ranks(*arguments) -> None:
@@ -178,8 +178,8 @@ def test_the_fused_loss_under_fsdp_with_a_tied_head_gives_the_one_rank_losses(tr
     same_run(tmp_path / "fused", tmp_path / "one")
 
 
-def test_a_run_stopped_mid_checkpoint_resumes_from_the_one_before_exactly(trained_store, students, references,  # noqa: F811
-                                                                          stopped_mid_checkpoint, tmp_path):
+def test_a_run_stopped_mid_checkpoint_resumes_from_the_one_before_exactly(
+        trained_store, students, references, stopped_mid_checkpoint, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(stopped_mid_checkpoint, run)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000002",
@@ -192,8 +192,8 @@ def test_a_run_stopped_mid_checkpoint_resumes_from_the_one_before_exactly(traine
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000002", "step-000000004"]
 
 
-def test_a_run_resumes_on_another_number_of_ranks(trained_store, students, references, stopped_mid_checkpoint,  # noqa: F811
-                                                  tmp_path, monkeypatch):
+def test_a_run_resumes_on_another_number_of_ranks(
+        trained_store, students, references, stopped_mid_checkpoint, tmp_path, monkeypatch):  # noqa: F811
     # 2 ranks -> 1: DCP reshards the model and the optimiser; the reader continues the same global batches.
     shutil.copytree(stopped_mid_checkpoint, tmp_path / "two-to-one")
     run_train(config(trained_store, students["untied"], tmp_path / "two-to-one", fsdp=True, resume=True))
@@ -236,8 +236,8 @@ def test_a_sharded_checkpoint_that_would_run_code_is_refused(trained_store, stud
         sharded_checkpoint.read_index(tmp_path / "mixed")
 
 
-def test_a_full_disk_while_writing_shards_is_one_error_keeping_the_older_checkpoint(trained_store, students,  # noqa: F811
-                                                                                     tmp_path, monkeypatch):
+def test_a_full_disk_while_writing_shards_is_one_error_keeping_the_older_checkpoint(
+        trained_store, students, tmp_path, monkeypatch):  # noqa: F811
     from torch.distributed.checkpoint.api import CheckpointException
 
     original, calls = sharded_checkpoint.dcp.save, []
