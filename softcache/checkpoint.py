@@ -1,7 +1,9 @@
 """Training checkpoints: one file per checkpoint, written atomically, newest found by name.
 
 A checkpoint holds the model, optimiser and scheduler states, every RNG state and the reader state,
-so that a resumed run continues exactly where the checkpoint was taken. The newest ``keep`` files
+so that a resumed run continues exactly where the checkpoint was taken (for a LoRA student, the
+adapter in place of the model, and the sha256 of the frozen weights it was trained on:
+softcache.lora). The newest ``keep`` files
 are kept. Everything in a checkpoint is tensors and plain Python values, so it loads with
 ``torch.load(weights_only=True)``: a run directory from someone else cannot run code on --resume.
 """

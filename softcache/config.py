@@ -25,6 +25,10 @@ from softcache.settings import check_settings, setting, settings_of
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+STUDENT_DTYPES = ("float32", "bfloat16")
+# --lora-target-modules: peft's shorthand for every linear layer but the output head (on a Llama-style
+# student: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
+ALL_LINEAR = "all-linear"
 FUSED_LINEAR = ("auto", "on", "off")
 # --fused-linear auto: fuse on CPU only above this much float32 logits per micro-batch. On CPU the fused
 # loss takes 10% of the memory but 1.3-1.5x the time of the unfused one (benchmarks/results/fused_loss.md).
@@ -196,9 +200,28 @@ class TrainConfig:
     field must match the saved run."""
 
     store: str = setting(help="Store written by softcache cache (must be complete).")
-    student: str = setting(help="Student: a config.json of any Hugging Face causal LM (random init) or a model "
-                                "directory (its weights are loaded when present).")
+    student: str = setting(help="Student: a config.json of any Hugging Face causal LM (random init), a model "
+                                "directory (its weights are loaded when present), a LoRA adapter directory (its "
+                                "base with the adapter merged in), or a hub id (org/name) found in the local Hugging "
+                                "Face cache (HF_HOME; downloaded when not there, unless HF_HUB_OFFLINE=1).")
     out: str = setting(resumable=True, help="Run directory: config.json, metrics.jsonl, checkpoints/, final/.")
+    student_dtype: str = setting("float32", choices=STUDENT_DTYPES,
+                                 help="The student's weights. bfloat16 on CPU trains in bfloat16 (a LoRA adapter stays "
+                                      "float32); on CUDA the weights that train stay float32 under bf16 autocast and "
+                                      "only frozen ones (a LoRA base) are stored in bfloat16.")
+    lora_r: int = setting(0, ge=0, help="Rank of LoRA adapters trained on a frozen pretrained student (needs peft: "
+                                        "pip install 'softcache[lora]'); 0 trains every weight.")
+    lora_alpha: float | None = setting(None, gt=0, help="LoRA scaling: the update is alpha / r x B A "
+                                                        "[default: 2 x --lora-r].")
+    lora_dropout: float = setting(0.0, ge=0, lt=1, help="Dropout on the input of the LoRA adapters.")
+    lora_target_modules: str = setting(
+        ALL_LINEAR, help="Comma-separated names of the linear modules that get adapters (a name matches a module "
+                         "whose path ends with it, e.g. q_proj,v_proj), or all-linear: every linear layer but the "
+                         "output head (on Llama-style students: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                         "down_proj).")
+    merge_lora: bool = setting(False, resumable=True,
+                               help="Also save the student with the adapter merged into its weights, in "
+                                    "OUT/final/merged (loads with AutoModelForCausalLM); OUT/final holds the adapter.")
     steps: int | None = setting(None, ge=1, help="Optimiser steps. With neither --steps nor --epochs: one epoch.")
     epochs: int | None = setting(None, ge=1, help="Passes over the training sequences (the step count is derived).")
     batch_size: int = setting(8, ge=1, help="Sequences per micro-batch (per rank).")
@@ -278,10 +301,41 @@ class TrainConfig:
             raise SoftcacheError("give --eval-store or --eval-fraction, not both")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise SoftcacheError("--fsdp-cpu-offload offloads FSDP's shards; add --fsdp, or drop --fsdp-cpu-offload")
+        if self.fsdp and self.lora_r:
+            raise SoftcacheError("--fsdp does not train LoRA adapters yet: a LoRA run's checkpoints and final/ hold the "
+                                 "adapter alone, which sharded checkpoints and the gathered final model do not; drop "
+                                 "--fsdp (DDP replicates the frozen student) or --lora-r")
         _check_device(self.device)
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the run")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """The LoRA flags mean something only with --lora-r; the target list names modules; peft is there."""
+        if not self.lora_r:
+            given = [flag for flag, value, default in (
+                ("--lora-alpha", self.lora_alpha, None), ("--lora-dropout", self.lora_dropout, 0.0),
+                ("--lora-target-modules", self.lora_target_modules, ALL_LINEAR),
+                ("--merge-lora", self.merge_lora, False)) if value != default]
+            if given:
+                raise SoftcacheError(f"{given[0]} needs --lora-r: LoRA is off at --lora-r 0 (the default); give a rank "
+                                     "such as --lora-r 16, or drop the flag")
+            return
+        if not self.lora_targets():
+            raise SoftcacheError(f"--lora-target-modules {self.lora_target_modules!r} names no module; give "
+                                 f"comma-separated module names (e.g. q_proj,v_proj) or {ALL_LINEAR}")
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise SoftcacheError("--lora-r needs the peft package, which is not installed: pip install "
+                                 "'softcache[lora]' (or pip install peft)") from None
+
+    def lora_targets(self) -> str | tuple[str, ...]:
+        """--lora-target-modules as peft takes it: ``"all-linear"`` or the module names (a tuple)."""
+        if self.lora_target_modules.strip().lower() == ALL_LINEAR:
+            return ALL_LINEAR
+        return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,15 +343,14 @@ class TrainConfig:
 
 RESUMABLE_CHANGES = tuple(spec.name for spec in settings_of(TrainConfig) if spec.resumable)
 """The TrainConfig fields a resumed run may change (marked ``resumable``); every other one must match."""
-TRAIN_DEFAULTS = {spec.name: spec.default for spec in settings_of(TrainConfig)}
-"""Each TrainConfig field's default: what a run recorded before that setting existed trained with."""
 
 
 @dataclass
 class EvalConfig:
     """Everything ``softcache eval`` needs; each field is the flag of the same name."""
 
-    model: str = setting(help="A saved model directory (e.g. a run's final/).")
+    model: str = setting(help="A saved model directory (a run's final/; for a LoRA run, final/ is its base with "
+                              "the adapter merged in), or a hub id in the local Hugging Face cache.")
     store: str = setting(help="Store to evaluate on (its true tokens and teacher targets).")
     batch_size: int = setting(8, ge=1, help="Sequences per batch.")
     max_sequences: int | None = setting(None, ge=1, help="Evaluate on the first N sequences only.")

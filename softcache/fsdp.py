@@ -102,8 +102,8 @@ def unsharded(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch
     and given the tensors themselves, so no second copy of the weights is made)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    with torch.device("meta"):  # no weights made: the gathered ones are assigned, in their own dtype
+        plain = AutoModelForCausalLM.from_config(model.config)
     plain.load_state_dict(weights, strict=True, assign=True)
     plain.tie_weights()  # tied weights arrive as two tensors
     plain.generation_config = model.generation_config

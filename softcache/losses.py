@@ -397,7 +397,9 @@ class _FusedLinearForwardKL(torch.autograd.Function):
         n = hidden.shape[0]
         projection = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # A frozen head (a LoRA student's) needs no gradient: a third of the backward's matmuls saved.
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
         buffer = torch.empty(min(chunk, n), weight.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
@@ -407,8 +409,10 @@ class _FusedLinearForwardKL(torch.autograd.Function):
                                      stats[rows], tail, temperature, grad_kd, grad_ce, buffer[: z.shape[0]])
             grad_z = grad_z.to(hidden.dtype)
             grad_hidden[rows] = grad_z @ projection
-            grad_weight.add_((grad_z.T @ h).float())
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None, None, None
+            if grad_weight is not None:
+                grad_weight.add_((grad_z.T @ h).float())
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_distillation_loss(

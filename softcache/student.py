@@ -1,9 +1,10 @@
-"""The student: building or loading it, checking it against a store, saving it for ``from_pretrained``.
+"""The student: finding, building or loading it, checking it against a store, saving it for ``from_pretrained``.
 
-A student is any Hugging Face causal LM. It must be able to emit every id the store holds (its
-output vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the
-same way as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer``
-works on it.
+A student is any Hugging Face causal LM, named by a config.json (random init), a model directory,
+a LoRA adapter directory (its base with the adapter merged in) or a hub id found in the local
+Hugging Face cache (softcache.hub). It must be able to emit every id the store holds (its output
+vocabulary at least the teacher's), and, unless the user overrides it, tokenize text the same way
+as the teacher. The saved model carries the store's tokenizer, so ``AutoTokenizer`` works on it.
 
 :func:`build_student` is the one boundary for the files a user hands us as a student (config.json,
 weights, tokenizer files are checked in :func:`check_compatible`): each is parsed and checked there,
@@ -17,40 +18,116 @@ import contextlib
 import difflib
 import json
 import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from softcache.errors import SoftcacheError, one_line
+from softcache.hub import HubModel, find_hub_model, looks_like_hub_id
 from softcache.models import max_positions, output_vocab
 from softcache.store import Store
 from softcache.tokenizer import tokenizer_fingerprint
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""What makes a directory a LoRA adapter (peft's file), e.g. a LoRA run's final/."""
 
-def build_student(spec: str, seed: int, flag: str = "--student"):
-    """The student ``spec`` names: a config.json (random init, seeded) or a model directory (its weights
-    when present, else random init). The boundary for every student file: whatever is wrong with the
-    config, the weights or their fit raises one :class:`SoftcacheError` naming ``flag``, the file and
-    what to do."""
+
+@dataclass(frozen=True)
+class StudentSource:
+    """Where the files of a ``--student`` are on this machine."""
+
+    spec: str
+    """What the user typed."""
+    path: Path
+    """A config file, or a model directory (for a hub id, its snapshot in the Hugging Face cache)."""
+    hub: HubModel | None = None
+
+    @property
+    def directory(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    @property
+    def weights(self) -> list[Path]:
+        return _weight_files(self.path) if self.path.is_dir() else []
+
+    @property
+    def base_name(self) -> str:
+        """How a LoRA adapter names this student as its base: the hub id, or the absolute directory."""
+        return self.hub.repo_id if self.hub else str(self.path.resolve())
+
+
+def find_student(spec: str, flag: str = "--student") -> StudentSource:
+    """The files ``spec`` names: a config file or model directory on this machine, or else a hub id
+    from the local Hugging Face cache (softcache.hub). A hub id must bring its weights."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return StudentSource(spec, path)
+    if not looks_like_hub_id(spec):
+        raise SoftcacheError(f"{flag} {spec} does not exist (give a config.json, a model directory or a hub id)")
+    hub = find_hub_model(spec, flag)
+    source = StudentSource(spec, hub.directory, hub)
+    if not source.weights:
+        raise SoftcacheError(f"{flag} {spec}: its snapshot in the Hugging Face cache ({hub.directory}) holds no "
+                             "weights; download them (hf download " + spec + "), or give a config.json to start "
+                             "from random weights")
+    return source
+
+
+def build_student(spec: str, seed: int, flag: str = "--student", dtype: torch.dtype = torch.float32):
+    """The student ``spec`` names: a config.json (random init, seeded), a model directory (its weights
+    when present, else random init), a LoRA adapter directory (its base with the adapter merged in) or
+    a hub id in the local Hugging Face cache (its weights), with weights of ``dtype``. The boundary
+    for every student file: whatever is wrong with the config, the weights or their fit raises one
+    :class:`SoftcacheError` naming ``flag``, the file and what to do."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(spec)
-    if not path.exists():
-        raise SoftcacheError(f"{flag} {spec} does not exist (give a config.json or a model directory)")
+    source = find_student(spec, flag)
+    path = source.path
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").exists():
+        return _load_adapter(path, spec, seed, flag, dtype)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise SoftcacheError(f"{flag} {spec} has no config.json (give a config.json or a model directory)")
+        raise SoftcacheError(f"{flag} {spec} has no config.json (give a config.json, a model directory or a hub id)")
     config = _read_config(config_file, flag)
-    weights = _weight_files(path) if path.is_dir() else []
+    weights = source.weights
     torch.manual_seed(seed)
     if weights:
-        return _load_weights(path, weights, config, flag)
+        return _load_weights(path, weights, config, flag, dtype)
     try:
         with _quiet_transformers():
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as err:  # any architecture's constructor: its own checks raise many types
         raise SoftcacheError(f"{flag} {config_file}: transformers could not build a {config.model_type} causal LM "
                              f"from it ({one_line(err)}); fix the config") from err
+
+
+def _load_adapter(directory: Path, spec: str, seed: int, flag: str, dtype: torch.dtype):
+    """A LoRA adapter directory (a LoRA run's final/): the student it names as its base, with the adapter
+    merged into its weights."""
+    where = f"{flag} {spec}"
+    try:
+        base = json.loads((directory / ADAPTER_CONFIG).read_bytes().decode("utf-8")).get("base_model_name_or_path")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise SoftcacheError(f"{where}: {ADAPTER_CONFIG} is not a JSON mapping ({one_line(err)}); restore the "
+                             "file") from err
+    if not isinstance(base, str) or not base:
+        raise SoftcacheError(f"{where}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path); set it to the "
+                             "student the adapter was trained on")
+    model = build_student(base, seed, f"{where}: the adapter's base", dtype)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise SoftcacheError(f"{where} is a LoRA adapter, which needs the peft package: pip install "
+                             "'softcache[lora]'") from None
+    try:
+        with _quiet_transformers():
+            return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    except Exception as err:  # a damaged or foreign adapter file raises many types
+        raise SoftcacheError(f"{where}: the adapter does not load onto its base {base} ({one_line(err)}); give the "
+                             "adapter's original base, or the merged model (--merge-lora)") from err
 
 
 def _read_config(file: Path, flag: str):
@@ -98,7 +175,7 @@ def _weight_files(directory: Path) -> list[Path]:
     return sorted(p for pattern in ("*.safetensors", "*.bin", "*.index.json") for p in directory.glob(pattern))
 
 
-def _load_weights(directory: Path, files: list[Path], config, flag: str):
+def _load_weights(directory: Path, files: list[Path], config, flag: str, dtype: torch.dtype):
     """The model of ``config`` with the weights in ``directory``; every weight it needs present with
     the shape the config gives it."""
     from safetensors import safe_open
@@ -115,7 +192,7 @@ def _load_weights(directory: Path, files: list[Path], config, flag: str):
                                      "start from random weights") from err
     try:
         with _quiet_transformers():
-            model, info = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32,
+            model, info = AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype,
                                                                output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as err:  # a damaged .bin or index raises many types
         raise SoftcacheError(f"{flag} {directory}: its weights could not be loaded ({one_line(err)}); replace "
@@ -135,13 +212,16 @@ def _load_weights(directory: Path, files: list[Path], config, flag: str):
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' own report of a failed load (a table on stderr) would follow our one line; the
-    load's outcome is checked and reported here instead."""
+    load's outcome is checked and reported here instead. Its deprecation notices about what peft
+    calls are not the user's to act on either."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(level)
 
@@ -161,8 +241,8 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
             f"{flag} {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
             f"{needed:,}; give the student vocab_size >= {needed:,}"
         )
-    directory = Path(student_spec)
-    if allow_tokenizer_mismatch or not directory.is_dir() or not (directory / "tokenizer_config.json").exists():
+    directory = find_student(student_spec, flag).directory
+    if allow_tokenizer_mismatch or directory is None or not (directory / "tokenizer_config.json").exists():
         return
     from transformers import AutoTokenizer
 
@@ -248,23 +328,36 @@ def fusable(model, input_ids: torch.Tensor) -> bool:
 
 def save_student(model, store: Store, directory: Path) -> None:
     """``save_pretrained`` plus the store's tokenizer, proven loadable (:func:`check_saved`), then swapped
-    into place atomically. A failed write (a full disk) raises :class:`SoftcacheError` naming
-    ``directory`` and leaves neither it nor the staging directory behind."""
+    into place atomically (:func:`write_final`)."""
+    write_final(store, directory, model.save_pretrained,
+                lambda staging: check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir()))
+
+
+def write_final(store: Store, directory: Path, save: Callable[[Path], None], check: Callable[[Path], None]) -> None:
+    """``save(staging)`` and the store's tokenizer into a staging directory beside ``directory``, then
+    ``check(staging)`` (raising :class:`SoftcacheError` when it does not load back), then the swap into
+    place. A failed write (a full disk) raises :class:`SoftcacheError` naming ``directory`` and leaves
+    neither it nor the staging directory behind."""
     staging = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
-        if store.tokenizer_path.is_dir():
-            for item in store.tokenizer_path.iterdir():
-                shutil.copy2(item, staging / item.name)
+        save(staging)
+        copy_tokenizer(store, staging)
     except Exception as err:  # OSError, or safetensors' SafetensorError wrapping one
         shutil.rmtree(staging, ignore_errors=True)
         reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
         raise SoftcacheError(f"could not save the student to {directory} ({reason}); the checkpoints are kept: "
                              "free space or fix the problem and rerun with --resume") from err
-    check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir())
+    check(staging)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
+
+
+def copy_tokenizer(store: Store, directory: Path) -> None:
+    """The store's tokenizer files into ``directory`` (a model directory), when the store has them."""
+    if store.tokenizer_path.is_dir():
+        for item in store.tokenizer_path.iterdir():
+            shutil.copy2(item, directory / item.name)
 
 
 def check_saved(model, directory: Path, with_tokenizer: bool) -> None:

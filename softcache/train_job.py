@@ -1,13 +1,14 @@
 """The student job: distil a store's cached teacher targets into a student, with no teacher in memory.
 
-:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a LoRA
-student replaces ``setup_model``; an FSDP student, softcache.fsdp, replaces the steps that see the
-whole model, ``distribute``, ``evaluate``, ``restore``, ``checkpoint`` and ``save``, and the
-``gradient_sync`` and ``clip_gradients`` hooks of ``train_step``; a Hugging Face Trainer adapter
-drives ``train_step``'s pieces itself):
+:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a Hugging
+Face Trainer adapter drives ``train_step``'s pieces itself; a LoRA student changes ``setup_model``,
+``restore``, ``checkpoint`` and ``save`` by one call each into softcache.lora; an FSDP student,
+softcache.fsdp, replaces the steps that see the whole model, ``distribute``, ``evaluate``,
+``restore``, ``checkpoint`` and ``save``, and the ``gradient_sync`` and ``clip_gradients`` hooks of
+``train_step``):
 
     setup_store      open the store, resolve temperature and tail, split off evaluation data
-    setup_model      build and check the student, prepare the run directory
+    setup_model      build and check the student (and its LoRA adapter), prepare the run directory
     setup_forward    choose the fused loss; ``distribute`` the student over the ranks (DDP)
     setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps (of the distributed
                      student's parameters: FSDP replaces them with shards)
@@ -16,8 +17,8 @@ drives ``train_step``'s pieces itself):
     setup_data       the store's batches from the resume point on
     train_step       one optimiser step: micro-batches, KD + CE summed and divided by the step's counts
     evaluate         held-out metrics
-    checkpoint       model, optimiser, schedule, RNG and reader state, atomically
-    save             a ``from_pretrained`` model with the store's tokenizer
+    checkpoint       model (or adapter), optimiser, schedule, RNG and reader state, atomically
+    save             a ``from_pretrained`` model (or adapter) with the store's tokenizer
 
 ``run()`` calls them in that order and loops ``train_step`` with evaluation, metrics and
 checkpoints as configured.
@@ -26,6 +27,7 @@ checkpoints as configured.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,8 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from softcache import checkpoint, lock
-from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TRAIN_DEFAULTS, TrainConfig
+from softcache import checkpoint, lock, lora
+from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import Interrupted, SoftcacheError, one_line
@@ -53,7 +55,7 @@ from softcache.optim import adamw, warmup_cosine
 from softcache.packing import forward_documents, uses_varlen
 from softcache.store import open_store
 from softcache.store.files import atomic_file, write_json
-from softcache.student import Trunk, build_student, check_compatible, fusable, save_student
+from softcache.student import Trunk, build_student, check_compatible, find_student, fusable, save_student
 from softcache.trackers import NoTracker, open_tracker
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,10 @@ class StudentJob:
         self.checkpointed: int | None = None
         """The step of the newest checkpoint of this run, once there is one."""
         self.tracker = NoTracker()
+        self.adapter = None
+        """peft's wrapper of the student when it trains a LoRA adapter (--lora-r), else None."""
+        self.frozen_sha256: str | None = None
+        """With an adapter: the sha256 of the student's frozen weights (softcache.lora.frozen_sha256)."""
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -150,7 +156,8 @@ class StudentJob:
             _check_eval_store(config.eval_store, self.store)
 
     def setup_model(self) -> None:
-        """Build the student (seeded), check it against the store, prepare the run directory."""
+        """Build the student (seeded, in --student-dtype), check it against the store, freeze it under a
+        LoRA adapter when asked, and prepare the run directory."""
         config = self.config
         if not config.progress:  # transformers' own bars (saving the final model) obey --no-progress too
             from transformers.utils import logging as hf_logging
@@ -158,11 +165,18 @@ class StudentJob:
             hf_logging.disable_progress_bar()
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        self.model = build_student(config.student, config.seed)
+        self.model = build_student(config.student, config.seed, dtype=getattr(torch, config.student_dtype))
         check_compatible(self.model, self.store, config.student, config.allow_tokenizer_mismatch)
+        if config.lora_r:
+            self.adapter = lora.attach(self.model, lora.LoraSettings.of(config), find_student(config.student))
+            self.frozen_sha256 = lora.frozen_sha256(self.model)  # a resume must find the same frozen weights
         # Only once every check has passed: a refused run leaves nothing.
         on_main(self.ranks, lambda: _prepare_run_dir(self.out, config, self.store, self.ranks.world))
         self.model.to(self.device).train()
+        if self.autocast is not None:  # mixed precision: the weights that train stay float32 (master weights)
+            for parameter in self.model.parameters():
+                if parameter.requires_grad and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
 
     def setup_optimizer(self) -> None:
         """AdamW and the warm-up/cosine schedule over the run's optimiser steps."""
@@ -179,8 +193,15 @@ class StudentJob:
         found = broadcast(self.ranks, checkpoint.latest(self.out) if self.config.resume and self.ranks.main else None)
         if found is not None:
             state = checkpoint.load(found)
+            if self.adapter is not None and state.get("frozen_sha256") != self.frozen_sha256:
+                raise SoftcacheError(f"checkpoint {found} was trained on other frozen weights than --student "
+                                     f"{self.config.student} holds now (changed in place, or a newer snapshot in the "
+                                     "Hugging Face cache?); resume with the original student, or start a new --out")
             try:
-                self.model.load_state_dict(state["model"])
+                if self.adapter is not None:
+                    lora.load_adapter_state(self.model, state["model"])
+                else:
+                    self.model.load_state_dict(state["model"])
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
                 checkpoint.set_rng_state(state["rng"])
@@ -312,16 +333,23 @@ class StudentJob:
     def checkpoint(self) -> None:
         """Everything a resumed run needs to continue exactly, written atomically (rank 0)."""
         self.reader.batches_consumed = self.step * self.config.grad_accum
-        checkpoint.save(self.out, self.step, {
-            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(), "reader": self.reader.to_dict(),
-            "world_size": self.ranks.world,
-        })
+        # A LoRA student's checkpoint holds the adapter alone: the frozen weights are --student's, checked on resume.
+        model = self.model.state_dict() if self.adapter is None else lora.adapter_state(self.model)
+        state = {"step": self.step, "model": model, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": checkpoint.rng_state(),
+                 "reader": self.reader.to_dict(), "world_size": self.ranks.world}
+        if self.adapter is not None:
+            state["frozen_sha256"] = self.frozen_sha256
+        checkpoint.save(self.out, self.step, state)
         self.checkpointed = self.step
 
     def save(self) -> None:
-        """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0)."""
-        save_student(self.model, self.store, self.out / "final")
+        """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0); for a LoRA student the
+        adapter, and with --merge-lora the merged student in OUT/final/merged."""
+        if self.adapter is not None:
+            lora.save_adapter(self.adapter, self.store, self.out / "final", merge=self.config.merge_lora)
+        else:
+            save_student(self.model, self.store, self.out / "final")
 
     # ---- the recipe ----------------------------------------------------------------------------
 
@@ -393,10 +421,11 @@ def _prepare_run_dir(out: Path, config: TrainConfig, store, world: int) -> None:
             raise SoftcacheError(f"--out {out} already holds a training run; pass --resume to continue it, "
                                  "or choose another directory")
         saved = _read_run_record(saved_path)
-        recorded = {**TRAIN_DEFAULTS, **saved["config"]}  # a setting newer than the run: it trained with the default
-        differences = [f"{key}: run has {recorded.get(key)!r}, now {value!r}"
-                       for key, value in wanted["config"].items()
-                       if key not in (*RESUMABLE_CHANGES, "batch_size") and recorded.get(key) != value]
+        # A setting added after the run started is taken at its default, which keeps the old behaviour.
+        defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+        before = {**defaults, **saved["config"]}
+        differences = [f"{key}: run has {before[key]!r}, now {value!r}" for key, value in wanted["config"].items()
+                       if key not in (*RESUMABLE_CHANGES, "batch_size") and before[key] != value]
         saved_world = saved.get("world_size", 1)
         if saved["config"]["batch_size"] * saved_world != config.batch_size * world:
             differences.append(f"global batch (--batch-size x ranks): run has {saved['config']['batch_size']} x "

@@ -188,3 +188,40 @@ def edit_record(path: Path, change) -> None:
     record = json.loads(path.read_text())
     record = change(record) or record
     path.write_text(json.dumps(sealed(record, RECORD_SEAL)))
+
+
+STUDENT = {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+"""The tiny student's config.json (a 1-layer Llama for the tiny teacher's vocabulary)."""
+
+
+def make_student(directory: Path, seed: int = 7) -> Path:
+    """A "pretrained" student: the tiny Llama with seeded random weights saved by ``save_pretrained``
+    (config.json and model.safetensors, no tokenizer files)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**STUDENT)).save_pretrained(directory)
+    return directory
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0123456789abcdef" * 2 + "01234567"
+                     ) -> Path:
+    """Place the files of ``model_dir`` in the Hugging Face cache at ``cache`` (HF_HUB_CACHE) as ``repo_id``'s
+    main revision, in the layout huggingface_hub writes: blobs named by their sha256, a snapshot of links to
+    them, and refs/main naming the commit. Returns the snapshot directory."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(model_dir.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -199,3 +199,27 @@ def test_builtin_chat_corpus_is_fixed_split_and_valid():
     assert all(paragraph in topics[row["topic"]] for row in every for turn in row["messages"]
                if turn["role"] == "assistant" for paragraph in turn["content"].split("\n\n"))
     assert sum(len(a) <= CHUNK_CHARS for a in answers) / len(answers) > 0.95
+
+
+def test_fused_student_sees_packed_documents_alone_too(cache_config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from softcache.student import Trunk
+    from softcache.train_job import StudentJob
+
+    corpus = pack_by_hand(documents(seed=3, count=10))
+    config = cache_config(max_sequences=None, k=8)
+    TeacherJob(config, corpus=corpus).run()
+    batch = StoreDataset(config.out, batch_size=3, shuffle=False, epochs=1).read(np.arange(3))
+    torch.manual_seed(1)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                           tie_word_embeddings=False))
+    loss = DistillationLoss("fkl", "bucket", 1.0, 0.5, 64)
+    job = StudentJob.__new__(StudentJob)
+    job.model, job.device, job.autocast = student, torch.device("cpu"), None
+    results = []
+    for fused in (False, True):
+        job.fused, job.trained = fused, Trunk(student) if fused else student
+        results.append(loss(job.forward(batch), batch))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from softcache.chat import InputShape, TrainOn
 from softcache.cli import main
-from softcache.config import DTYPES, FUSED_LINEAR, RESUMABLE_CHANGES, CacheConfig, EvalConfig, TrainConfig
+from softcache.config import (DTYPES, FUSED_LINEAR, RESUMABLE_CHANGES, STUDENT_DTYPES, CacheConfig, EvalConfig,
+                              TrainConfig)
 from softcache.demo import DemoConfig
 from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
@@ -31,7 +32,7 @@ CONFIGS = {"cache": CacheConfig, "train": TrainConfig, "eval": EvalConfig}
 REGISTRIES = {
     ("cache", "format"): tuple(FORMATS), ("cache", "targets"): tuple(TARGET_KINDS), ("cache", "ids"): ID_CODES,
     ("cache", "values"): VALUE_CODES, ("cache", "dtype"): DTYPES, ("train", "loss"): DIVERGENCES,
-    ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR,
+    ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR, ("train", "student_dtype"): STUDENT_DTYPES,
     ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
     ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG), ("train", "report_to"): TRACKERS,
 }
@@ -94,7 +95,7 @@ def test_the_demo_keeps_exactly_its_seven_flags():
 def test_resumable_changes_come_from_the_fields():
     assert set(RESUMABLE_CHANGES) == {"out", "resume", "progress", "num_workers", "verify_shards", "eval_every",
                                       "checkpoint_every", "device", "chunk_tokens", "fused_linear", "report_to",
-                                      "fsdp_cpu_offload"}
+                                      "fsdp_cpu_offload", "merge_lora"}
 
 
 @pytest.mark.parametrize("command", ["cache", "train", "eval", "demo"])

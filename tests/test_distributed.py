@@ -113,6 +113,34 @@ def test_two_rank_student_matches_one_rank_with_the_same_global_batch(student_st
                                                                                    "step-000000004.pt"]
 
 
+def test_two_rank_lora_student_with_the_fused_loss_matches_one_rank(student_store, tmp_path):
+    """DDP around a frozen student whose adapters train (issue 15): gradients of the adapters only."""
+    import torch
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from softcache.cli import main
+
+    from conftest import make_student
+
+    store, _ = student_store
+    student = str(make_student(tmp_path / "pretrained"))
+    lora = ("--lora-r", 4, "--fused-linear", "on")
+    one = CliRunner().invoke(main, [str(a) for a in train_args(store, student, tmp_path / "one", 4, 4, *lora)])
+    assert one.exit_code == 0, one.output
+    two = torchrun(*train_args(store, student, tmp_path / "two", 2, 4, *lora))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "not a plain linear head" not in one.output + two.stderr  # the fused loss ran
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert x["tokens"] == y["tokens"]
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["kd"] == pytest.approx(x["kd"], rel=1e-5)
+    a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
 def test_a_run_resumes_on_another_number_of_ranks(student_store, tmp_path, monkeypatch):
     import torch
 

@@ -150,6 +150,12 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     changed.write_text(student.read_text())
     assert run(*train[:2], changed, *train[3:], "--store", store, "--out", root / "changed-run").exit_code == 0
     changed.write_text(json.dumps({**settings, "hidden_size": 64}))
+    # a LoRA run whose student's weights were replaced afterwards (issue 15)
+    shutil.copytree(saved, root / "lora-student")
+    lora = ["--lora-r", 2, "--out", root / "lora-run"]
+    assert run(*train[:2], root / "lora-student", *train[3:], "--store", store, *lora).exit_code == 0
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).save_pretrained(root / "lora-student")
+    (root / "configs" / "dtype.yaml").write_text("student_dtype: float16\n")
     return {"root": root, "base": base, "store": store, "corpus": corpus_file, "train": train, "student": student,
             "no_tokenizer": no_tokenizer, "small": small, "other_tokenizer": other_tokenizer}
 
@@ -418,6 +424,33 @@ MISTAKES += [
     ("--packing stream on chat rows",
      lambda w: cache(w, **{"--data": w["root"] / "chat.jsonl", "--packing": "stream"}),
      "--packing stream joins text documents into one stream; messages rows are packed whole"),
+    # LoRA and students from anywhere (issue 15)
+    ("--lora-r on a student without weights", lambda w: train(w, None, None, "--lora-r", 4),
+     "--lora-r trains an adapter on a pretrained student, but --student {root}/student.json has no weights"),
+    ("--lora-target-modules naming no linear module",
+     lambda w: with_student(w, "saved-student", None, "--lora-r", 4, "--lora-target-modules", "q_proj,qkv"),
+     "--lora-target-modules: 'qkv' is not a linear module of --student {root}/saved-student; its linear modules are "
+     "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or give all-linear)"),
+    ("--lora-target-modules naming nothing", lambda w: with_student(w, "saved-student", None, "--lora-r", 4,
+                                                                   "--lora-target-modules", ","),
+     "--lora-target-modules ',' names no module; give comma-separated module names"),
+    ("--merge-lora without --lora-r", lambda w: with_student(w, "saved-student", None, "--merge-lora"),
+     "--merge-lora needs --lora-r: LoRA is off at --lora-r 0 (the default)"),
+    ("--lora-alpha without --lora-r", lambda w: with_student(w, "saved-student", None, "--lora-alpha", 16),
+     "--lora-alpha needs --lora-r"),
+    ("a negative --lora-r", lambda w: train(w, None, None, "--lora-r", -1), "--lora-r must be at least 0, got -1"),
+    ("a --lora-dropout of 1", lambda w: train(w, None, None, "--lora-r", 4, "--lora-dropout", 1),
+     "--lora-dropout must be in [0, 1), got 1.0"),
+    ("a --lora-alpha of 0", lambda w: train(w, None, None, "--lora-r", 4, "--lora-alpha", 0),
+     "--lora-alpha must be greater than 0, got 0.0"),
+    ("a LoRA run resumed on a student whose weights changed",
+     lambda w: with_student(w, "lora-student", w["root"] / "lora-run", "--lora-r", 2, "--resume"),
+     "was trained on other frozen weights than --student {root}/lora-student holds now"),
+    ("a --student that is no file, directory or hub id", lambda w: with_student(w, "no/such/student"),
+     "--student {root}/no/such/student does not exist (give a config.json, a model directory or a hub id)"),
+    ("a --student-dtype the student job does not train in",
+     lambda w: train(w, None, None, "--config", w["root"] / "configs" / "dtype.yaml"),
+     "dtype.yaml: --student-dtype must be one of float32, bfloat16, got 'float16'"),
     ("a chat row with an unknown role", lambda w: cache(w, **{"--data": w["root"] / "robot.jsonl",
                                                               "--chat-template": w["root"] / "chatml.jinja"}),
      "--data {root}/robot.jsonl: row 1, column 'messages': turn 0 has the role 'robot'; roles are system, user, "
@@ -432,6 +465,8 @@ MISTAKES += [
      "--fsdp-cpu-offload moves FSDP's shards off a GPU; on cpu they are in CPU memory already"),
     ("resuming a DDP run with --fsdp", lambda w: train(w, None, w["root"] / "run", "--resume", "--fsdp"),
      "--resume with changed settings (fsdp: run has False, now True)"),
+    ("--fsdp with a LoRA student", lambda w: train(w, None, None, "--fsdp", "--lora-r", 4),
+     "--fsdp does not train LoRA adapters yet"),
 ]
 
 

@@ -305,6 +305,23 @@ def test_linear_loss_equals_the_loss_on_materialised_logits(kind, tail, temperat
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_linear_loss_with_a_frozen_head_gives_the_hidden_gradient_alone():
+    """A LoRA student's head is frozen: the fused forward KL skips its gradient, not the hidden states'."""
+    from softcache.losses import linear_distillation_loss
+
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 12, generator=g, dtype=torch.float64) * 0.5
+    teacher = torch.log_softmax(torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 3, -1).topk(6, dim=-1)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    frozen = linear_distillation_loss(hidden, weight, teacher.indices, teacher.values, mask, labels, chunk_tokens=3)
+    trained = linear_distillation_loss(hidden, weight.clone().requires_grad_(), teacher.indices, teacher.values, mask,
+                                       labels, chunk_tokens=3)
+    grad = torch.autograd.grad(sum(frozen), hidden)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(sum(trained), hidden)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["fkl", "jsd"])
 def test_loss_object_is_the_loss_functions_behind_one_call(kind):
     """DistillationLoss(settings)(output, batch): logits and Projected(hidden, weight) give the values

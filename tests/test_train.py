@@ -175,6 +175,19 @@ def test_incomplete_store_and_changed_resume_are_refused(train_config, trained_s
         run_train(train_config(steps=2, lr=1e-2, resume=True))
 
 
+def test_a_run_from_before_a_setting_existed_resumes_at_its_default(train_config, tmp_path):
+    """A run directory written before --student-dtype and the LoRA flags existed resumes: a missing
+    setting is its default, which is what that run did."""
+    run_train(train_config(steps=2))
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("student_dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora"):
+        del record["config"][key]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    assert run_train(train_config(steps=2, resume=True)).steps == 0
+    with pytest.raises(SoftcacheError, match=r"changed settings \(student_dtype: run has 'float32', now 'bfloat16'\)"):
+        run_train(train_config(steps=2, resume=True, student_dtype="bfloat16"))
+
+
 def test_damaged_checkpoint_is_one_clear_error(train_config, tmp_path):
     run_train(train_config(steps=2, checkpoint_every=1))
     newest = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1]

