@@ -72,7 +72,7 @@ def student_job(args, run_dir: Path) -> StudentJob:
                          lr=1e-4, weight_decay=0.1, checkpoint_every=10**6, num_workers=0, fused_linear="off",
                          device="cpu", progress=False)
     job = StudentJob(config)
-    for step in (job.setup_store, job.setup_model, job.setup_optimizer, job.restore, job.setup_forward, job.setup_data):
+    for step in (job.setup_store, job.setup_model, job.setup_forward, job.setup_optimizer, job.restore, job.setup_data):
         step()
     return job
 

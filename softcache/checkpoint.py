@@ -94,7 +94,9 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path) -> dict:
+def load(path: Path, parts: tuple[str, ...] = ("model", "optimizer", "scheduler", "rng")) -> dict:
+    """The checkpoint at ``path``, checked: a mapping with a dict for each of ``parts`` and a step count.
+    (A sharded checkpoint's own file holds fewer parts: softcache.sharded_checkpoint.)"""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -106,7 +108,6 @@ def load(path: Path) -> dict:
     except Exception as err:  # a damaged file raises many types
         raise SoftcacheError(f"checkpoint {path} is damaged ({type(err).__name__}); delete it to resume from an "
                              "older one") from err
-    parts = ("model", "optimizer", "scheduler", "rng")
     if not isinstance(state, dict) or not all(isinstance(state.get(part), dict) for part in parts):
         raise SoftcacheError(f"checkpoint {path} is not a softcache checkpoint (it lacks {', '.join(parts)})")
     step = state.get("step")

@@ -266,6 +266,19 @@ class TrainConfig:
              "the [batch, length, vocab] logits: a tenth of the memory, 1.3-1.5x the loss time on CPU. auto: on for "
              f"CUDA, or when a micro-batch's float32 logits would exceed {FUSE_ABOVE_BYTES >> 30} GiB. Used only when "
              "the model's logits are a plain linear head (checked at start).")
+    fsdp: bool = setting(
+        False, help="Shard the student's weights, gradients and optimiser state over the ranks with PyTorch's FSDP2 "
+                    "(fully_shard on each transformer block, then on the whole model) instead of replicating them with "
+                    "DistributedDataParallel: each rank holds a 1/ranks share and gathers one block at a time. Same "
+                    "losses as DDP. Checkpoints become sharded directories (torch.distributed.checkpoint) that resume "
+                    "on another number of ranks with the same global batch; final/ is gathered into one model. Without "
+                    "torchrun, one process is a group of one (same checkpoints). On CUDA, weights are gathered in "
+                    "bfloat16 and gradients reduced in float32. Needs torch >= 2.6.")
+    fsdp_cpu_offload: bool = setting(
+        False, resumable=True,
+        help="With --fsdp on CUDA: keep the weight shards, gradients and optimiser state in CPU memory and run the "
+             "optimiser step there, copying each block's weights to the GPU when it runs; a larger student per GPU, "
+             "at the cost of host-device copies every step.")
     progress: bool = setting(True, resumable=True, help="Progress bar on stderr.")
     report_to: str = setting("none", choices=_trackers, resumable=True,
                              help="Also send metrics.jsonl's records to a tracker: tensorboard (OUT/tensorboard) or "
@@ -286,6 +299,12 @@ class TrainConfig:
         check_settings(self)
         if self.eval_fraction and self.eval_store:
             raise SoftcacheError("give --eval-store or --eval-fraction, not both")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise SoftcacheError("--fsdp-cpu-offload offloads FSDP's shards; add --fsdp, or drop --fsdp-cpu-offload")
+        if self.fsdp and self.lora_r:
+            raise SoftcacheError("--fsdp does not train LoRA adapters yet: a LoRA run's checkpoints and final/ hold the "
+                                 "adapter alone, which sharded checkpoints and the gathered final model do not; drop "
+                                 "--fsdp (DDP replicates the frozen student) or --lora-r")
         _check_device(self.device)
         out = Path(self.out)
         if out.exists() and not out.is_dir():

@@ -41,16 +41,23 @@ class Ranks:
 
 
 @contextlib.contextmanager
-def process_group(backend: str):
+def process_group(backend: str, alone: bool = False):
     """Join torchrun's process group (``backend``: gloo or nccl) when launched with WORLD_SIZE > 1;
-    yield this process's :class:`Ranks`. The group is left when the block ends."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    yield this process's :class:`Ranks`. The group is left when the block ends.
+
+    ``alone``: outside torchrun, form a group of this one process (FSDP shards over a group);
+    otherwise a single process has no group."""
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single and not alone:
         yield Ranks()
         return
     if dist.is_initialized():  # the caller already joined: use its group, leave it alone
         yield _joined()
         return
-    dist.init_process_group(backend=backend)
+    if single:  # an in-memory rendezvous: nothing to reach, nothing for torchrun's variables to say
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend=backend)
     try:
         yield _joined()
     finally:

@@ -1,13 +1,17 @@
 """The student job: distil a store's cached teacher targets into a student, with no teacher in memory.
 
-:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (FSDP would
-replace ``setup_model`` and ``checkpoint``, a Hugging Face Trainer adapter drives ``train_step``'s
-pieces itself; a LoRA student changes ``setup_model``, ``restore``, ``checkpoint`` and ``save`` by one
-call each into softcache.lora):
+:class:`StudentJob` is a recipe of named steps, each small enough to replace on its own (a Hugging
+Face Trainer adapter drives ``train_step``'s pieces itself; a LoRA student changes ``setup_model``,
+``restore``, ``checkpoint`` and ``save`` by one call each into softcache.lora; an FSDP student,
+softcache.fsdp, replaces the steps that see the whole model, ``distribute``, ``evaluate``,
+``restore``, ``checkpoint`` and ``save``, and the ``gradient_sync`` and ``clip_gradients`` hooks of
+``train_step``):
 
     setup_store      open the store, resolve temperature and tail, split off evaluation data
     setup_model      build and check the student (and its LoRA adapter), prepare the run directory
-    setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps
+    setup_forward    choose the fused loss; ``distribute`` the student over the ranks (DDP)
+    setup_optimizer  AdamW and its warm-up/cosine schedule over the run's steps (of the distributed
+                     student's parameters: FSDP replaces them with shards)
     restore          continue from the newest checkpoint (--resume)
     setup_tracker    the --report-to tracker, continuing its run on a resume
     setup_data       the store's batches from the resume point on
@@ -86,16 +90,28 @@ def run_train(config: TrainConfig) -> TrainResult:
     CUDA): every rank reads its part of each global batch (``--batch-size`` sequences per rank), the
     losses are divided by the valid-position counts of the whole step on all ranks, and rank 0
     writes the metrics, checkpoints and final model. A run can resume on another number of ranks
-    when the global batch (batch size x ranks) stays the same.
+    when the global batch (batch size x ranks) stays the same. With ``config.fsdp`` the student is
+    sharded with FSDP2 instead (softcache.fsdp), also on one process.
     """
     config.validate()
     backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-    with process_group(backend) as ranks, notes(config.progress):
+    if config.fsdp_cpu_offload and backend == "nccl":  # offloaded shards meet in CPU collectives (the gradient norm)
+        backend = "cuda:nccl,cpu:gloo"
+    # FSDP shards over a process group, a group of one outside torchrun (softcache.fsdp says why).
+    with process_group(backend, alone=config.fsdp) as ranks, notes(config.progress):
+        if config.fsdp:
+            from softcache.fsdp import FSDPStudentJob  # imports torch.distributed's FSDP only when asked
+
+            return FSDPStudentJob(config, ranks).run()
         return StudentJob(config, ranks).run()
 
 
 class StudentJob:
     """The student job's state and steps; see the module docstring for the order."""
+
+    sharded = False
+    """Whether the model is sharded over the ranks, so that evaluation, checkpoints and the final save
+    need every rank (FSDP); otherwise rank 0 does them alone."""
 
     def __init__(self, config: TrainConfig, ranks: Ranks = Ranks()):
         self.config = config
@@ -201,7 +217,7 @@ class StudentJob:
             _truncate_metrics(self.out / METRICS, self.step)
 
     def setup_forward(self) -> None:
-        """Fuse the loss with the output projection when wanted and possible; wrap in DDP on several ranks."""
+        """Fuse the loss with the output projection when wanted and possible; distribute the student."""
         config = self.config
         logits_bytes = 4 * config.batch_size * self.store.layout.seq_len * output_vocab(self.model)
         wanted = fuse_wanted(config.fused_linear, self.device, logits_bytes)
@@ -210,10 +226,14 @@ class StudentJob:
         if wanted and not self.fused:
             note(self.ranks, "note: this student's logits are not a plain linear head on its hidden states; the loss "
                              "is computed from the logits")
-        self.trained = Trunk(self.model) if self.fused else self.model
-        if self.ranks.world > 1:
-            self.trained = torch.nn.parallel.DistributedDataParallel(
-                self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.trained = self.distribute(Trunk(self.model) if self.fused else self.model)
+
+    def distribute(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (the student, or its Trunk) as the ranks train it: DistributedDataParallel on several."""
+        if self.ranks.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def setup_tracker(self) -> None:
         """The --report-to tracker (rank 0), continuing its run from the resumed step."""
@@ -247,6 +267,15 @@ class StudentJob:
             return Projected(output, self.model.get_output_embeddings().weight)
         return output.logits
 
+    def gradient_sync(self, sync: bool):
+        """The context of one micro-batch's forward and backward: the gradients are reduced over the
+        ranks only when ``sync`` (the step's last micro-batch); DDP's no_sync for the others."""
+        return contextlib.nullcontext() if sync or self.ranks.world == 1 else self.trained.no_sync()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to --clip-grad (0: no clipping); return their norm before clipping, 0-d."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad or float("inf"))
+
     def _next_batch(self) -> dict:
         """The reader's next micro-batch. A Ctrl-C while it arrives takes effect once it has: a worker
         handing its tensors over prints a traceback of its own if the main process stops halfway."""
@@ -259,7 +288,7 @@ class StudentJob:
         started = time.perf_counter()
         micro = [self._next_batch() for _ in range(config.grad_accum)]
         # One averaging rule: sums over the whole step (all micro-batches, all ranks), divided by the
-        # step's valid-position counts. DDP averages gradients over ranks, hence the factor world.
+        # step's valid-position counts. DDP and FSDP average gradients over ranks, hence the factor world.
         counts = all_sum(ranks, torch.stack([sum(b["mask"].sum() for b in micro),
                                              sum((b["labels"] >= 0).sum() for b in micro)]).to(self.device))
         kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
@@ -267,14 +296,13 @@ class StudentJob:
         for index, batch in enumerate(micro):
             batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS + ("segments",)
                      if name in batch}
-            sync = index == len(micro) - 1 or ranks.world == 1
-            with contextlib.nullcontext() if sync else self.trained.no_sync():
+            with self.gradient_sync(index == len(micro) - 1):
                 kd, ce = self.loss(self.forward(batch), batch)
                 loss = (config.alpha * kd / kd_count + (1 - config.alpha) * ce / ce_count) * ranks.world
                 loss.backward()
             kd_total += kd.detach()
             ce_total += ce.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.clip_grad or float("inf"))
+        grad_norm = self.clip_gradients()
         health = torch.stack([torch.as_tensor(x, device=self.device).float() for x in (kd_total, ce_total, grad_norm)])
         if not bool(torch.isfinite(health).all()):  # before the weights change: the last checkpoint stays good
             kd, ce, norm = health.tolist()
@@ -346,29 +374,30 @@ class StudentJob:
         config, main = self.config, self.ranks.main
         self.setup_store()
         self.setup_model()
+        self.setup_forward()
         self.setup_optimizer()
         self.restore()
         self.setup_tracker()
-        self.setup_forward()
         self.setup_data()
         start_step = self.step
         started = time.perf_counter()
         final_eval = None
+        works = main or self.sharded  # whether this rank takes part in evaluation, checkpoints and the save
         with _progress(config, self.total_steps, start_step, disable=not main) as bar:
             while self.step < self.total_steps:
                 record = self.train_step()
                 done = self.step == self.total_steps
-                if self.evaluation and main and ((config.eval_every and self.step % config.eval_every == 0) or done):
+                if self.evaluation and works and ((config.eval_every and self.step % config.eval_every == 0) or done):
                     record["eval"] = self.evaluate()
                     final_eval = record["eval"] if done else final_eval
                 if main:
                     _append_metrics(self.out / METRICS, record)
                     self.tracker.log(record)
-                if main and (self.step % config.checkpoint_every == 0 or done):
+                if works and (self.step % config.checkpoint_every == 0 or done):
                     self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
-        if main:
+        if works:
             self.save()
         barrier(self.ranks)
         return TrainResult(self.out, self.total_steps - start_step, final_eval, time.perf_counter() - started)

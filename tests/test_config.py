@@ -95,7 +95,7 @@ def test_the_demo_keeps_exactly_its_seven_flags():
 def test_resumable_changes_come_from_the_fields():
     assert set(RESUMABLE_CHANGES) == {"out", "resume", "progress", "num_workers", "verify_shards", "eval_every",
                                       "checkpoint_every", "device", "chunk_tokens", "fused_linear", "report_to",
-                                      "merge_lora"}
+                                      "fsdp_cpu_offload", "merge_lora"}
 
 
 @pytest.mark.parametrize("command", ["cache", "train", "eval", "demo"])

@@ -458,6 +458,15 @@ MISTAKES += [
     ("a corpus directory holding two input shapes", lambda w: cache(w, **{"--data": w["root"] / "two-shapes-dir"}),
      "two-shapes-dir/b.jsonl holds text rows (columns: text, id) but {root}/two-shapes-dir/a.jsonl holds messages "
      "rows; every file of --data must hold rows of one input shape"),
+    # FSDP students (issue 15 item 3)
+    ("--fsdp-cpu-offload without --fsdp", lambda w: train(w, None, None, "--fsdp-cpu-offload"),
+     "--fsdp-cpu-offload offloads FSDP's shards; add --fsdp, or drop --fsdp-cpu-offload"),
+    ("--fsdp-cpu-offload on the CPU", lambda w: train(w, None, None, "--fsdp", "--fsdp-cpu-offload", "--device", "cpu"),
+     "--fsdp-cpu-offload moves FSDP's shards off a GPU; on cpu they are in CPU memory already"),
+    ("resuming a DDP run with --fsdp", lambda w: train(w, None, w["root"] / "run", "--resume", "--fsdp"),
+     "--resume with changed settings (fsdp: run has False, now True)"),
+    ("--fsdp with a LoRA student", lambda w: train(w, None, None, "--fsdp", "--lora-r", 4),
+     "--fsdp does not train LoRA adapters yet"),
 ]
 
 
