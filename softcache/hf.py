@@ -227,7 +227,7 @@ class DistillationTrainer(Trainer):
         store = train_dataset.open()
         store.check_tokenizer()
         name = getattr(model, "name_or_path", "") or type(model).__name__
-        check_compatible(model, store, name, allow_tokenizer_mismatch, flag="model")
+        check_compatible(model, store, name, allow_tokenizer_mismatch, flag="model", student_files=False)
         if eval_dataset is not None:
             _check_eval_store(eval_dataset.open(), store)
         processing_class = _tokenizer(processing_class, store, allow_tokenizer_mismatch)

@@ -227,9 +227,10 @@ def _quiet_transformers():
 
 
 def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool,
-                     flag: str = "--student") -> None:
+                     flag: str = "--student", student_files: bool = True) -> None:
     """Refuse a student that is not a causal LM, admits fewer positions than the store's sequences,
-    cannot hold the store's ids, or tokenizes differently (unless allowed)."""
+    cannot hold the store's ids, or tokenizes differently (unless allowed). ``student_files=False``:
+    ``student_spec`` only names a model built in Python (no files to find, no tokenizer among them)."""
     check_causal(model, student_spec, flag=flag)
     length = store.layout.seq_len
     if (limit := max_positions(model)) is not None and length > limit:
@@ -241,7 +242,7 @@ def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mis
             f"{flag} {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
             f"{needed:,}; give the student vocab_size >= {needed:,}"
         )
-    directory = find_student(student_spec, flag).directory
+    directory = find_student(student_spec, flag).directory if student_files else None
     if allow_tokenizer_mismatch or directory is None or not (directory / "tokenizer_config.json").exists():
         return
     from transformers import AutoTokenizer

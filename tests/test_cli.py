@@ -148,7 +148,7 @@ def test_python_dash_m_and_debug_traceback(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["train", "--seed", "1.5"], "Invalid value for '--seed': '1.5' is not a valid integer. (softcache train --help"),
     (["cache", "--format", "parquet"], "Invalid value for '--format'"),
-    (["train", "--lrr", "0.1"], "No such option '--lrr'. Did you mean '--lr'?"),
+    (["train", "--lrr", "0.1"], "No such option '--lrr'. (Did you mean one of: '--lora-r', '--lr'?)"),
     (["info"], "Missing argument 'STORE'"),
     (["verify", "a", "b"], "Got unexpected extra argument (b)"),
 ])
