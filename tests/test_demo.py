@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from softcache.demo import DemoConfig, run_demo
 
 
@@ -28,6 +30,7 @@ def test_demo_runs_and_reruns(tiny_teacher, tmp_path, capsys):
     assert top.rows[1]["ce"] == result.rows[1]["ce"] and (tmp_path / "demo" / "store-train-topk").is_dir()
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_chat_demo_trains_on_assistant_tokens_only(tiny_teacher, tmp_path):
     import shutil
 

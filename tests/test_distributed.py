@@ -113,6 +113,7 @@ def test_two_rank_student_matches_one_rank_with_the_same_global_batch(student_st
                                                                                    "step-000000004.pt"]
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_two_rank_lora_student_with_the_fused_loss_matches_one_rank(student_store, tmp_path):
     """DDP around a frozen student whose adapters train (issue 15): gradients of the adapters only."""
     import torch

@@ -130,6 +130,7 @@ def test_the_blocks_sharded_one_by_one_are_the_decoder_layers():
     assert transformer_blocks(gpt2) == list(reversed(gpt2.transformer.h))
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_fsdp_on_one_process_trains_as_plain_training(trained_store, students, references, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 
@@ -168,6 +169,7 @@ def test_fsdp_on_two_ranks_gives_the_losses_of_ddp_and_of_one_rank(trained_store
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_the_fused_loss_under_fsdp_with_a_tied_head_gives_the_one_rank_losses(trained_store, students,  # noqa: F811
                                                                                tmp_path):
     run_train(config(trained_store, students["tied"], tmp_path / "one"))
@@ -192,6 +194,7 @@ def test_a_run_stopped_mid_checkpoint_resumes_from_the_one_before_exactly(
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000000002", "step-000000004"]
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_a_run_resumes_on_another_number_of_ranks(
         trained_store, students, references, stopped_mid_checkpoint, tmp_path, monkeypatch):  # noqa: F811
     # 2 ranks -> 1: DCP reshards the model and the optimiser; the reader continues the same global batches.

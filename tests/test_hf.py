@@ -278,6 +278,7 @@ if trainer.args.process_index == 0:
 """
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_two_ranks_give_the_one_rank_losses(stores, student, tmp_path):
     """torchrun, 2 gloo ranks x 2 sequences vs 1 rank x 4, on the chat store (the ranks' counts differ) with the fused
     loss through DDP: the same losses and gradient norms."""
