@@ -15,6 +15,7 @@ not installed is one error line before training starts.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Protocol
@@ -76,7 +77,7 @@ class WandB:
             raise SoftcacheError("--report-to wandb needs the wandb package: pip install 'softcache[trackers]' "
                                  "(or pip install wandb)") from err
         id_file = out / WANDB_ID
-        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else secrets.token_hex(6)
+        run_id = _saved_id(id_file) if start_step and id_file.is_file() else secrets.token_hex(6)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(dir=str(out), id=run_id, resume="allow", name=out.name, config=config,
                               mode=os.environ.get("WANDB_MODE", "offline"), project=os.environ.get("WANDB_PROJECT",
@@ -87,6 +88,18 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _saved_id(path: Path) -> str:
+    """The run id a resumed run continues: what this module wrote (12 hex digits), nothing else."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SoftcacheError(f"{path} cannot be read ({err}); delete it to start a new W&B run") from None
+    if not re.fullmatch(r"[0-9a-z]{1,64}", text):
+        raise SoftcacheError(f"{path} does not hold a W&B run id (lowercase letters and digits); restore it, or "
+                             "delete it to start a new W&B run")
+    return text
 
 
 class NoTracker:

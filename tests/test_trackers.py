@@ -72,3 +72,16 @@ def test_a_missing_tracker_package_is_one_line(train_config, tmp_path, monkeypat
     monkeypatch.setattr(builtins, "__import__", without_tensorboard)
     with pytest.raises(SoftcacheError, match=r"--report-to tensorboard needs the tensorboard package"):
         run_train(train_config(out=str(tmp_path / "run"), report_to="tensorboard"))
+
+
+@pytest.mark.parametrize("content", ["../../etc\n", "", "x" * 65, "\xff"])
+def test_a_damaged_wandb_run_id_is_one_line(tmp_path, content):
+    from softcache import SoftcacheError
+    from softcache.trackers import WANDB_ID, _saved_id
+
+    path = tmp_path / WANDB_ID
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(SoftcacheError, match=WANDB_ID):
+        _saved_id(path)
+    path.write_text("a1b2c3\n")
+    assert _saved_id(path) == "a1b2c3"
