@@ -64,8 +64,14 @@ def bare_forward(model, input_ids: np.ndarray, batch_size: int, device: torch.de
 
 def cache_job(teacher, corpus, base: CacheConfig, out: Path, **targets) -> float:
     """Seconds of one teacher job's pass and writes into a new store at ``out`` (setup not timed)."""
-    shutil.rmtree(out, ignore_errors=True)
-    with TeacherJob(dataclasses.replace(base, out=str(out), **targets), teacher=teacher, corpus=corpus) as job:
+    return timed_job([dataclasses.replace(base, out=str(out), **targets)], teacher, corpus)
+
+
+def timed_job(configs: list[CacheConfig], teacher, corpus) -> float:
+    """Seconds of one teacher pass writing ``configs``' stores afresh (loading and opening not timed)."""
+    for config in configs:
+        shutil.rmtree(config.out, ignore_errors=True)
+    with TeacherJob(configs, teacher=teacher, corpus=corpus) as job:
         job.load()
         job.open_stores()
         started = time.perf_counter()

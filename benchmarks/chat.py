@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import platform
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ from softcache.demo import STUDENT
 from softcache.packing import forward_documents
 from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
+
+from cache_job import timed_job  # benchmarks/cache_job.py: the same timed teacher pass
 
 HERE = Path(__file__).parent
 CORPUS = "builtin:python-docs-chat"
@@ -62,19 +63,6 @@ def bare_forward(model, input_ids: np.ndarray, segments: np.ndarray | None, batc
                 forward_documents(lambda **inputs: model(use_cache=False, **inputs), ids, rows)
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def timed_job(configs: list[CacheConfig], teacher, corpus) -> float:
-    """Seconds of one teacher pass writing ``configs``' stores afresh (loading not timed)."""
-    for config in configs:
-        shutil.rmtree(config.out, ignore_errors=True)
-    with TeacherJob(configs, teacher=teacher, corpus=corpus) as job:
-        job.load()
-        job.open_stores()
-        started = time.perf_counter()
-        job.write()
-        job.finish()
-        return time.perf_counter() - started
 
 
 def as_text(corpus):
