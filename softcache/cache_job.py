@@ -1,8 +1,9 @@
 """The teacher job: run a causal LM over a corpus once and store its next-token distributions.
 
-:class:`TeacherJob` reads as its steps: load the teacher (:func:`load_teacher`), pack the corpus
-(:func:`pack_corpus`), open (or resume) each store, run the teacher shard by shard with the writes
-overlapped in the background, and finish each store with its manifest written last. One job can
+:class:`TeacherJob` reads as its steps: load the teacher (:func:`load_teacher`), index the corpus
+(:func:`stream_corpus`: one pass, or the index a resumed store saved), open (or resume) each store,
+run the teacher shard by shard, each shard's rows rebuilt from the input as it comes, with the
+writes overlapped in the background, and finish each store with its manifest written last. One job can
 write several stores from one teacher pass (same teacher and corpus, other targets or formats);
 ``run_cache`` and ``cache_many`` are its one-call forms, and the benchmarks build the same object.
 """
@@ -25,7 +26,8 @@ from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
 from softcache.chat import read_chat_template
 from softcache.corpus import PackedCorpus, read_rows
-from softcache.corpus_documents import pack_rows
+from softcache.corpus_documents import Recipe, pack_rows
+from softcache.corpus_stream import StreamedCorpus, corpus_key, index_corpus, read_index, save_index
 from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
 from softcache.logs import note, notes
@@ -96,13 +98,44 @@ def load_teacher(config: CacheConfig, ranks: Ranks = Ranks(), tokenizer=None) ->
 
 def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> PackedCorpus:
     """``--data`` read, tokenized or rendered with the teacher's tokenizer and packed into ``--seq-len``
-    sequences (softcache.corpus_documents)."""
+    sequences in memory (softcache.corpus_documents; the benchmarks' way to hand one corpus to
+    several jobs; the job itself streams: :func:`stream_corpus`)."""
     template = read_chat_template(config.chat_template)
     rows = read_rows(config.data, config.text_column, config.split,
                      None if config.input_shape == "auto" else config.input_shape)
     corpus = pack_rows(rows, tokenizer, config.seq_len, max_sequences=config.max_sequences, train_on=config.train_on,
                        packing=config.packing, long=config.long, chat_template=template,
                        skip_bad_rows=config.skip_bad_rows, progress=config.progress and ranks.main)
+    note(ranks, f"corpus {config.data}: {corpus.summary()}")
+    return corpus
+
+
+def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_in: Sequence[str] = ()
+                  ) -> StreamedCorpus:
+    """``--data`` as the job reads it (softcache.corpus_stream): indexed by rank 0 in one pass, or, when
+    a store in ``saved_in`` kept the index of this very corpus (same settings, tokenizer, file sizes
+    and times), that index, read instead of the corpus; every rank gets it."""
+    template = read_chat_template(config.chat_template)
+    rows = read_rows(config.data, config.text_column, config.split,
+                     None if config.input_shape == "auto" else config.input_shape)
+    recipe = Recipe.resolve(rows.shape, config.train_on, config.packing, config.long, rows.source,
+                            template is not None)
+    settings = {name: getattr(config, name) for name in ("data", "text_column", "split", "seq_len", "shard_size",
+                                                         "max_sequences", "skip_bad_rows")}
+    key = corpus_key({**settings, "recipe": [str(recipe.shape), str(recipe.train_on), recipe.packing, recipe.long],
+                      "chat_template": template}, rows, tokenizer_fingerprint(tokenizer))
+
+    def index():
+        for out in saved_in:
+            if (found := read_index(out, key)) is not None:
+                note(ranks, f"corpus {config.data}: unchanged since {out} indexed it; reading only the shards to write")
+                return found
+        return index_corpus(rows, tokenizer, config.seq_len, config.shard_size, recipe,
+                            max_sequences=config.max_sequences, chat_template=template,
+                            skip_bad_rows=config.skip_bad_rows, progress=config.progress, key=key)
+
+    found = broadcast(ranks, on_main(ranks, index))
+    corpus = StreamedCorpus(found, rows, tokenizer, recipe, template, config.skip_bad_rows)
     note(ranks, f"corpus {config.data}: {corpus.summary()}")
     return corpus
 
@@ -120,7 +153,7 @@ class TeacherJob:
     """
 
     def __init__(self, configs: CacheConfig | Sequence[CacheConfig], ranks: Ranks = Ranks(),
-                 teacher: Teacher | None = None, corpus: PackedCorpus | None = None):
+                 teacher: Teacher | None = None, corpus: PackedCorpus | StreamedCorpus | None = None):
         self.configs = [configs] if isinstance(configs, CacheConfig) else list(configs)
         if not self.configs:
             raise ValueError("a teacher job needs at least one store")
@@ -151,13 +184,14 @@ class TeacherJob:
     # ---- steps ---------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the teacher and pack the corpus (unless given), and check the settings against them."""
+        """Load the teacher and index the corpus (unless given), and check the settings against them."""
         first = self.configs[0]
         tokenizer = None
         if self.corpus is None:  # before the model: a bad --data fails in seconds
             tokenizer = self.teacher.tokenizer if self.teacher else load_tokenizer(resolve_source(first.teacher,
                                                                                                   first.gguf_file))
-            self.corpus = pack_corpus(first, tokenizer, self.ranks)
+            self.corpus = stream_corpus(first, tokenizer, self.ranks,
+                                        [config.out for config in self.configs])
         if self.teacher is None:
             self.teacher = load_teacher(first, self.ranks, tokenizer)
         for config in self.configs:
@@ -169,7 +203,7 @@ class TeacherJob:
 
     def open_stores(self) -> None:
         """Create or resume each store (rank 0; the other ranks join once it has)."""
-        layout = Layout(len(self.corpus.input_ids), self.configs[0].seq_len, self.configs[0].shard_size)
+        layout = Layout(self.corpus.num_sequences, self.configs[0].seq_len, self.configs[0].shard_size)
         for config in self.configs:
             header = store_header(config, layout, self.teacher, self.corpus)
 
@@ -177,6 +211,8 @@ class TeacherJob:
                 writer = StoreWriter.open(config.out, header)
                 if not writer.complete:
                     writer.save_tokenizer(self.teacher.tokenizer.save_pretrained)
+                    if isinstance(self.corpus, StreamedCorpus):  # a resumed job need not read the corpus again
+                        save_index(writer, self.corpus.index)
                 return writer
 
             writer = on_main(self.ranks, create) or StoreWriter.open(config.out, header, join=True)
@@ -197,9 +233,8 @@ class TeacherJob:
         total = sum(layout.shard_bounds(i)[1] for i in mine) * layout.seq_len
         with _progress(self.configs[0], total, disable=not self.ranks.main) as bar:
             started = time.perf_counter()
-            teacher_loop(self.teacher.model, self.corpus.input_ids, jobs, self.configs[0].batch_size,
-                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine,
-                         teach=self.corpus.teach, segments=self.corpus.segments)
+            teacher_loop(self.teacher.model, self.corpus, jobs, self.configs[0].batch_size,
+                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine)
             self.seconds = time.perf_counter() - started
         barrier(self.ranks)  # every rank's shards are durable
 
@@ -247,9 +282,8 @@ def cache_many(configs: Sequence[CacheConfig]) -> list[CacheResult]:
         return TeacherJob(configs, ranks).run()
 
 
-def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, CacheConfig]], batch_size: int,
-                 device: torch.device, on_batch=None, shards: list[int] | None = None,
-                 teach: np.ndarray | None = None, segments: np.ndarray | None = None) -> None:
+def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[StoreWriter, CacheConfig]],
+                 batch_size: int, device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
@@ -258,16 +292,14 @@ def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cac
     own corpus.
 
     Args:
-        input_ids: the [num_sequences, seq_len] packed corpus.
+        corpus: the packed rows, read a shard at a time (``corpus.shard(first, count)``: ids, and for
+            whole documents the positions whose targets are kept and the document numbers, with
+            which the forward pass sees each document alone, softcache.packing; else None).
         jobs: (writer, config) pairs; every writer has the same layout, and each config gives its
             store's targets. One teacher pass writes every pending shard of every writer.
         batch_size: sequences per forward pass.
         on_batch: called with the batch's token count after each forward pass.
         shards: write only these shard indices (this rank's part of a multi-rank job).
-        teach: [num_sequences, seq_len] bool, the positions whose targets are kept (a masked store),
-            or None: every position.
-        segments: [num_sequences, seq_len] document numbers of packed rows (a documents store): the
-            forward pass sees each document alone (softcache.packing), or None: one stream.
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
@@ -281,20 +313,21 @@ def teacher_loop(model, input_ids: np.ndarray, jobs: list[tuple[StoreWriter, Cac
         for index in pending:
             wanted = [(b, t) for b, t, (writer, _) in zip(background, targets, jobs) if index in writer.pending]
             first, count = layout.shard_bounds(index)
+            input_ids, teach, segments = corpus.shard(first, count)
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
             for lo in range(first, first + count, batch_size):
                 hi = min(lo + batch_size, first + count)
-                host_ids = input_ids[lo:hi]
+                host_ids = input_ids[lo - first:hi - first]
                 ids = torch.from_numpy(host_ids.astype(np.int64)).to(device, non_blocking=True)
                 labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)  # the last position has none
                 rows = {}
                 if teach is not None:
-                    rows["teach"] = torch.from_numpy(teach[lo:hi])
+                    rows["teach"] = torch.from_numpy(teach[lo - first:hi - first])
                     labels = labels.masked_fill(~rows["teach"].to(device, non_blocking=True), -100)
                 if segments is None:
                     logits = model(input_ids=ids, use_cache=False).logits
                 else:
-                    rows["segments"] = torch.from_numpy(segments[lo:hi])
+                    rows["segments"] = torch.from_numpy(segments[lo - first:hi - first])
                     logits = forward_documents(functools.partial(model, use_cache=False), ids,
                                                rows["segments"].to(device, non_blocking=True), varlen).logits
                 for writer_thread, section in wanted:
@@ -315,10 +348,11 @@ def for_storage(targets) -> dict:
     }
 
 
-def store_header(config: CacheConfig, layout: Layout, teacher: Teacher, corpus: PackedCorpus) -> dict:
+def store_header(config: CacheConfig, layout: Layout, teacher: Teacher, corpus: PackedCorpus | StreamedCorpus
+                 ) -> dict:
     """Every manifest section except the shard table; the identity sections decide resumes."""
-    encoding = dataclasses.replace(config.encoding(teacher.vocab_size), masked=corpus.teach is not None,
-                                   documents=corpus.segments is not None)
+    whole = corpus.packing != "stream"  # whole documents: a teach mask and document starts
+    encoding = dataclasses.replace(config.encoding(teacher.vocab_size), masked=whole, documents=whole)
     tokenizer = TokenizerSection(fingerprint=tokenizer_fingerprint(teacher.tokenizer), vocab_size=teacher.vocab_size,
                                  tokenizer_size=len(teacher.tokenizer), eos_token_id=teacher.tokenizer.eos_token_id)
     described = CorpusSection(**corpus.describe(),

@@ -114,17 +114,26 @@ class CorpusRows:
     def __iter__(self) -> Iterator[tuple[str, int, str | dict]]:
         """``(file, row, value)``: the file, the row's number in it (from 0), and for text the row's text (a
         missing value as ""), else a dict of :attr:`columns` (list columns as lists of dicts)."""
+        for _, where, index, value in self.positioned():
+            yield where, index, value
+
+    def positioned(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], str, int, str | dict]]:
+        """``((part, row), file, row, value)`` from ``start`` on: the rows as :meth:`__iter__` gives them,
+        each with its place (the file's number among the parts, the row's within it), from which
+        reading can start again without reading what came before."""
         text = self.shape == InputShape.TEXT
-        for part in self.parts:
-            values = part.values(list(self.columns), self.columns[0] if text else None)
-            for index, row in enumerate(values):
+        first_part, first_row = start
+        for number, part in enumerate(self.parts[first_part:], first_part):
+            skip = first_row if number == first_part else 0
+            values = part.values(list(self.columns), self.columns[0] if text else None, skip)
+            for index, row in enumerate(values, skip):
                 if not text:
-                    yield part.where, index, dict(zip(self.columns, row))
+                    yield (number, index), part.where, index, dict(zip(self.columns, row))
                     continue
                 if row[0] is not None and not isinstance(row[0], str):
                     raise SoftcacheError(f"--data {part.where}: column {self.columns[0]!r} holds "
                                          f"{type(row[0]).__name__}, not text; choose a text column with --text-column")
-                yield part.where, index, row[0] or ""
+                yield (number, index), part.where, index, row[0] or ""
 
 
 def _fields(shape: InputShape, text_column: str) -> tuple[str, ...]:
@@ -173,17 +182,19 @@ class _Part:
                 self._columns = list(self._dataset.column_names)
         return self._columns
 
-    def values(self, columns: list[str], text_column: str | None) -> Iterator[tuple]:
-        """Each row's values of ``columns``; a failure of datasets names the file (``text_column``: the
-        column that must hold strings, for the message)."""
+    def values(self, columns: list[str], text_column: str | None, start: int = 0) -> Iterator[tuple]:
+        """Each row's values of ``columns`` from row ``start`` on; a failure of datasets names the file
+        (``text_column``: the column that must hold strings, for the message)."""
         if self._texts is not None:
-            for text in self._texts():
+            for text in self._texts()[start:]:
                 yield (text,)
             return
         if self._dataset is None:
             return
         with _reading(self, text_column):
-            for batch in self._dataset.select_columns(columns).iter(batch_size=_READ_BATCH):
+            table = self._dataset.select_columns(columns)
+            for lo in range(start, table.num_rows, _READ_BATCH):  # slices of a memory-mapped table: no read before start
+                batch = table[lo:lo + _READ_BATCH]
                 yield from zip(*(batch[column] for column in columns))
 
 

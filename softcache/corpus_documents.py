@@ -73,7 +73,8 @@ def pack_rows(rows: CorpusRows, tokenizer, seq_len: int, *, max_sequences: int |
               train_on: str = AUTO, packing: str = AUTO, long: str = AUTO, chat_template: str | None = None,
               skip_bad_rows: bool = False, progress: bool = False) -> PackedCorpus:
     """``rows`` tokenized (text) or rendered with ``tokenizer`` (chat; ``chat_template``, the text of
-    ``--chat-template``, overrides its template) and packed into ``seq_len``-token rows.
+    ``--chat-template``, overrides its template) and packed into ``seq_len``-token rows, in memory
+    (the teacher job streams instead: softcache.corpus_stream).
 
     A :class:`BadRow` is one :class:`SoftcacheError` naming the file and the row, or with
     ``skip_bad_rows`` skipped and counted (``bad_rows``). ``progress`` shows a bar on stderr while
@@ -83,62 +84,93 @@ def pack_rows(rows: CorpusRows, tokenizer, seq_len: int, *, max_sequences: int |
     if recipe.packing == "stream":
         corpus = pack((text for _, _, text in rows), tokenizer, seq_len, max_sequences, source=rows.source)
         return dataclasses.replace(corpus, rows_read=corpus.documents + corpus.empty_documents)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
+    counts = RowCounts()
+    documents = (document for _, document in
+                 positioned_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts, progress))
+    corpus = pack_documents(documents, seq_len, recipe.packing, recipe.long, pad_id(tokenizer), max_sequences,
+                            rows.source)
+    return dataclasses.replace(corpus, **counts.of(rows.shape, recipe, tokenizer, chat_template))
+
+
+def pad_id(tokenizer) -> int:
+    """What rows of whole documents are padded with: the tokenizer's pad token, else its EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
         raise SoftcacheError("the teacher's tokenizer has neither a pad nor an EOS token to pad rows with")
-    counts = _Counts()
+    return pad
+
+
+def positioned_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None,
+                         skip_bad_rows: bool, counts: RowCounts, progress: bool = False,
+                         start: tuple[int, int] = (0, 0), batch: int = TOKENIZE_BATCH
+                         ) -> Iterator[tuple[tuple[int, int], Document]]:
+    """Each usable row from ``start`` (part, row) on as a document with its place: text tokenized
+    ``batch`` rows at a time, chat rows rendered (bad ones refused or skipped, see :func:`pack_rows`)."""
     if recipe.shape == InputShape.TEXT:
-        documents = _text_documents(rows, tokenizer, counts)
-        template = None
-    else:
-        documents = _chat_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts, progress)
-        template = chat_template_of(tokenizer, chat_template)
-    corpus = pack_documents(documents, seq_len, recipe.packing, recipe.long, pad_id, max_sequences, rows.source)
-    return dataclasses.replace(
-        corpus, input_shape=str(recipe.shape), train_on=str(recipe.train_on), rows_read=counts.rows,
-        bad_rows=counts.bad, first_bad_row=counts.first_bad or None, empty_documents=counts.empty,
-        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest() if template else None)
+        return _text_documents(rows, tokenizer, counts, start, batch)
+    return _chat_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts, progress, start)
 
 
 @dataclass
-class _Counts:
+class RowCounts:
+    """What reading rows found: rows read, empty ones, bad ones and the first of them."""
+
     rows: int = 0
     empty: int = 0
     bad: int = 0
     first_bad: str = ""
 
+    def of(self, shape: InputShape, recipe: Recipe, tokenizer, chat_template: str | None) -> dict:
+        """The corpus counts these rows add to the packing's (softcache.documents.Counts fields)."""
+        template = None if shape == InputShape.TEXT else chat_template_of(tokenizer, chat_template)
+        return {"input_shape": str(shape), "train_on": str(recipe.train_on), "rows_read": self.rows,
+                "bad_rows": self.bad, "first_bad_row": self.first_bad or None, "empty_documents": self.empty,
+                "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
 
-def _text_documents(rows: CorpusRows, tokenizer, counts: _Counts) -> Iterator[Document]:
-    """Each text row with text as a document: its tokens (no special tokens) and EOS, tokenized in batches."""
+
+def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple[int, int],
+                    batch: int) -> Iterator[tuple[tuple[int, int], Document]]:
+    """Each text row with text as a document: its tokens (no special tokens) and EOS, tokenized in
+    batches that grow from a few rows to ``batch`` (a replayed shard reads only a little past its end)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to end documents")
-    batch: list[str] = []
-    for _, _, text in rows:
+    texts: list[str] = []
+    places: list[tuple[int, int]] = []
+    size = min(16, batch)
+
+    def flush() -> Iterator[tuple[tuple[int, int], Document]]:
+        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        yield from ((place, Document.text(ids, eos)) for place, ids in zip(places, encoded))
+        texts.clear()
+        places.clear()
+
+    for place, _, _, text in rows.positioned(start):
         counts.rows += 1
         if not text or text.isspace():
             counts.empty += 1
             continue
-        batch.append(text)
-        if len(batch) == TOKENIZE_BATCH:
-            encoded, batch = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"], []
-            yield from (Document.text(ids, eos) for ids in encoded)
-    if batch:
-        yield from (Document.text(ids, eos) for ids in
-                    tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"])
-    if counts.rows == counts.empty:
+        texts.append(text)
+        places.append(place)
+        if len(texts) == size:
+            yield from flush()
+            size = min(2 * size, batch)
+    if texts:
+        yield from flush()
+    if counts.rows == counts.empty and start == (0, 0):
         raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(counts.empty)}")
 
 
 def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None, skip_bad_rows: bool,
-                    counts: _Counts, progress: bool) -> Iterator[Document]:
+                    counts: RowCounts, progress: bool, start: tuple[int, int]
+                    ) -> Iterator[tuple[tuple[int, int], Document]]:
     """Each chat row rendered, with the positions whose next token is a target teaching."""
     from tqdm.auto import tqdm
 
     yielded = False
     with tqdm(total=len(rows), unit="row", desc="rendering", disable=not progress, delay=_PROGRESS_AFTER_S,
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for where, index, row in rows:
+        for place, where, index, row in rows.positioned(start):
             counts.rows += 1
             bar.update()
             try:
@@ -152,8 +184,8 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
                 counts.first_bad = counts.first_bad or f"--data {where}: {err}"
                 continue
             yielded = True
-            yield Document(rendered.input_ids, teaching_positions(rendered.assistant))
-    if not yielded:
+            yield place, Document(rendered.input_ids, teaching_positions(rendered.assistant))
+    if not yielded and start == (0, 0):
         found = (f"all {counts.rows:,} of its rows are bad and were skipped (the first: {counts.first_bad})"
                  if counts.bad else "it holds no rows")
         raise SoftcacheError(f"--data {rows.source} has no rows to cache: {found}")

@@ -31,13 +31,13 @@ teach; a piece in which nothing teaches is left out.
 from __future__ import annotations
 
 import hashlib
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from softcache.errors import SoftcacheError
+from softcache.packers import Row, StreamPacker, WindowPacker, row_digest
 
 PACKINGS = {
     "stream": "join the documents with EOS and cut every --seq-len tokens (text only; attention crosses documents)",
@@ -49,6 +49,7 @@ LONG = {
     "split": "cut it into consecutive pieces of at most --seq-len tokens, each packed as a document",
     "drop": "leave it out",
 }
+_LONG_COUNTS = {"truncate": "long_truncated", "split": "long_split", "drop": "long_dropped"}
 OPEN_ROWS = 32
 """Rows that ``documents`` packing keeps open for a document to fit into (see the module docstring)."""
 TOKENIZE_BATCH = 512  # documents per fast-tokenizer call
@@ -75,26 +76,22 @@ class Document:
 
 
 @dataclass
-class PackedCorpus:
-    """The packed token ids and what was done to get them."""
+class Counts:
+    """What reading and packing a corpus did: the manifest's corpus section and the job's summary line,
+    shared by a corpus packed in memory (:class:`PackedCorpus`) and one streamed
+    (softcache.corpus_stream), which provide ``num_sequences``, ``seq_len``, ``teaching_positions``
+    and ``fingerprint``."""
 
-    input_ids: np.ndarray
-    """[num_sequences, seq_len] uint32 token ids."""
-    source: str
-    documents: int
+    source: str = ""
+    documents: int = 0
     """Documents tokenized or rendered (reading stops once ``max_sequences`` rows are complete)."""
-    tokens_read: int
+    tokens_read: int = 0
     """Tokens of those documents (stream: EOS separators included)."""
-    dropped_tokens: int
+    dropped_tokens: int = 0
     """Tokens read but in no sequence: the incomplete tail (stream), cut or dropped long documents, and
     anything past ``max_sequences``."""
     empty_documents: int = 0
     """Documents skipped because they hold no text (empty, whitespace only, or a missing value)."""
-    teach: np.ndarray | None = None
-    """[num_sequences, seq_len] bool: the target at a position teaches; None (stream): every position."""
-    segments: np.ndarray | None = None
-    """[num_sequences, seq_len] int32: the document number within its row (0, 0, 1, 1, 1, 2, ...); the
-    padding after the last document is one more segment. None (stream): one stream, no segments."""
     input_shape: str = "text"
     chat_template_sha256: str | None = None
     """sha256 of the chat template the rows were rendered with (UTF-8); None for text or no template."""
@@ -116,24 +113,6 @@ class PackedCorpus:
     padding_positions: int = 0
     """Positions of the rows that hold no document (they never teach)."""
 
-    @property
-    def teaching_positions(self) -> int:
-        """Positions whose target teaches (a stream, whose ``teach`` is None: every position)."""
-        return int(self.input_ids.size if self.teach is None else np.count_nonzero(self.teach))
-
-    @property
-    def fingerprint(self) -> str:
-        """sha256 of the packed ids as little-endian uint32, then (when there are) the teach mask as bytes
-        and the segments as little-endian int32: equal rows, equal fingerprint."""
-        digest = hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype="<u4").tobytes())
-        if self.teach is not None:
-            digest.update(b"teach")
-            digest.update(np.ascontiguousarray(self.teach).view(np.uint8))
-        if self.segments is not None:
-            digest.update(b"segments")
-            digest.update(np.ascontiguousarray(self.segments, dtype="<i4"))
-        return digest.hexdigest()
-
     def describe(self) -> dict:
         """The manifest's corpus description: five keys for a stream, and how rows were made otherwise."""
         described = {"source": self.source, "documents": self.documents, "tokens_read": self.tokens_read,
@@ -148,7 +127,7 @@ class PackedCorpus:
 
     def summary(self) -> str:
         """One line: what was read, skipped and cut, and how many rows came out."""
-        rows, length = self.input_ids.shape
+        rows, length = self.num_sequences, self.seq_len
         empty = f", {self.empty_documents:,} empty ones skipped" if self.empty_documents else ""
         if self.packing == "stream":
             return (f"{self.documents:,} documents{empty}, {rows:,} sequences of {length} tokens "
@@ -157,77 +136,134 @@ class PackedCorpus:
                                                 (self.long_dropped, "dropped")) if n]
         longer = f"; longer than {length} tokens: {', '.join(long)}" if long else ""
         bad = f"; {self.bad_rows:,} bad rows skipped, the first: {self.first_bad_row}" if self.bad_rows else ""
-        size = self.input_ids.size
+        size = rows * length
         return (f"{self.input_shape} rows, {self.documents:,} documents{empty}{longer}; {rows:,} rows of {length} "
                 f"tokens (--packing {self.packing}), {self.teaching_positions / size:.1%} of positions teach "
                 f"(--train-on {self.train_on}), {self.padding_positions / size:.1%} padding{bad}")
 
 
+@dataclass
+class PackedCorpus(Counts):
+    """A corpus packed in memory: the rows and what was done to get them."""
+
+    input_ids: np.ndarray | None = None
+    """[num_sequences, seq_len] uint32 token ids."""
+    teach: np.ndarray | None = None
+    """[num_sequences, seq_len] bool: the target at a position teaches; None (stream): every position."""
+    segments: np.ndarray | None = None
+    """[num_sequences, seq_len] int32: the document number within its row (0, 0, 1, 1, 1, 2, ...); the
+    padding after the last document is one more segment. None (stream): one stream, no segments."""
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def teaching_positions(self) -> int:
+        """Positions whose target teaches (a stream, whose ``teach`` is None: every position)."""
+        return int(self.input_ids.size if self.teach is None else np.count_nonzero(self.teach))
+
+    @property
+    def fingerprint(self) -> str:
+        """Equal rows, equal fingerprint: for a stream, sha256 of the ids as little-endian uint32 (as stores
+        have always recorded); for whole documents, sha256 of each row's digest in row order
+        (softcache.packers.row_digest: ids, teach mask and segments), which a streamed corpus computes
+        as rows close."""
+        if self.teach is None:
+            return hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype="<u4").tobytes()).hexdigest()
+        return rows_fingerprint(row_digest(row) for row in self.rows(0, self.num_sequences))
+
+    def rows(self, first: int, count: int) -> Iterator[Row]:
+        """Rows ``first`` to ``first + count`` (softcache.packers.Row)."""
+        for index in range(first, first + count):
+            yield Row(self.input_ids[index], None if self.teach is None else self.teach[index],
+                      None if self.segments is None else self.segments[index])
+
+    def shard(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The ids, teach mask and segments of rows ``first`` to ``first + count`` (what the teacher reads)."""
+        cut = slice(first, first + count)
+        return (self.input_ids[cut], None if self.teach is None else self.teach[cut],
+                None if self.segments is None else self.segments[cut])
+
+
+def rows_fingerprint(digests: Iterable[bytes]) -> str:
+    """The fingerprint of whole-document rows from their digests in row order."""
+    fingerprint = hashlib.sha256(b"rows")
+    for digest in digests:
+        fingerprint.update(digest)
+    return fingerprint.hexdigest()
+
+
 def pack(documents: Iterator[str], tokenizer, seq_len: int, max_sequences: int | None = None,
          source: str = "") -> PackedCorpus:
-    """``--packing stream``: tokenize ``documents`` in batches, join them with EOS and cut the stream
-    into sequences; the incomplete tail is dropped.
+    """``--packing stream`` in memory: :func:`stream_rows` over ``documents``, the rows stacked."""
+    counts = Counts(source=source)
+    rows = [row.ids for _, row in stream_rows((((0, i), text) for i, text in enumerate(documents)), tokenizer,
+                                              seq_len, counts, max_sequences)]
+    return PackedCorpus(**vars(counts), input_ids=np.stack(rows))
+
+
+def stream_rows(texts: Iterable[tuple[tuple[int, int], str]], tokenizer, seq_len: int, counts: Counts,
+                max_sequences: int | None = None, on_open=None) -> Iterator[tuple[int, Row]]:
+    """``--packing stream``: tokenize ``texts`` (each with its place: part, row) in batches, join them
+    with EOS and cut the stream into rows, yielded in order as (number, row); the incomplete tail is
+    dropped. ``counts`` is filled in as the texts are read; ``on_open`` (softcache.packers.StreamPacker)
+    hears where each row starts.
 
     A document that is empty or only whitespace is skipped (counted in ``empty_documents``): it
     would add an EOS with nothing before it. Stops reading once ``max_sequences`` full sequences
     exist. Raises :class:`SoftcacheError` when the tokenizer has no EOS token, no document holds
-    text, or the corpus is too short for a single sequence; ``source`` (the ``--data`` value)
+    text, or the corpus is too short for a single sequence; ``counts.source`` (the ``--data`` value)
     names the corpus in those messages.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to separate documents")
     limit = None if max_sequences is None else max_sequences * seq_len
-    pieces: list[np.ndarray] = []
-    total = 0
-    n_docs = 0
+    packer = StreamPacker(seq_len, on_open=on_open)
     batch: list[str] = []
+    places: list[tuple[int, int]] = []
+    total = 0
 
-    def flush() -> None:
+    def flush() -> Iterator[tuple[int, Row]]:
         nonlocal total
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for ids in encoded:
+        for where, ids in zip(places, encoded):
             piece = np.empty(len(ids) + 1, dtype=np.uint32)
-            piece[:-1] = ids
-            piece[-1] = eos
-            pieces.append(piece)
+            piece[:-1], piece[-1] = ids, eos
             total += len(piece)
+            yield from ((number, row) for number, row in packer.add(piece, where)
+                        if max_sequences is None or number < max_sequences)
         batch.clear()
+        places.clear()
 
-    empty = 0
-    for text in documents:
+    for where, text in texts:
         if not text or text.isspace():
-            empty += 1
+            counts.empty_documents += 1
             continue
         batch.append(text)
-        n_docs += 1
+        places.append(where)
+        counts.documents += 1
         if len(batch) == TOKENIZE_BATCH:
-            flush()
+            yield from flush()
             if limit is not None and total >= limit:
                 break
     if batch and (limit is None or total < limit):
-        flush()
-    corpus = f"--data {source}" if source else "the corpus"
-    if not n_docs:
-        raise SoftcacheError(f"{corpus} has no text to cache: {no_text(empty)}")
-    stream = np.concatenate(pieces)
-    n_seq = len(stream) // seq_len
-    if max_sequences is not None:
-        n_seq = min(n_seq, max_sequences)
+        yield from flush()
+    corpus = f"--data {counts.source}" if counts.source else "the corpus"
+    if not counts.documents:
+        raise SoftcacheError(f"{corpus} has no text to cache: {no_text(counts.empty_documents)}")
+    n_seq = total // seq_len if max_sequences is None else min(total // seq_len, max_sequences)
     if n_seq == 0:
         raise SoftcacheError(
-            f"{corpus} has {len(stream)} tokens, fewer than one sequence of "
+            f"{corpus} has {total} tokens, fewer than one sequence of "
             f"--seq-len {seq_len}; give more text or a smaller --seq-len"
         )
-    used = n_seq * seq_len
-    return PackedCorpus(
-        input_ids=stream[:used].reshape(n_seq, seq_len),
-        source=source,
-        documents=n_docs,
-        tokens_read=int(len(stream)),
-        dropped_tokens=int(len(stream) - used),
-        empty_documents=empty,
-    )
+    counts.tokens_read, counts.dropped_tokens = total, total - n_seq * seq_len
 
 
 def no_text(empty: int) -> str:
@@ -259,42 +295,23 @@ def fit(document: Document, seq_len: int, long: str) -> list[Document]:
     return pieces
 
 
-class _Rows:
-    """[rows, seq_len] ids, teach and segments, allocated a block of rows at a time, so memory stays near
-    the rows' own bytes (no copy of everything when they grow; peak RSS 1.33x those bytes packing 18M
-    tokens) and padding is filled in up front."""
+class _Blocks:
+    """[rows, seq_len] ids, teach and segments, allocated a block of rows at a time and filled as rows
+    close (in any order), so memory stays near the rows' own bytes (no copy of everything when they
+    grow; peak RSS 1.33x those bytes packing 18M tokens)."""
 
-    def __init__(self, seq_len: int, pad_id: int):
-        self.seq_len, self.pad_id = seq_len, pad_id
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
         self.per_block = max(1, _BLOCK_TOKENS // seq_len)
         self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.used: list[int] = []
-        """Positions filled in each row; the rest is padding."""
-        self.documents: list[int] = []
-        """Documents in each row."""
 
-    def open(self) -> int:
-        if len(self.used) == len(self.blocks) * self.per_block:
+    def put(self, number: int, row: Row) -> None:
+        block, at = divmod(number, self.per_block)
+        while len(self.blocks) <= block:
             shape = (self.per_block, self.seq_len)
-            self.blocks.append((np.full(shape, self.pad_id, np.uint32), np.zeros(shape, bool),
-                                np.zeros(shape, np.int32)))
-        self.used.append(0)
-        self.documents.append(0)
-        return len(self.used) - 1
-
-    def _arrays(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        block, at = divmod(row, self.per_block)
-        return tuple(array[at] for array in self.blocks[block])
-
-    def place(self, row: int, document: Document) -> None:
-        ids, teach, segments = self._arrays(row)
-        lo, hi = self.used[row], self.used[row] + len(document.ids)
-        ids[lo:hi], teach[lo:hi], segments[lo:hi] = document.ids, document.teach, self.documents[row]
-        self.used[row], self.documents[row] = hi, self.documents[row] + 1
-
-    def close(self, row: int) -> None:
-        """Number the row's padding: one segment after its last document."""
-        self._arrays(row)[2][self.used[row]:] = self.documents[row]
+            self.blocks.append((np.empty(shape, np.uint32), np.empty(shape, bool), np.empty(shape, np.int32)))
+        for target, source in zip(self.blocks[block], (row.ids, row.teach, row.segments)):
+            target[at] = source
 
     def take(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first ``count`` rows as three arrays, freeing each block once copied."""
@@ -311,52 +328,68 @@ class _Rows:
 
 def pack_documents(documents: Iterable[Document], seq_len: int, packing: str, long: str, pad_id: int,
                    max_sequences: int | None = None, source: str = "") -> PackedCorpus:
-    """``--packing documents`` or ``none``: each document (cut or dropped by :func:`fit` when longer than
-    ``seq_len``) placed whole into a row, rows padded with ``pad_id`` (see the module docstring).
+    """``--packing documents`` or ``none`` in memory: :func:`document_rows` over ``documents``, the rows
+    gathered in row order."""
+    counts = Counts(source=source)
+    blocks = _Blocks(seq_len)
+    kept = 0
+    for number, row in document_rows((((0, i), document) for i, document in enumerate(documents)), seq_len,
+                                     packing, long, pad_id, counts, max_sequences):
+        blocks.put(number, row)
+        kept += 1
+    ids, teach, segments = blocks.take(kept)
+    return PackedCorpus(**vars(counts), input_ids=ids, teach=teach, segments=segments)
+
+
+def document_rows(documents: Iterable[tuple[tuple[int, int], Document]], seq_len: int, packing: str, long: str,
+                  pad_id: int, counts: Counts, max_sequences: int | None = None,
+                  on_open=None) -> Iterator[tuple[int, Row]]:
+    """``--packing documents`` or ``none``: each document (with its place: part, row), cut or dropped by
+    :func:`fit` when longer than ``seq_len``, placed whole into a row padded with ``pad_id`` (see the
+    module docstring); rows yielded as (number, row) as they close, not in order. ``counts`` is
+    filled in as documents are read; ``on_open`` (softcache.packers.WindowPacker) hears where each
+    row starts.
 
     Stops reading once ``max_sequences`` rows are complete. Raises :class:`SoftcacheError` naming
-    ``--data source`` when no row comes out or nothing in them teaches.
+    ``--data counts.source`` when no row comes out or nothing in them teaches.
     """
     if packing not in ("documents", "none"):
-        raise ValueError(f"pack_documents packs documents or none, not {packing!r}")
-    window_size = OPEN_ROWS if packing == "documents" else 1
-    rows = _Rows(seq_len, pad_id)
-    window: deque[int] = deque()  # open rows, oldest first
-    count = {"documents": 0, "tokens": 0, "truncate": 0, "split": 0, "drop": 0}
-    for document in documents:
-        count["documents"] += 1
-        count["tokens"] += len(document.ids)
+        raise ValueError(f"document_rows packs documents or none, not {packing!r}")
+    packer = WindowPacker(seq_len, OPEN_ROWS if packing == "documents" else 1, pad_id,
+                          close_each=packing == "none", on_open=on_open)
+    filled = teaching = 0
+
+    def closed() -> Iterator[tuple[int, Row]]:
+        nonlocal filled, teaching
+        for number, used, row in packer.take():
+            if max_sequences is None or number < max_sequences:
+                filled += used
+                teaching += int(np.count_nonzero(row.teach))
+                yield number, row
+
+    for (part, index), document in documents:
+        counts.documents += 1
+        counts.tokens_read += len(document.ids)
         pieces = fit(document, seq_len, long)
         if len(document.ids) > seq_len:
-            count[long if pieces else "drop"] += 1
-        for piece in pieces:
-            row = next((r for r in window if rows.used[r] + len(piece.ids) <= seq_len), None)
-            if row is None:
-                row = rows.open()
-                window.append(row)
-                if len(window) > window_size:
-                    rows.close(window.popleft())
-            rows.place(row, piece)
-            if packing == "none" or seq_len - rows.used[row] < 2:  # a piece that teaches has 2 tokens or more
-                window.remove(row)
-                rows.close(row)
-        if max_sequences is not None and (window[0] if window else len(rows.used)) >= max_sequences:
+            which = _LONG_COUNTS[long if pieces else "drop"]
+            setattr(counts, which, getattr(counts, which) + 1)
+        for number, piece in enumerate(pieces):
+            packer.place(piece.ids, piece.teach, (part, index, number))
+        yield from closed()
+        if max_sequences is not None and packer.frontier >= max_sequences:
             break  # every row before max_sequences is complete
-    for row in window:
-        rows.close(row)
-    kept = len(rows.used) if max_sequences is None else min(len(rows.used), max_sequences)
-    corpus = f"--data {source}" if source else "the corpus"
-    if not count["documents"]:
+    packer.finish()
+    yield from closed()
+    kept = packer.next_row if max_sequences is None else min(packer.next_row, max_sequences)
+    corpus = f"--data {counts.source}" if counts.source else "the corpus"
+    if not counts.documents:
         raise SoftcacheError(f"{corpus} has no documents to cache")
     if not kept:
-        raise SoftcacheError(f"{corpus} gives no row to cache: its {count['documents']:,} documents are all longer "
+        raise SoftcacheError(f"{corpus} gives no row to cache: its {counts.documents:,} documents are all longer "
                              f"than --seq-len {seq_len} and --long {long} leaves nothing of them that teaches")
-    filled = sum(rows.used[:kept])
-    ids, teach, segments = rows.take(kept)
-    packed = PackedCorpus(ids, source, count["documents"], count["tokens"], count["tokens"] - filled, teach=teach,
-                          segments=segments, packing=packing, long=long, long_truncated=count["truncate"],
-                          long_split=count["split"], long_dropped=count["drop"],
-                          padding_positions=kept * seq_len - filled)
-    if not packed.teaching_positions:
+    if not teaching:
         raise SoftcacheError(f"nothing in {corpus} teaches: no position of its {kept:,} rows has a target to learn")
-    return packed
+    counts.packing, counts.long = packing, long
+    counts.dropped_tokens = counts.tokens_read - filled
+    counts.padding_positions = kept * seq_len - filled

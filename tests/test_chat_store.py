@@ -58,7 +58,7 @@ def pack_by_hand(docs, seq_len: int = SEQ_LEN, pad: int = 1) -> PackedCorpus:
             at += len(doc_ids)
         segments[r, at:] = len(row)  # padding: a segment of its own
     return PackedCorpus(input_ids=ids, source="by hand", documents=len(docs), tokens_read=int(ids.size),
-                        dropped_tokens=0, teach=teach, segments=segments)
+                        dropped_tokens=0, teach=teach, segments=segments, packing="documents", long="truncate")
 
 
 def row_documents(store_rows: dict, row: int):

@@ -153,7 +153,7 @@ def test_fingerprint_covers_teach_and_segments_and_describe_keys():
     assert corpus.input_ids.tolist() == other.input_ids.tolist() and corpus.fingerprint != other.fingerprint
     resegmented = PackedCorpus(**{**corpus.__dict__, "segments": np.zeros_like(corpus.segments)})
     assert resegmented.fingerprint not in (corpus.fingerprint, other.fingerprint)
-    stream = PackedCorpus(corpus.input_ids, "c", 2, 8, 0)  # a stream's fingerprint is the ids' alone, as ever
+    stream = PackedCorpus(input_ids=corpus.input_ids, source="c", documents=2, tokens_read=8, dropped_tokens=0)  # a stream's fingerprint is the ids' alone, as ever
     assert stream.fingerprint == hashlib.sha256(corpus.input_ids.astype("<u4").tobytes()).hexdigest()
     assert list(stream.describe()) == ["source", "documents", "tokens_read", "dropped_tokens", "fingerprint"]
     assert corpus.describe() == {
