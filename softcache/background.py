@@ -54,11 +54,14 @@ class BackgroundWriter:
         they are copied to pinned host memory without blocking, and the thread waits on that copy.
         """
         event = None
-        if any(t is not None and t.device.type == "cuda" for t in targets.values()):
+        on_gpu = [t.device for t in targets.values() if t is not None and t.device.type == "cuda"]
+        if on_gpu:
             targets = {name: None if t is None else _to_pinned(t) for name, t in targets.items()}
             nll_sum = _to_pinned(nll_sum)
             event = torch.cuda.Event()
-            event.record()
+            # On the copies' own GPU's stream: not the current device's when a rank's teacher is not on
+            # cuda:0, or a placed teacher's head is on another GPU.
+            event.record(torch.cuda.current_stream(on_gpu[0]))
         self._put((shard, first, input_ids, targets, nll_sum, nll_count, event))
 
     def _put(self, item) -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from softcache.errors import SoftcacheError
 from softcache.logs import note, notes
 from softcache.models import max_positions, output_vocab, resolve_device, resolve_dtype
 from softcache.packing import forward_documents, uses_varlen
+from softcache.placement import output_device, plan, where
 from softcache.store import Layout, StoreWriter
 from softcache.store.manifest import CorpusSection, TeacherSection, TokenizerSection
 from softcache.store.registry import storage_section
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 # Settings every store of one teacher pass shares (the rest describe each store's own targets and files).
 PASS_SETTINGS = ("teacher", "gguf_file", "data", "text_column", "split", "input_shape", "chat_template", "train_on",
                  "packing", "long", "skip_bad_rows", "seq_len", "max_sequences", "batch_size", "shard_size", "device",
-                 "dtype")
+                 "device_map", "max_memory", "gpus_per_rank", "offload_folder", "dtype")
 
 
 @dataclass
@@ -72,28 +74,51 @@ class CacheResult:
 
 @dataclass
 class Teacher:
-    """A loaded teacher: the model in eval mode on its device, its tokenizer and what it is."""
+    """A loaded teacher: the model in eval mode on its device(s), its tokenizer and what it is."""
 
     source: TeacherSource
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    """Where the input ids go and the logits come out: the model's device, or for a teacher placed by
+    --device-map its output head's (softcache.placement.output_device)."""
     identity: TeacherSection
     vocab_size: int
     """Logits per position."""
+    offload: tempfile.TemporaryDirectory | None = None
+    """The folder holding a placed teacher's layers on disk; removed by :meth:`close`."""
+
+    def close(self) -> None:
+        """Remove the offload folder (the model cannot run after this)."""
+        if self.offload is not None:
+            self.offload.cleanup()
 
 
 def load_teacher(config: CacheConfig, ranks: Ranks = Ranks(), tokenizer=None) -> Teacher:
     """Resolve ``--teacher``/``--device``/``--dtype`` and load the model (and its tokenizer, unless
-    given) on this rank's device."""
+    given) on this rank's device, or over this rank's devices with ``--device-map`` (softcache.placement)."""
     source = resolve_source(config.teacher, config.gguf_file)
-    device = ranks.device(resolve_device(config.device))
+    placement = None if config.device_map is None else plan(config.device_map, config.max_memory,
+                                                            config.gpus_per_rank, ranks.local_rank, ranks.local_world)
+    device = ranks.device(resolve_device(config.device)) if placement is None else placement.compute_device
     dtype = resolve_dtype(config.dtype, device)
-    note(ranks, f"teacher {source.name} on {device} ({str(dtype).removeprefix('torch.')})"
+    where_to = f"on {device}" if placement is None else f"placed by --device-map {placement.name}"
+    note(ranks, f"teacher {source.name} {where_to} ({str(dtype).removeprefix('torch.')})"
          + (f", {ranks.world} ranks" if ranks.world > 1 else ""))
     tokenizer = tokenizer or load_tokenizer(source)
-    model = load_model(source, device, dtype, config.progress and ranks.main)
-    return Teacher(source, model, tokenizer, device, identity(source, model, dtype), output_vocab(model))
+    # Layers placed on disk that the checkpoint cannot serve in place go to a folder of this job's own.
+    offload = None if placement is None else tempfile.TemporaryDirectory(
+        prefix="softcache-offload-", dir=config.offload_folder, ignore_cleanup_errors=True)
+    try:
+        model = load_model(source, device, dtype, config.progress and ranks.main, placement, offload and offload.name)
+    except BaseException:
+        if offload is not None:
+            offload.cleanup()
+        raise
+    if placement is not None:
+        device = output_device(model)
+        note(ranks, f"teacher placed on {where(model)}; logits on {device}")
+    return Teacher(source, model, tokenizer, device, identity(source, model, dtype), output_vocab(model), offload)
 
 
 def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> PackedCorpus:
@@ -194,6 +219,7 @@ class TeacherJob:
                                         [config.out for config in self.configs])
         if self.teacher is None:
             self.teacher = load_teacher(first, self.ranks, tokenizer)
+            self._held.callback(self.teacher.close)  # a placed teacher's offload folder goes with the job
         for config in self.configs:
             targets = config.targets_section()
             if problem := targets.spec.check(targets, self.teacher.vocab_size):
@@ -298,6 +324,7 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
         jobs: (writer, config) pairs; every writer has the same layout, and each config gives its
             store's targets. One teacher pass writes every pending shard of every writer.
         batch_size: sequences per forward pass.
+        device: where the input ids go (:attr:`Teacher.device`); the labels follow the logits.
         on_batch: called with the batch's token count after each forward pass.
         shards: write only these shard indices (this rank's part of a multi-rank job).
     """
@@ -330,6 +357,7 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
                     rows["segments"] = torch.from_numpy(segments[lo - first:hi - first])
                     logits = forward_documents(functools.partial(model, use_cache=False), ids,
                                                rows["segments"].to(device, non_blocking=True), varlen).logits
+                labels = labels.to(logits.device)  # a no-op unless a placed teacher's head is elsewhere
                 for writer_thread, section in wanted:
                     extracted = section.spec.extract(logits, labels, section, first_sequence=lo)
                     writer_thread.submit(index, lo, host_ids, {**for_storage(extracted), **rows},

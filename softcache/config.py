@@ -12,6 +12,7 @@ config.json.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from softcache.chat import InputShape, TrainOn
 from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
 from softcache.kinds import TARGET_KINDS
+from softcache.placement import GPU_SHARE, STRATEGIES, parse_max_memory, read_device_map
 from softcache.store import FORMATS
 from softcache.store.encoding import ID_CODES, VALUE_CODES
 from softcache.settings import check_settings, setting, settings_of
@@ -138,8 +140,33 @@ class CacheConfig:
     batch_size: int = setting(8, ge=1, help="Sequences per teacher forward pass.")
     shard_size: int = setting(256, ge=1, help="Sequences per shard: the unit of writing, checksumming and resuming.")
     device: str = setting("auto", help="auto (cuda when available), cpu, cuda or cuda:N.")
+    device_map: str | None = setting(
+        None, help="Split a teacher too big for one device by layers over this rank's GPUs, then CPU memory, then "
+                   "disk, with accelerate's big-model placement (pip install accelerate): auto or balanced (the "
+                   "same: about as much on each GPU), sequential (fill each GPU in turn), or a JSON file mapping "
+                   "module names to a GPU number, cpu or disk, e.g. {\"model.embed_tokens\": 0, \"model.layers\": 1, "
+                   "\"model.norm\": 1, \"lm_head\": 1}. GPU numbers count from this rank's first GPU (see "
+                   "--gpus-per-rank). The store is the same wherever the layers go; layers off the GPU cost time on "
+                   "every batch [default: the whole teacher on --device].")
+    max_memory: str | None = setting(
+        None, help="With --device-map auto, balanced or sequential: the most the teacher's weights may take on each "
+                   "device, as DEVICE=SIZE pairs: a GPU number of this rank or cpu, and a size in bytes or with a "
+                   "unit (KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 0=20GiB,1=20GiB,cpu=64GiB. A device left out "
+                   f"keeps its default: {int(GPU_SHARE * 100)}% of a GPU's free memory, the node's available RAM "
+                   "divided by its ranks; 0 keeps the teacher off it. What fits nowhere goes to disk "
+                   "(--offload-folder).")
+    gpus_per_rank: int | None = setting(
+        None, ge=1, help="With --device-map: GPUs each rank places its teacher on; under torchrun the rank with "
+                         "LOCAL_RANK r takes GPUs r x N to r x N + N - 1 of its node "
+                         "[default: the node's GPUs divided evenly among its ranks; all of them without torchrun].")
+    offload_folder: str | None = setting(
+        None, help="With --device-map: an existing directory in which a fresh folder holds the teacher layers placed "
+                   "on disk that cannot be read in place from the checkpoint's safetensors files (a GGUF teacher's, "
+                   "say); the folder is removed when the job ends. Choose a local disk with room for them "
+                   "[default: the system's temporary directory].")
     dtype: str = setting("auto", choices=DTYPES, help="Teacher weights' dtype; auto is bfloat16 on CUDA, float32 on "
-                                                      "CPU.")
+                                                      "CPU (with --device-map: bfloat16 when it places layers on a "
+                                                      "GPU).")
     progress: bool = setting(True, help="Progress bar on stderr.")
 
     def validate(self) -> None:
@@ -161,6 +188,34 @@ class CacheConfig:
         if "://" not in self.out and out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the store")
         self._check_out_outside_data()
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The placement flags' format and combinations (softcache.placement checks them against the GPUs)."""
+        if self.device_map is None:
+            placing = (("--max-memory", self.max_memory), ("--gpus-per-rank", self.gpus_per_rank),
+                       ("--offload-folder", self.offload_folder))
+            given = [flag for flag, value in placing if value is not None]
+            if given:
+                raise SoftcacheError(f"{given[0]} needs --device-map: it places a teacher split over several devices; "
+                                     "add --device-map auto, or drop the flag")
+            return
+        if self.device != "auto":
+            raise SoftcacheError(f"give --device or --device-map, not both: --device-map {self.device_map} places the "
+                                 "teacher itself")
+        if self.device_map in STRATEGIES:
+            if self.max_memory is not None:
+                parse_max_memory(self.max_memory)
+        else:
+            read_device_map(self.device_map)
+            if self.max_memory is not None:
+                raise SoftcacheError(f"--max-memory applies to --device-map {', '.join(STRATEGIES)}; the device map "
+                                     f"{self.device_map} places every module itself: drop --max-memory")
+        if self.offload_folder is not None and not Path(self.offload_folder).is_dir():
+            raise SoftcacheError(f"--offload-folder {self.offload_folder} is not a directory; give an existing one")
+        if importlib.util.find_spec("accelerate") is None:
+            raise SoftcacheError("--device-map needs the accelerate package, which is not installed: pip install "
+                                 "accelerate")
 
     def _check_out_outside_data(self) -> None:
         """The store must not lie in the corpus directory: a rerun would read the store's files as

@@ -1,10 +1,10 @@
 """Running under torchrun: the process group, this process's ranks, and the few collectives the jobs use.
 
-Jobs launched with ``torchrun --nproc-per-node N -m softcache ...`` see ``WORLD_SIZE``, ``RANK`` and
-``LOCAL_RANK`` in their environment; :func:`process_group` joins torch.distributed's group then and
-is a no-op otherwise, so a single process needs nothing set up. This module is the one place that
-reads where a process stands: the launcher's environment (:func:`process_group`) and, inside a
-DataLoader worker, the rank and worker ids (:func:`environment`).
+Jobs launched with ``torchrun --nproc-per-node N -m softcache ...`` see ``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` in their environment; :func:`process_group` joins
+torch.distributed's group then and is a no-op otherwise, so a single process needs nothing set up.
+This module is the one place that reads where a process stands: the launcher's environment
+(:func:`process_group`) and, inside a DataLoader worker, the rank and worker ids (:func:`environment`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1
+    """Ranks on this process's node (torchrun's LOCAL_WORLD_SIZE)."""
 
     @property
     def main(self) -> bool:
@@ -70,7 +72,9 @@ def launched_as_main() -> bool:
 
 
 def _joined() -> Ranks:
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    world = dist.get_world_size()
+    return Ranks(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def environment() -> tuple[int, int, int, int]:

@@ -7,15 +7,19 @@ it learns from. The config hash ignores bookkeeping keys that change between tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from softcache.errors import SoftcacheError, one_line
+from softcache.placement import Placement, unknown_modules
 from softcache.store.manifest import TeacherSection
 
 BUILTIN_TEACHERS = {
@@ -85,19 +89,54 @@ def load_tokenizer(source: TeacherSource):
     return tokenizer
 
 
-def load_model(source: TeacherSource, device: torch.device, dtype: torch.dtype, progress: bool = True):
-    """The teacher in eval mode on ``device``; ``progress=False`` silences transformers' loading bars."""
+def load_model(source: TeacherSource, device: torch.device | None, dtype: torch.dtype, progress: bool = True,
+               placement: Placement | None = None, offload_folder: str | None = None):
+    """The teacher in eval mode on ``device``; ``progress=False`` silences transformers' loading bars.
+
+    With a ``placement`` (softcache.placement) accelerate spreads it over the placement's devices
+    instead, writing the layers it puts on disk to ``offload_folder`` when the checkpoint cannot be
+    read in place, and ``device`` is not used: a dispatched model must not be moved."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not progress:
         hf_logging.disable_progress_bar()
 
+    kwargs = _from_pretrained_kwargs(source)
+    if placement is not None:
+        kwargs.update(placement.from_pretrained_kwargs(offload_folder))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **_from_pretrained_kwargs(source))
+        with _placement_quiet():
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except Exception as err:
-        raise SoftcacheError(f"--teacher {source.name}: could not load the model ({one_line(err)})") from err
-    return model.to(device).eval()
+        placed = "" if placement is None else f" placed by --device-map {placement.name}"
+        raise SoftcacheError(f"--teacher {source.name}: could not load the model{placed} ({one_line(err)})") from err
+    if placement is None:
+        return model.to(device).eval()
+    if isinstance(placement.device_map, dict) and (unknown := unknown_modules(placement.device_map, model)):
+        raise SoftcacheError(f"--device-map {placement.name} names {unknown[0]!r}, which is no module of --teacher "
+                             f"{source.name} (its modules are named like {_example_module(model)})")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _placement_quiet():
+    """Without accelerate's warnings that weights were offloaded (the job's note says where each layer
+    went) and that a device map names unknown modules (refused in one line once loaded)."""
+    dispatch = logging.getLogger("accelerate.big_modeling")
+    level = dispatch.level
+    dispatch.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The following device_map keys do not match")
+            yield
+    finally:
+        dispatch.setLevel(level)
+
+
+def _example_module(model) -> str:
+    """A few of ``model``'s top-level module names, for an error message."""
+    return ", ".join(name for name, _ in list(model.named_modules())[1:4])
 
 
 def identity(source: TeacherSource, model, dtype: torch.dtype) -> TeacherSection:

@@ -156,6 +156,14 @@ def world(tiny_teacher, corpus_file, tmp_path_factory):
     assert run(*train[:2], root / "lora-student", *train[3:], "--store", store, *lora).exit_code == 0
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).save_pretrained(root / "lora-student")
     (root / "configs" / "dtype.yaml").write_text("student_dtype: float16\n")
+    # device maps of a teacher too big for one device (issue 16)
+    whole = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+             "lm_head": "disk"}
+    for name, placed in {"gpu-map.json": {**whole, "lm_head": 99}, "typo-map.json": {**whole, "model.layerz": "disk"},
+                         "partial-map.json": {"model.embed_tokens": "cpu", "model.layers": "disk"},
+                         "tpu-map.json": {**whole, "model.norm": "tpu"}, "list-map.json": list(whole)}.items():
+        (root / name).write_text(json.dumps(placed))
+    (root / "broken-map.json").write_text("{not json")
     return {"root": root, "base": base, "store": store, "corpus": corpus_file, "train": train, "student": student,
             "no_tokenizer": no_tokenizer, "small": small, "other_tokenizer": other_tokenizer}
 
@@ -467,6 +475,51 @@ MISTAKES += [
      "--resume with changed settings (fsdp: run has False, now True)"),
     ("--fsdp with a LoRA student", lambda w: train(w, None, None, "--fsdp", "--lora-r", 4),
      "--fsdp does not train LoRA adapters yet"),
+    # a teacher placed over several devices (issue 16)
+    ("--max-memory without --device-map", lambda w: cache(w, **{"--max-memory": "cpu=1GiB"}),
+     "--max-memory needs --device-map: it places a teacher split over several devices; add --device-map auto"),
+    ("--gpus-per-rank without --device-map", lambda w: cache(w, **{"--gpus-per-rank": 2}),
+     "--gpus-per-rank needs --device-map"),
+    ("--offload-folder without --device-map", lambda w: cache(w, **{"--offload-folder": w["root"]}),
+     "--offload-folder needs --device-map"),
+    ("--device with --device-map", lambda w: cache(w, **{"--device-map": "auto", "--device": "cpu"}),
+     "give --device or --device-map, not both: --device-map auto places the teacher itself"),
+    ("--device-map neither a strategy nor a file", lambda w: cache(w, **{"--device-map": "everywhere"}),
+     "--device-map everywhere is not one of auto, balanced, sequential, nor a JSON file mapping module names to "
+     "devices (no such file)"),
+    ("--device-map file that is not JSON", lambda w: cache(w, **{"--device-map": w["root"] / "broken-map.json"}),
+     "--device-map {root}/broken-map.json is not valid JSON"),
+    ("--device-map file that is a list", lambda w: cache(w, **{"--device-map": w["root"] / "list-map.json"}),
+     "--device-map {root}/list-map.json must map module names to devices"),
+    ("--device-map file with an unknown device", lambda w: cache(w, **{"--device-map": w["root"] / "tpu-map.json"}),
+     "--device-map {root}/tpu-map.json puts 'model.norm' on 'tpu'; give a GPU number (0, 1, ...), cuda:N, cpu or "
+     "disk"),
+    ("--device-map onto a GPU this rank lacks", lambda w: cache(w, **{"--device-map": w["root"] / "gpu-map.json"}),
+     "--device-map {root}/gpu-map.json puts lm_head on GPU 99, but this "),
+    ("--device-map naming no module of the teacher",
+     lambda w: cache(w, **{"--device-map": w["root"] / "typo-map.json"}),
+     "--device-map {root}/typo-map.json names 'model.layerz', which is no module of --teacher"),
+    ("--device-map leaving weights unplaced", lambda w: cache(w, **{"--device-map": w["root"] / "partial-map.json"}),
+     "could not load the model placed by --device-map {root}/partial-map.json (ValueError: The device_map provided "
+     "does not give any device for the following parameters: model.norm.weight, lm_head.weight)"),
+    ("--max-memory that is not DEVICE=SIZE", lambda w: cache(w, **{"--device-map": "auto", "--max-memory": "64GiB"}),
+     "--max-memory 64GiB: '64GiB' is not DEVICE=SIZE; give e.g. 0=20GiB,1=20GiB,cpu=64GiB"),
+    ("--max-memory with a size in no unit", lambda w: cache(w, **{"--device-map": "auto", "--max-memory": "cpu=2GB+"}),
+     "--max-memory cpu=2GB+: '2GB+' is not a size"),
+    ("--max-memory for an unknown device", lambda w: cache(w, **{"--device-map": "auto", "--max-memory": "ram=2GB"}),
+     "--max-memory ram=2GB: unknown device 'ram'; give a GPU number of this rank (0, 1, ...) or cpu"),
+    ("--max-memory for a GPU this rank lacks",
+     lambda w: cache(w, **{"--device-map": "auto", "--max-memory": "99=2GB,cpu=1GB"}),
+     "--max-memory 99=2GB,cpu=1GB names GPU 99, but this "),
+    ("--max-memory with a device-map file",
+     lambda w: cache(w, **{"--device-map": w["root"] / "typo-map.json", "--max-memory": "cpu=2GB"}),
+     "--max-memory applies to --device-map auto, balanced, sequential; the device map {root}/typo-map.json places "
+     "every module itself: drop --max-memory"),
+    ("--offload-folder that is a file",
+     lambda w: cache(w, **{"--device-map": "auto", "--offload-folder": w["root"] / "a-file"}),
+     "--offload-folder {root}/a-file is not a directory; give an existing one"),
+    ("--gpus-per-rank 0", lambda w: cache(w, **{"--device-map": "auto", "--gpus-per-rank": 0}),
+     "--gpus-per-rank must be at least 1, got 0"),
 ]
 
 
