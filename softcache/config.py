@@ -77,8 +77,11 @@ class CacheConfig:
                              "(one row per record: text, messages or prompt/completion, see --input-shape), a directory "
                              "of such files (all read, in sorted order; mixed types allowed) or written by "
                              "Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split), or "
-                             "builtin:python-docs-chat (conversations about those topics, messages rows). Text must "
-                             "be UTF-8; empty documents are skipped.")
+                             "builtin:python-docs-chat (conversations about those topics, messages rows), or "
+                             "hf:owner/name[:config] (a Hugging Face dataset; offline, from the local cache; see "
+                             "--split), or an fsspec URL of such a file or directory (s3://, gs://, memory://, file://; "
+                             "copied into a local mirror under SOFTCACHE_CACHE). Text must be UTF-8; empty documents "
+                             "are skipped.")
     out: str = setting(help="Store directory. Created if missing; an unfinished store with the same settings is "
                             "resumed; a finished one is left alone.")
     format: str = setting("zarr", choices=FORMATS,
@@ -221,7 +224,7 @@ class CacheConfig:
         """The store must not lie in the corpus directory: a rerun would read the store's files as
         corpus (changing the corpus and its fingerprint), and so would every other job on that
         directory. Refused rather than excluded, so the rule is one a user can see."""
-        if self.data.startswith("builtin:") or "://" in self.out:
+        if self.data.startswith(("builtin:", "hf:")) or "://" in self.out or "://" in self.data:
             return
         data, out = Path(self.data).resolve(), Path(self.out).resolve()
         if out == data or data in out.parents:

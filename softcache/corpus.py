@@ -1,7 +1,8 @@
 """Corpus reading: the rows of ``--data``, in a fixed order, all of one input shape.
 
 ``--data`` is the built-in corpus, a file, a directory of files or a ``save_to_disk`` directory
-(:func:`read_rows`). Its rows are text (one column: plain documents), ``messages`` or ``prompt`` and
+(:func:`read_rows`), or from elsewhere (softcache.corpus_sources): a Hugging Face dataset by name
+(``hf:owner/name``) or an fsspec URL of a file or directory, read through a local mirror. Its rows are text (one column: plain documents), ``messages`` or ``prompt`` and
 ``completion`` (softcache.chat.InputShape): the shape the first file's columns show, or the one
 ``--input-shape`` names. Every file must hold that shape (one store holds one kind of row): each
 file's columns are read (datasets loads it, memory-mapped) before any row is, so a file of another
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 from softcache.chat import InputShape, input_shape
 from softcache.corpus_dir import BUILDERS, corpus_files, is_saved_dataset
 from softcache.corpus_errors import encoding_problem, unreadable
+from softcache.corpus_sources import HF_PREFIX, Mirrored, hf_stamp, is_url, load_hf
 from softcache.documents import PackedCorpus, pack
 from softcache.errors import SoftcacheError
 
@@ -31,6 +34,7 @@ BUILTIN_CORPORA = ("builtin:python-docs", "builtin:python-docs-chat")
 BUILTIN_SPLITS = ("train", "heldout", "all")
 _READ_BATCH = 1024  # rows per batch read from a dataset
 _CHAT_COLUMNS = {"messages", "prompt", "completion"}
+HF_BUILDER = "Hugging Face dataset"
 
 
 def python_docs(split: str = "all") -> list[str]:
@@ -64,7 +68,11 @@ def read_rows(data: str, text_column: str = "text", split: str = "train",
       are not read. A file of any other type, or a softcache store, refuses the whole directory
       (nothing is skipped unsaid). Split names in sub-directory or file names (``train/``,
       ``test.jsonl``) divide the files into splits as Hugging Face datasets does
-      (:mod:`softcache.corpus_dir`); else every file is in ``train``.
+      (:mod:`softcache.corpus_dir`); else every file is in ``train``;
+    - ``hf:owner/name`` or ``hf:owner/name:config``: a Hugging Face dataset, from the local cache
+      when offline (its splits);
+    - an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``, ...) of a file or a directory:
+      copied into a local mirror, then read as the local file or directory would be (errors name the URL).
 
     Without ``shape``, a file with none of the columns ``messages``, ``prompt``, ``completion`` is
     text (its ``text_column``), else :func:`softcache.chat.input_shape` decides. Every file must be
@@ -162,11 +170,30 @@ class _Part:
     datasets, once, when their columns are first asked for; a blank JSON or CSV file has no rows."""
 
     def __init__(self, where: Path | str, builder: str, texts: Callable[[], list[str]] | None = None,
-                 load: Callable[[], object] | None = None, size: int = 0):
+                 load: Callable[[], object] | None = None, size: int = 0, mirror: Mirrored | None = None):
         self.where, self.builder, self._texts, self._load = str(where), builder, texts, load
+        self.path = Path(where)
+        """The local file read (a mirrored file's copy); :attr:`where` is what messages name."""
+        self.mirror = mirror
+        if mirror is not None:
+            self.where = mirror.named(str(where))
         self._columns: list[str] | None = None
         self._dataset = None
         self._size = size
+
+    def stamp(self) -> list:
+        """What tells whether the part's rows may have changed: a file's size and modification time (a
+        directory's files'; a mirrored file's remote size and time or ETag), a dataset's fingerprint and
+        cache files, the built-in corpus's Python version. Asked after :meth:`columns`."""
+        if self.builder == "builtin":
+            return [self.where, sys.version]
+        if self.builder == HF_BUILDER:
+            return [self.where, hf_stamp(self._dataset)]
+        if self.mirror is not None:  # a file, or a saved dataset's directory
+            return [self.where, [[remote, stamp] for local, (remote, stamp) in sorted(self.mirror.remote.items())
+                                 if local == self.path or self.path in local.parents]]
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
+        return [self.where, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
     def __len__(self) -> int:
         """Rows: a text part's ``size``, a dataset's rows once loaded (by :meth:`columns`)."""
@@ -186,7 +213,9 @@ class _Part:
         """Each row's values of ``columns`` from row ``start`` on; a failure of datasets names the file
         (``text_column``: the column that must hold strings, for the message)."""
         if self._texts is not None:
-            for text in self._texts()[start:]:
+            with _reading(self, text_column):
+                texts = self._texts()
+            for text in texts[start:]:
                 yield (text,)
             return
         if self._dataset is None:
@@ -202,12 +231,15 @@ class _Part:
 def _reading(part: _Part, text_column: str | None):
     """Any failure of datasets, loading or iterating, becomes one line naming the file and the cause
     (see :func:`softcache.corpus_errors.unreadable`)."""
+    named = part.mirror.named if part.mirror is not None else str
     try:
         yield
-    except SoftcacheError:
-        raise
+    except SoftcacheError as err:
+        if part.mirror is None:
+            raise
+        raise SoftcacheError(named(str(err))) from err
     except Exception as err:  # datasets raises many types (and wraps them) for unreadable input
-        raise SoftcacheError(unreadable(Path(part.where), part.builder, text_column, err)) from err
+        raise SoftcacheError(named(unreadable(part.path, part.builder, text_column, err))) from err
 
 
 def _parts(data: str, split: str) -> Iterator[_Part]:
@@ -220,6 +252,12 @@ def _parts(data: str, split: str) -> Iterator[_Part]:
             yield _Part(data, "builtin", load=lambda: _chat_rows(split))
         else:
             yield _Part(data, "builtin", texts=lambda: python_docs(split), size=len(python_docs(split)))
+        return
+    if data.startswith(HF_PREFIX):
+        yield _Part(data, HF_BUILDER, load=lambda: load_hf(data, split))
+        return
+    if is_url(data):
+        yield from _mirrored_parts(Mirrored(data), split)
         return
     path = Path(data)
     if not path.exists():
@@ -239,17 +277,38 @@ def _parts(data: str, split: str) -> Iterator[_Part]:
         yield _file_part(file)
 
 
-def _file_part(path: Path) -> _Part:
+def _mirrored_parts(mirror: Mirrored, split: str) -> Iterator[_Part]:
+    """The parts of an fsspec URL's local copy, read as the local file or directory would be."""
+    root = mirror.root
+    try:
+        if is_saved_dataset(root):
+            yield _Part(root, "saved dataset", load=lambda: _load_saved(root, split), mirror=mirror)
+            return
+        if root.is_dir():
+            files = corpus_files(root, split)
+        elif split != "train":
+            raise SoftcacheError(f"--data {root} has no split {split!r} (splits: train); choose one with --split")
+        else:
+            files = [root]
+    except SoftcacheError as err:
+        raise SoftcacheError(mirror.named(str(err))) from err
+    for file in files:
+        yield _file_part(file, mirror)
+
+
+def _file_part(path: Path, mirror: Mirrored | None = None) -> _Part:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise SoftcacheError(f"--data {path}: unsupported file type {path.suffix or '(none)'}; "
+        shown = mirror.named(str(path)) if mirror is not None else path
+        raise SoftcacheError(f"--data {shown}: unsupported file type {path.suffix or '(none)'}; "
                              f"use one of {', '.join(sorted(BUILDERS))} or a save_to_disk directory")
     if builder == "text":
-        return _Part(path, builder, texts=lambda: [_read_text(path)], size=1)
+        return _Part(path, builder, texts=lambda: [_read_text(path)], size=1, mirror=mirror)
     if builder in ("json", "csv") and _blank(path):
-        return _Part(path, builder)  # no rows (datasets fails on such a file)
+        return _Part(path, builder, mirror=mirror)  # no rows (datasets fails on such a file)
     options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    return _Part(path, builder, load=lambda: _load(builder, data_files=str(path), split="train", **options))
+    return _Part(path, builder, load=lambda: _load(builder, data_files=str(path), split="train", **options),
+                 mirror=mirror)
 
 
 def _read_text(path: Path) -> str:

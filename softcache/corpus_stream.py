@@ -28,7 +28,6 @@ import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -253,18 +252,11 @@ class StreamedCorpus:
 
 
 def corpus_key(settings: dict, rows: CorpusRows, tokenizer_fingerprint: str) -> dict:
-    """What decides a corpus's rows: the settings given, the tokenizer, and for each part of ``rows`` its
-    size and modification time (a built-in corpus: the Python it ships with)."""
-    key = {**settings, "tokenizer": tokenizer_fingerprint, "parts": [_stamp(part.where) for part in rows.parts]}
+    """What decides a corpus's rows: the settings given, the tokenizer, and each part of ``rows``'s stamp
+    (softcache.corpus: a file's size and modification time, a remote file's size and time or ETag, a Hugging
+    Face dataset's fingerprint and cache files, the built-in corpus's Python version)."""
+    key = {**settings, "tokenizer": tokenizer_fingerprint, "parts": [part.stamp() for part in rows.parts]}
     return json.loads(json.dumps(key))  # as it reads back from a saved index
-
-
-def _stamp(where: str) -> list:
-    if where.startswith("builtin:"):
-        return [where, sys.version]
-    path = Path(where)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [where, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
 
 def save_index(writer, index: CorpusIndex) -> None:
