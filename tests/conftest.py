@@ -206,14 +206,14 @@ def make_student(directory: Path, seed: int = 7) -> Path:
     return directory
 
 
-def put_in_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0123456789abcdef" * 2 + "01234567"
-                     ) -> Path:
+def put_in_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "0123456789abcdef" * 2 + "01234567",
+                     repo_type: str = "model") -> Path:
     """Place the files of ``model_dir`` in the Hugging Face cache at ``cache`` (HF_HUB_CACHE) as ``repo_id``'s
     main revision, in the layout huggingface_hub writes: blobs named by their sha256, a snapshot of links to
     them, and refs/main naming the commit. Returns the snapshot directory."""
     import hashlib
 
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    repo = cache / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)

@@ -520,6 +520,13 @@ MISTAKES += [
      "--offload-folder {root}/a-file is not a directory; give an existing one"),
     ("--gpus-per-rank 0", lambda w: cache(w, **{"--device-map": "auto", "--gpus-per-rank": 0}),
      "--gpus-per-rank must be at least 1, got 0"),
+    # corpora from elsewhere (issue 16 item 2); a dataset in no cache: tests/test_corpus_sources.py (needs offline mode)
+    ("Hugging Face dataset without a name", lambda w: cache(w, **{"--data": "hf:owner/"}),
+     "--data hf:owner/: give a Hugging Face dataset as hf:owner/name or hf:owner/name:config"),
+    ("corpus URL that does not exist", lambda w: cache(w, **{"--data": "memory://nowhere/corpus.jsonl"}),
+     "--data memory://nowhere/corpus.jsonl does not exist"),
+    ("corpus URL of an unknown protocol", lambda w: cache(w, **{"--data": "nosuch://bucket/corpus.jsonl"}),
+     "--data nosuch://bucket/corpus.jsonl could not be listed: ValueError: Protocol not known: nosuch"),
 ]
 
 
