@@ -2,7 +2,8 @@
 
 ``--data`` is the built-in corpus, a file, a directory of files or a ``save_to_disk`` directory
 (:func:`read_rows`), or from elsewhere (softcache.corpus_sources): a Hugging Face dataset by name
-(``hf:owner/name``) or an fsspec URL of a file or directory, read through a local mirror. Its rows are text (one column: plain documents), ``messages`` or ``prompt`` and
+(``hf:owner/name``) or an fsspec URL of a file or directory, read through a local mirror. Its rows
+are text (one column: plain documents), ``messages`` or ``prompt`` and
 ``completion`` (softcache.chat.InputShape): the shape the first file's columns show, or the one
 ``--input-shape`` names. Every file must hold that shape (one store holds one kind of row): each
 file's columns are read (datasets loads it, memory-mapped) before any row is, so a file of another

@@ -100,7 +100,7 @@ def test_a_dataset_in_no_cache_is_one_line_saying_how_to_fetch_it(offline):
                                              r"'cfg'\)$"):
         read_rows("hf:nobody/nothing:cfg")
     for bad in ("hf:", "hf:a/b/c", "hf:/x"):
-        with pytest.raises(SoftcacheError, match="give a Hugging Face dataset as hf:owner/name or hf:owner/name:config"):
+        with pytest.raises(SoftcacheError, match="give a Hugging Face dataset as hf:owner/name or hf:owner/name:co"):
             read_rows(bad)
 
 
