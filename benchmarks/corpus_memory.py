@@ -6,7 +6,12 @@ The corpus path is what is measured, so the teacher is the test suite's tiny ran
 that none repeats another), each run is a fresh process under ``/usr/bin/time``:
 
   job    -- ``softcache cache`` writing the whole corpus (top-8 targets, zarr, rows of 256 tokens,
-            shards of 256 rows): its peak resident memory (max RSS) and wall time;
+            shards of 256 rows): its peak resident memory (max RSS) and wall time; only for sizes in
+            ``--job-tokens`` (default 1M and 10M: the tiny teacher's job writes about 10k tokens/s here,
+            so 50M would take hours);
+  corpus -- the job's corpus path without the teacher: the index pass and every shard's rows rebuilt
+            and checked (``stream_corpus``, ``StreamedCorpus.shard``), what the job does besides the
+            forward passes and writes: peak resident memory and wall time;
   packed -- the corpus packed in memory (``pack_corpus``, what every rank of the job held before it
             streamed): its peak resident memory.
 
@@ -76,6 +81,7 @@ def timed_child(code: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1000000,10000000,50000000")
+    parser.add_argument("--job-tokens", default="1000000,10000000", help="sizes at which the whole job runs too")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=str(HERE / "out" / "corpus_memory"))
     parser.add_argument("--results", default=str(HERE / "results"))
@@ -94,15 +100,23 @@ def main() -> None:
         written = write_corpus(data, tokenizer, tokens)
         settings = dict(teacher=str(teacher), data=str(data), seq_len=SEQ_LEN, k=8, batch_size=64,
                         shard_size=SHARD_SIZE, progress=False)
-        job = timed_child(f"from softcache.cache_job import run_cache; from softcache.config import CacheConfig; "
-                          f"run_cache(CacheConfig(out={str(work / f'store-{tokens}')!r}, **{settings!r}))")
+        job = None
+        if str(tokens) in args.job_tokens.split(","):
+            job = timed_child(f"from softcache.cache_job import run_cache; from softcache.config import CacheConfig; "
+                              f"run_cache(CacheConfig(out={str(work / f'store-{tokens}')!r}, **{settings!r}))")
+            shutil.rmtree(work / f"store-{tokens}")
+        corpus = timed_child(f"from transformers import AutoTokenizer; from softcache.cache_job import stream_corpus; "
+                             f"from softcache.config import CacheConfig; c = stream_corpus(CacheConfig(out='unused', "
+                             f"**{settings!r}), AutoTokenizer.from_pretrained({str(teacher)!r})); "
+                             f"[c.shard(f, min({SHARD_SIZE}, c.num_sequences - f)) for f in range(0, c.num_sequences, "
+                             f"{SHARD_SIZE})]")
         packed = timed_child(f"from transformers import AutoTokenizer; from softcache.cache_job import pack_corpus; "
                              f"from softcache.config import CacheConfig; pack_corpus(CacheConfig(out='unused', "
                              f"**{settings!r}), AutoTokenizer.from_pretrained({str(teacher)!r}))")
-        runs.append({"tokens": written, "corpus_bytes": data.stat().st_size, "job": job, "packed": packed})
+        runs.append({"tokens": written, "corpus_bytes": data.stat().st_size, "job": job, "corpus": corpus,
+                     "packed": packed})
         paths[written] = data
         print(runs[-1], flush=True)
-        shutil.rmtree(work / f"store-{tokens}")
 
     measured = max((r for r in runs if r["tokens"] <= 11_000_000), key=lambda r: r["tokens"], default=runs[0])
     throughput = tokenizer_throughput(paths[measured["tokens"]], teacher, tokenizer, args.rounds)
@@ -151,12 +165,15 @@ def write_report(results: dict, out: Path) -> None:
         f"shards of {results['shard_size']} rows, top-8 targets into zarr; each run a fresh process, peak resident "
         f"memory from /usr/bin/time ({results['machine']}). Produced by `python benchmarks/corpus_memory.py`.",
         "",
-        "| corpus tokens | corpus file | job: peak RSS | job: wall time | packed in memory (before streaming): peak RSS |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| corpus tokens | corpus file | job: peak RSS | job: wall time | corpus path alone: peak RSS | "
+        "corpus path alone: wall time | packed in memory (before streaming): peak RSS |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in results["runs"]:
-        lines.append(f"| {run['tokens'] / 1e6:,.1f} M | {run['corpus_bytes'] / 2**20:,.0f} MiB | "
-                     f"{run['job']['peak_rss_mib']:,.0f} MiB | {run['job']['seconds']:,.0f} s | "
+        job = (f"{run['job']['peak_rss_mib']:,.0f} MiB | {run['job']['seconds']:,.0f} s" if run["job"]
+               else "not run | not run")
+        lines.append(f"| {run['tokens'] / 1e6:,.1f} M | {run['corpus_bytes'] / 2**20:,.0f} MiB | {job} | "
+                     f"{run['corpus']['peak_rss_mib']:,.0f} MiB | {run['corpus']['seconds']:,.0f} s | "
                      f"{run['packed']['peak_rss_mib']:,.0f} MiB |")
     t = results["throughput"]
     lines += [
