@@ -330,7 +330,10 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
-    pending = sorted(set().union(*(writer.pending for writer, _ in jobs)))
+    # Each store's shards to write, as sets taken once: asking ``writer.pending`` (a list of every shard)
+    # at each shard made the loop quadratic in the shard count (0.7 s a shard at 1T tokens' 3.8M shards).
+    todo = [set(writer.pending) for writer, _ in jobs]
+    pending = sorted(set().union(*todo))
     if shards is not None:
         pending = sorted(set(pending) & set(shards))
     targets = [config.targets_section() for _, config in jobs]
@@ -338,7 +341,7 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
     with contextlib.ExitStack() as stack, torch.inference_mode():
         background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
         for index in pending:
-            wanted = [(b, t) for b, t, (writer, _) in zip(background, targets, jobs) if index in writer.pending]
+            wanted = [(b, t) for b, t, store_todo in zip(background, targets, todo) if index in store_todo]
             first, count = layout.shard_bounds(index)
             input_ids, teach, segments = corpus.shard(first, count)
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.

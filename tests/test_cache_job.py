@@ -188,3 +188,29 @@ def test_one_teacher_pass_writes_several_stores_as_separate_jobs_would(cache_con
         TeacherJob([configs["topk"], cache_config(seq_len=16, out=str(tmp_path / "other"))])
     with pytest.raises(SoftcacheError, match="same --out"):
         TeacherJob([configs["topk"], configs["topk"]])
+
+
+def test_one_pass_writes_each_stores_missing_shards_once(cache_config, tmp_path, monkeypatch):
+    from softcache.cache_job import cache_many
+
+    def configs(prefix: str) -> list:
+        return [cache_config(out=str(tmp_path / f"{prefix}-topk")),
+                cache_config(targets="sampled", samples=10, out=str(tmp_path / f"{prefix}-sampled"))]
+
+    for config in configs("reference"):
+        run_cache(config)
+    topk, sampled = configs("resumed")
+    interrupted_run(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(topk))  # shards 0, 1 kept
+    interrupted_run(monkeypatch, StoreWriter, "write_shard", 5, lambda: run_cache(sampled))  # shards 0-3 kept
+    written = []
+    original = StoreWriter.write_shard
+
+    def recorded(writer, index, *args, **kwargs):
+        written.append((writer.root.name, index))
+        return original(writer, index, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", recorded)
+    cache_many([topk, sampled])
+    assert sorted(written) == [("resumed-sampled", 4), ("resumed-topk", 2), ("resumed-topk", 3), ("resumed-topk", 4)]
+    for name in ("topk", "sampled"):
+        assert store_files(tmp_path / f"resumed-{name}") == store_files(tmp_path / f"reference-{name}")

@@ -150,6 +150,25 @@ def test_resume_skips_written_shards_and_rewrites_damaged_ones(tmp_path):
     assert not (tmp_path / "s" / "shards" / "shard-00003.arrow.tmp-999").exists()
 
 
+def test_remove_temporaries_finds_leftovers_at_any_depth_and_keeps_the_rest(tmp_path):
+    from softcache.store.files import remove_temporaries
+
+    kept = ["manifest.json", "data.zarr/shards/00000/target_ids/c/0", "data.zarr/shards/00000/zarr.json",
+            "tokenizer/tokenizer.json"]
+    leftovers = ["manifest.json.tmp-7", "data.zarr/shards/00001.tmp-7", "data.zarr/shards/00000/target_ids/c/1.partial",
+                 "progress/shard-00000.json.tmp-7", "tokenizer.tmp-7"]
+    for relative in kept + ["manifest.json.tmp-7", "data.zarr/shards/00000/target_ids/c/1.partial",
+                            "progress/shard-00000.json.tmp-7"]:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"x")
+    for directory in ("data.zarr/shards/00001.tmp-7/target_ids/c", "tokenizer.tmp-7"):  # half-written directories
+        (tmp_path / directory).mkdir(parents=True)
+        (tmp_path / directory / "0").write_bytes(b"x")
+    removed = remove_temporaries(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in removed) == sorted(leftovers)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
 def test_zarr_crash_leftovers_never_block_a_rerun(tmp_path):
     layout, encoding = make(10, 4, 3, 3, ids="delta", values="log8")
     written = write_store(tmp_path / "s", "zarr", layout, encoding, finish=False, shards=[0, 1])
