@@ -132,18 +132,21 @@ def synthetic(tmp_path):
 # ---- retries, permanent failures, stalls --------------------------------------------------------
 
 @pytest.fixture
-def warnings_logged():
-    """The messages the ``softcache`` logger warns with while the test runs."""
+def notes_logged():
+    """The notes (INFO) and warnings the ``softcache`` logger gives while the test runs."""
     messages = []
-    handler = logging.Handler(logging.WARNING)
+    handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: messages.append(record.getMessage())
     logger = logging.getLogger("softcache")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     yield messages
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
-def test_transient_failures_are_retried_both_ways(synthetic, tmp_path, monkeypatch, warnings_logged):
+def test_transient_failures_are_retried_both_ways(synthetic, tmp_path, monkeypatch, notes_logged):
     local, url = synthetic
     monkeypatch.setenv("SOFTCACHE_ATTEMPTS", "3")
     FlakyFileSystem.failures = {"manifest.json": 1, "shard-00001.arrow": 2, "tokenizer.json": 2}
@@ -151,7 +154,7 @@ def test_transient_failures_are_retried_both_ways(synthetic, tmp_path, monkeypat
     for name, array in open_store(local).read(0, 48).items():
         np.testing.assert_array_equal(store.read(0, 48)[name], array)
     assert len(gets("shard-00001.arrow")) == 3 and len(gets("shard-00002.arrow")) == 1
-    retried = [m for m in warnings_logged if "shard-00001" in m]
+    retried = [m for m in notes_logged if "shard-00001" in m]
     assert len(retried) == 2 and retried[1].startswith(
         "flaky://bucket/store: downloading shards/shard-00001.arrow failed (ConnectionError: connection reset while "
         "reading /bucket/store/shards/shard-00001.arrow); attempt 3 of 3 in 0.0 s")

@@ -17,8 +17,8 @@ URL case of softcache.store.storage's :class:`~softcache.store.storage.Storage`)
 
 Object stores fail now and then and sometimes stall. Every request is one attempt of at most
 ``SOFTCACHE_TIMEOUT`` seconds; a failed attempt is retried with exponential backoff and jitter
-(tenacity) up to ``SOFTCACHE_ATTEMPTS`` attempts, and a transfer that still fails is one
-:class:`StoreError` naming the URL and the file. A missing file or a refused permission is not
+(tenacity) up to ``SOFTCACHE_ATTEMPTS`` attempts, each retry logged as a note (INFO), and a transfer
+that still fails is one :class:`StoreError` naming the URL and the file. A missing file or a refused permission is not
 retried. A download lands under a temporary name and is renamed into place only once complete and
 checked, so a failed or abandoned attempt never leaves a file that passes for complete.
 """
@@ -180,8 +180,8 @@ class Remote:
         the last attempt; then one :class:`StoreError` naming the URL and the file."""
         settings = self.settings
 
-        def warn(state: tenacity.RetryCallState) -> None:
-            logging.getLogger(LOGGER).warning(
+        def note(state: tenacity.RetryCallState) -> None:  # a note: the failure, if it comes, is the one error line
+            logging.getLogger(LOGGER).info(
                 "%s: %s %s failed (%s); attempt %d of %d in %.1f s", self.url, action, relative,
                 one_line(state.outcome.exception()), state.attempt_number + 1, settings.attempts,
                 state.next_action.sleep)
@@ -191,7 +191,7 @@ class Remote:
             wait=(tenacity.wait_exponential(multiplier=settings.retry_wait, max=MAX_RETRY_WAIT)
                   + tenacity.wait_random(0, settings.retry_wait)),
             retry=tenacity.retry_if_exception(lambda err: isinstance(err, Exception) and not isinstance(err, PERMANENT)),
-            before_sleep=warn, reraise=True)
+            before_sleep=note, reraise=True)
         try:
             return retrying(attempt)
         except FileNotFoundError as err:
