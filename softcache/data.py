@@ -30,7 +30,8 @@ from torch.utils.data import IterableDataset
 from softcache.distributed import environment
 from softcache.store import open_store
 from softcache.store.prefetch import Prefetcher
-from softcache.store.remote import Remote, RemoteSettings
+from softcache.store.remote import Remote
+from softcache.store.transfer import RemoteSettings
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4) -> np.ndarray:

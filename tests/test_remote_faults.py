@@ -22,10 +22,10 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from softcache import StoreError, open_store
 from softcache.data import StoreDataset, epoch_order, rank_batch, shard_spans
-from softcache.store import StoreWriter
 from softcache.store.files import TMP_MARK
 from softcache.store.mirror import Mirror
-from softcache.store.remote import FileVanished, RemoteSettings, parse_size
+from softcache.store.remote import FileVanished
+from softcache.store.transfer import RemoteSettings, parse_size
 from softcache.store.zarr_format import ZarrReader
 from softcache.errors import SoftcacheError
 
