@@ -13,6 +13,10 @@ worker ``c % num_workers``; PyTorch's loader takes batches from its workers in t
 of batches is the same for any number of workers. The resume state is (seed, global batch size,
 batches consumed): restoring it restores the exact order, also on another number of ranks with the
 same global batch.
+
+Because the order is known in advance, a reader of a store at a URL fetches the shards its next
+batches read before it needs them (:func:`shard_spans`, softcache.store.prefetch), ``SOFTCACHE_PREFETCH``
+shards ahead, while the student trains.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from torch.utils.data import IterableDataset
 
 from softcache.distributed import environment
 from softcache.store import open_store
+from softcache.store.prefetch import Prefetcher
+from softcache.store.remote import Remote
+from softcache.store.transfer import RemoteSettings
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4) -> np.ndarray:
@@ -38,6 +45,25 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, window: int = 4) 
         indices = np.concatenate([starts[s] + np.arange(shard_sizes[s]) for s in members])
         parts.append(rng.permutation(indices))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def shard_spans(order: np.ndarray, slots_of, batches: np.ndarray, first_batch: int, batch_size: int,
+                world_size: int, rank: int) -> list[tuple[int, int, int]]:
+    """The shards that ``rank`` reads in batches ``batches`` of an epoch (ascending batch numbers within
+    the epoch ``order``, counted from ``first_batch``, the epoch's first global batch), as ``(first
+    batch, last batch, shard)`` with global batch numbers, sorted by first batch (then shard).
+    ``slots_of`` maps sequence numbers to shards (:meth:`softcache.store.Store.slots_of`)."""
+    positions = (batches * batch_size * world_size + rank * batch_size)[:, None] + np.arange(batch_size)
+    taken = positions < len(order)  # the rest are padding rows (the end of an epoch)
+    if not taken.any():
+        return []
+    shards = slots_of(order[positions[taken]])
+    steps = np.broadcast_to((batches + first_batch)[:, None], positions.shape)[taken]
+    by_shard = np.lexsort((steps, shards))
+    shards, steps = shards[by_shard], steps[by_shard]
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    ends = np.r_[starts[1:], len(shards)] - 1
+    return sorted(zip(steps[starts].tolist(), steps[ends].tolist(), shards[starts].tolist()))
 
 
 def batches_per_epoch(num_sequences: int, global_batch: int) -> int:
@@ -114,6 +140,7 @@ class StoreDataset(IterableDataset):
         self.shuffle = shuffle
         self._world = (rank, world_size)
         self._store = None  # opened lazily, inside each DataLoader worker
+        self._orders: dict[int, np.ndarray] = {}
 
     def partition(self) -> tuple[int, int, int, int]:
         rank, world, worker, workers = environment()
@@ -134,23 +161,57 @@ class StoreDataset(IterableDataset):
         rank, world, worker, workers = self.partition()
         per_epoch = self.per_epoch(world)
         step = self.start_batch
-        orders: dict[int, np.ndarray] = {}
-        while self.epochs is None or step < self.epochs * per_epoch:
-            if step % workers == worker:
-                epoch, batch = divmod(step, per_epoch)
-                if epoch not in orders:
-                    orders = {epoch: self.order(epoch)}
-                rows = rank_batch(orders[epoch], batch, self.batch_size, world, rank)
-                yield {**self.read(rows), "step": torch.tensor(step), "epoch": torch.tensor(epoch)}
-            step += 1
+        ahead = self._prefetcher(rank, world, worker, workers)
+        try:
+            while self.epochs is None or step < self.epochs * per_epoch:
+                if step % workers == worker:
+                    epoch, batch = divmod(step, per_epoch)
+                    rows = rank_batch(self._order(epoch), batch, self.batch_size, world, rank)
+                    if ahead is not None:
+                        ahead.advance(step)
+                    yield {**self.read(rows), "step": torch.tensor(step), "epoch": torch.tensor(epoch)}
+                step += 1
+        finally:
+            if ahead is not None:
+                ahead.close()
 
-    def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Tensors for sequence indices ``rows`` (-1: a padding row, all masked out)."""
+    def _order(self, epoch: int) -> np.ndarray:
+        """:meth:`order`, kept for the epoch being read and the one the prefetcher looks into."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e in (epoch - 1, epoch)}
+            self._orders[epoch] = self.order(epoch)
+        return self._orders[epoch]
+
+    def _prefetcher(self, rank: int, world: int, worker: int, workers: int) -> Prefetcher | None:
+        """For a store at a URL: fetches the shards this worker reads, in its order, ahead of need."""
+        store = self._open()
+        ahead = RemoteSettings.from_environment().prefetch
+        if not isinstance(store.storage, Remote) or not ahead:
+            return None
+        return Prefetcher(store, self._spans(rank, world, worker, workers), ahead)
+
+    def _spans(self, rank: int, world: int, worker: int, workers: int):
+        """(first batch, last batch, shard) of every shard this worker reads from ``start_batch`` on."""
+        per_epoch = self.per_epoch(world)
+        epoch = self.start_batch // per_epoch
+        while self.epochs is None or epoch < self.epochs:
+            first = epoch * per_epoch
+            steps = np.arange(max(first, self.start_batch), first + per_epoch)
+            batches = steps[steps % workers == worker] - first
+            yield from shard_spans(self._order(epoch), self._store.slots_of, batches, first, self.batch_size,
+                                   world, rank)
+            epoch += 1
+
+    def _open(self):
         if self._store is None:
             self._store = open_store(self.path, allow_incomplete=self.allow_incomplete,
                                      verify_checksums=self.verify_checksums)
+        return self._store
+
+    def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors for sequence indices ``rows`` (-1: a padding row, all masked out)."""
         valid = rows >= 0
-        arrays = self._store.read_rows(rows[valid])  # int64 ids, float32 values, gathered in one copy
+        arrays = self._open().read_rows(rows[valid])  # int64 ids, float32 values, gathered in one copy
         if not valid.all():  # padding rows (the end of an epoch): a point mass on id 0, masked out below
             padded = {name: np.zeros((len(rows), *a.shape[1:]), a.dtype) for name, a in arrays.items()}
             padded["target_logprobs"][..., 1:] = -np.inf

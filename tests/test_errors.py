@@ -544,3 +544,30 @@ def test_each_mistake_gets_one_clear_line(world, tmp_path, name, args, message):
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "store" / "manifest.json").exists() or not json.loads(
         (tmp_path / "store" / "manifest.json").read_text())["complete"]
+
+
+# Stores at URLs: the settings read from the environment (softcache.store.remote) and what goes wrong on
+# the way; each run with a cache of its own (SOFTCACHE_CACHE) and the world's stores as file:// URLs.
+URL_MISTAKES = [
+    ("a SOFTCACHE_CACHE_LIMIT that is no size", {"SOFTCACHE_CACHE_LIMIT": "50 gigs"}, "store",
+     "SOFTCACHE_CACHE_LIMIT must be a size such as 50GiB, 800MB or 1000000 (bytes), got '50 gigs'"),
+    ("SOFTCACHE_ATTEMPTS of 0", {"SOFTCACHE_ATTEMPTS": "0"}, "store",
+     "SOFTCACHE_ATTEMPTS must be a whole number of at least 1, got '0'"),
+    ("a SOFTCACHE_TIMEOUT that is no number", {"SOFTCACHE_TIMEOUT": "5 min"}, "store",
+     "SOFTCACHE_TIMEOUT must be a number of seconds of at least 0, got '5 min'"),
+    ("a negative SOFTCACHE_PREFETCH", {"SOFTCACHE_PREFETCH": "-2"}, "store",
+     "SOFTCACHE_PREFETCH must be a whole number of at least 0, got '-2'"),
+    ("a shard missing from a store at a URL", {}, "missing-shard", "is missing"),
+    ("a URL that holds no store", {}, "nowhere", "/nowhere is not a softcache store (no manifest.json)"),
+]
+
+
+@pytest.mark.parametrize("name,env,store,message", URL_MISTAKES, ids=[m[0] for m in URL_MISTAKES])
+def test_each_url_mistake_gets_one_clear_line(world, tmp_path, name, env, store, message):
+    world = {**world, "fresh": tmp_path}
+    args = train(world, f"file://{world['root']}/{store}")
+    result = CliRunner().invoke(main, [str(a) for a in args], env={"SOFTCACHE_CACHE": str(tmp_path / "cache"), **env})
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "checkpoints").exists()

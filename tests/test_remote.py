@@ -98,7 +98,7 @@ def test_local_and_remote_storage_share_one_interface(tmp_path):
     assert not (tmp_path / "store").exists()  # a local storage creates nothing
     for storage in (local, remote):
         assert isinstance(storage, Storage)
-        for name in ("pull_manifest", "pull_state", "fetch", "upload", "remove"):
+        for name in ("pull_manifest", "pull_state", "fetch", "reading", "upload", "remove"):
             assert inspect.signature(getattr(type(storage), name)) == inspect.signature(getattr(Storage, name)), name
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "a.bin").write_bytes(b"local")

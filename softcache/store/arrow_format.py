@@ -8,6 +8,7 @@ decompress onto the heap, which is what the zarr format is for.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,20 +70,27 @@ class ArrowFormat:
         return [relative]
 
     def reader(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4) -> ArrowReader:
-        return ArrowReader(root, layout, encoding)
+        return ArrowReader(root, layout, encoding, cached_shards)
 
 
 class ArrowReader:
-    """Memory-maps shard files on first use; the columns it returns are views of the mapped files."""
+    """Memory-maps shard files on use; the columns it returns are views of the mapped files.
 
-    def __init__(self, root: Path, layout: Layout, encoding: Encoding):
+    It keeps the ``cached_shards`` most recently used mapped: a map holds its file's disk space even
+    once the file is deleted, and a remote store's mirror deletes the shards least recently used to
+    stay under its size limit (softcache.store.mirror)."""
+
+    def __init__(self, root: Path, layout: Layout, encoding: Encoding, cached_shards: int = 4):
         self.root = root
         self.layout = layout
         self.encoding = encoding
-        self._shards: dict[int, dict] = {}
+        self.cached_shards = max(1, cached_shards)
+        self._shards: OrderedDict[int, dict] = OrderedDict()
 
     def load(self, index: int) -> dict:
-        if index not in self._shards:
+        if index in self._shards:
+            self._shards.move_to_end(index)
+        else:
             source = pa.memory_map(str(self.root / ArrowFormat.shard_file(index)))
             batch = pa.ipc.open_file(source).get_batch(0)
             count = self.layout.shard_bounds(index)[1]
@@ -101,4 +109,6 @@ class ArrowReader:
             if problem := column_problem(self.encoding, self.layout.seq_len, count, columns):
                 raise StoreError(problem)
             self._shards[index] = columns
+            while len(self._shards) > self.cached_shards:
+                self._shards.popitem(last=False)
         return self._shards[index]

@@ -4,7 +4,8 @@
 :class:`~softcache.store.manifest.ShardRecord` objects) and returns numpy arrays. A store whose
 teacher job has not finished is refused unless the caller asks for its complete part
 (``allow_incomplete=True``), which then reads only shards with a progress record. A store at a URL
-is read through a local mirror, each file fetched when first needed (softcache.store.storage).
+is read through a local mirror, each file fetched when first needed or ahead of need
+(softcache.store.storage, softcache.store.prefetch).
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ from softcache.store.manifest import (
     read_sections,
 )
 from softcache.store.registry import make_format
+from softcache.store.remote import FileVanished
 from softcache.store.storage import Local, open_storage
+
+READ_TRIES = 3
+"""Reads of a shard whose files another process evicts from a shared mirror meanwhile (each is
+fetched again), before the store is reported unreadable."""
 
 
 class Store:
@@ -56,7 +62,7 @@ class Store:
                  verify_checksums: bool = True, refuse_inconsistent: bool = True):
         self.verify_checksums = verify_checksums
         """Check each shard's files against their sha256 the first time this object reads the shard."""
-        self.storage = open_storage(root)
+        self.storage = open_storage(root, reader=True)
         """Where the store's files are (softcache.store.storage); ``root`` is its local directory."""
         self.storage.pull_manifest()
         self.root = self.storage.local
@@ -138,20 +144,41 @@ class Store:
         and offsets are checked every time it is loaded, before anything is sized from them."""
         shard = self.shards[slot]
         first_read = slot not in self._fetched
-        if first_read:
-            check = self.verify_checksums and not self.storage.checks_fetches  # a download is checked anyway
-            for entry in shard.files:
-                self.storage.fetch(entry.path, entry)
-                if check and (problem := check_file(self.root, entry)):
-                    raise self._damaged(shard, f"({entry.path}) {problem}")
-        if self._reader is None:
-            self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
-        columns = self._load(self._reader, shard)
+        for _ in range(READ_TRIES):
+            try:
+                with self.storage.reading(shard.files):  # a remote store's files: fetched, kept while read
+                    if first_read and self.verify_checksums and not self.storage.checks_fetches:
+                        for entry in shard.files:  # (a download is checked anyway)
+                            if problem := check_file(self.root, entry):
+                                raise self._damaged(shard, f"({entry.path}) {problem}")
+                    if self._reader is None:
+                        self._reader = self.format.reader(self.root, self.layout, self.encoding, self.cached_shards)
+                    columns = self._load(self._reader, shard)
+                break
+            except FileVanished:  # what the reader loaded (and keeps) may lack the file: start afresh
+                self._reader = None
+        else:
+            raise StoreError(f"{self.root}: shard {shard.index}'s files left the local mirror {READ_TRIES} times "
+                             "while being read (other readers evicting them); raise SOFTCACHE_CACHE_LIMIT")
         if first_read:
             if self.verify_checksums and content_sha256(columns) != shard.content_sha256:
                 raise self._damaged(shard, "holds columns whose content digest differs from its record's")
             self._fetched.add(slot)
         return columns
+
+    def fetch_shard(self, slot: int) -> None:
+        """Bring the ``slot``-th readable shard's files into the local directory (a remote store's mirror),
+        without reading them: what fetching ahead does (softcache.store.prefetch)."""
+        for entry in self.shards[slot].files:
+            self.storage.fetch(entry.path, entry)
+
+    def shard_paths(self, slot: int) -> list[Path]:
+        """Where the ``slot``-th readable shard's files are (or will be) in the local directory."""
+        return [self.root / entry.path for entry in self.shards[slot].files]
+
+    def slots_of(self, indices) -> np.ndarray:
+        """The readable shard (its slot in :attr:`shards`) of each sequence number in ``indices``."""
+        return np.searchsorted(self._ends, np.asarray(indices, dtype=np.int64), side="right")
 
     def _load(self, reader, shard: ShardRecord) -> dict:
         """Shard ``shard``'s columns through ``reader``, checked; whatever its bytes are, a damaged shard
@@ -176,7 +203,7 @@ class Store:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sequence index outside the store's {len(self)} sequences")
-        slots = np.searchsorted(self._ends, indices, side="right")
+        slots = self.slots_of(indices)
         order = np.argsort(slots, kind="stable")
         parts = []
         for slot in np.unique(slots):

@@ -11,8 +11,9 @@ manifest) is kept by the one code path that local stores also take, at no cost t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ContextManager, Protocol, runtime_checkable
 
 from softcache.store.manifest import FileEntry
 from softcache.store.remote import Remote, is_remote
@@ -38,6 +39,11 @@ class Storage(Protocol):
     def fetch(self, relative: str, entry: FileEntry | None = None) -> Path:
         """The local path of the store's file ``relative``, there to be read. With its ``entry``, a
         copy already there that matches it is kept; without, a remote file is fetched again."""
+
+    def reading(self, entries: list[FileEntry]) -> ContextManager[None]:
+        """A block that reads the files of ``entries`` from ``local``: they are there (fetched if need
+        be) and stay there while it runs, or, if another process took one away meanwhile,
+        :class:`~softcache.store.remote.FileVanished` is raised when it ends, to read them again."""
 
     def upload(self, relative: str, replace: bool = True) -> None:
         """Publish ``local/relative`` to the store; ``replace=False`` keeps a file already published."""
@@ -67,6 +73,9 @@ class Local:
         # link out of the store is caught where the file is checked (softcache.store.files.check_file).
         return self.local / relative
 
+    def reading(self, entries: list[FileEntry]) -> ContextManager[None]:
+        return contextlib.nullcontext()  # the store itself: no other reader removes its files
+
     def upload(self, relative: str, replace: bool = True) -> None:
         pass
 
@@ -74,7 +83,7 @@ class Local:
         pass
 
 
-def open_storage(location: str | Path) -> Storage:
+def open_storage(location: str | Path, reader: bool = False) -> Storage:
     """:class:`Remote` for an fsspec URL (``protocol://...``, mirrored under ``SOFTCACHE_CACHE``),
-    :class:`Local` for a path."""
-    return Remote(location) if is_remote(location) else Local(location)
+    :class:`Local` for a path. A ``reader`` keeps the mirror under ``SOFTCACHE_CACHE_LIMIT``."""
+    return Remote(location, evicts=reader) if is_remote(location) else Local(location)
