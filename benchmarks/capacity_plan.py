@@ -108,6 +108,7 @@ def committed(results: Path) -> dict:
     quality = json.loads((results / "quality.json").read_text())
     chat = json.loads((results / "chat.json").read_text())
     train_step = json.loads((results / "train_step.json").read_text())
+    memory = json.loads((results / "corpus_memory.json").read_text())
     zarr_readers = [r for r in train_step["readers"] if r["format"] == "zarr" and r["workers"] > 0]
     per_worker = min(r["tokens_per_s"] / r["workers"] for r in zarr_readers)
     default_codec = next(r for r in cache_job["storage"] if r["codec"].get("name") == "blosc"
@@ -125,6 +126,10 @@ def committed(results: Path) -> dict:
         },
         "cache_job_ratio": cache_job["median_ratio_to_bare"]["zarr"],
         "reader_per_worker": per_worker,
+        "index_tokens_per_s": memory["throughput"]["index"]["tokens_per_s"],
+        "index_source": (f"corpus_memory.json throughput.index: the job's index pass over "
+                         f"{memory['throughput_corpus_tokens'] / 1e6:.0f}M tokens of JSON lines, the test teacher's "
+                         "byte-level BPE tokenizer, one process"),
         "reader_source": (f"train_step.json readers (zarr, top-64, seq_len {train_step['seq_len']}): the lowest "
                           f"tokens/s per DataLoader worker, {train_step['machine']}"),
     }
@@ -158,6 +163,20 @@ def sha256_rates(megabytes: int, scratch: Path) -> dict:
     _, _, file = timed(lambda: sha256_file(path))
     path.unlink()
     return {"memory_bytes_per_s": len(data) / memory, "file_bytes_per_s": len(data) / file}
+
+
+def index_bytes_per_shard(shards: int = 1000) -> float:
+    """Bytes a shard adds to a saved corpus index (softcache.corpus_stream.CorpusIndex as JSON), at its
+    largest: whole documents with all 32 open rows in every cursor, row numbers and fills of 7 digits."""
+    from softcache.corpus_stream import CorpusIndex, Cursor, Summary, index_json
+    from softcache.documents import OPEN_ROWS
+
+    def sized(count: int) -> int:
+        cursors = [Cursor(3, 1_234_567, 2, tuple((9_000_000 + r, 1_000 + r) for r in range(OPEN_ROWS)))] * count
+        index = CorpusIndex(Summary(), 256, cursors, ["0" * 64] * count)
+        return len(index_json(index.to_dict()))
+
+    return (sized(shards) - sized(0)) / shards
 
 
 def defaults() -> CacheConfig:
@@ -362,9 +381,12 @@ def plan(args, measured: dict, results: dict) -> dict:
         (f"rank-0 finish of a store at a URL, {ranks} ranks: one GET per progress record and per file of the other "
          "ranks' shards, one at a time", lambda t: shards(t) * (1 + (ranks - 1) / ranks * zarr_files["top-64"])
          * S3_SMALL_REQUEST_S, budget, "s", f"{stalled}; {S3_SMALL_REQUEST_S * 1000:.0f} ms a request [S3]"),
-        (f"the packed corpus: each of {on_node} ranks on a node tokenizes and holds all of it (uint32 ids, twice "
-         "that while packing concatenates the pieces)", lambda t: on_node * 2 * 4 * t, NODE_MEMORY, "bytes",
-         "a node's memory [node]"),
+        ("the corpus index pass: rank 0 reads, tokenizes and packs the whole corpus once, before the teacher starts "
+         "(memory stays flat: softcache.corpus_stream)", lambda t: t / results["index_tokens_per_s"], budget, "s",
+         stalled),
+        (f"the corpus index (a cursor and a digest a shard; whole documents: 32 open rows each), held by each of "
+         f"{on_node} ranks on a node", lambda t: on_node * shards(t) * measured["index_bytes_per_shard"],
+         args.memory_share * NODE_MEMORY, "bytes", f"{args.memory_share:.0%} of a node's memory (--memory-share) [node]"),
     ]
     verdicts = []
     for item, figure, limit, unit, source in breaks:
@@ -392,7 +414,8 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="capacity-plan-") as scratch:
         scratch = Path(scratch)
         started = time.perf_counter()
-        measured = {"sha256": sha256_rates(args.hash_megabytes, scratch), "shards": {}, "manifests": {}}
+        measured = {"sha256": sha256_rates(args.hash_megabytes, scratch), "shards": {}, "manifests": {},
+                    "index_bytes_per_shard": index_bytes_per_shard()}
         for kind, encoding in encodings.items():
             columns = synthetic_columns(encoding, config.shard_size, config.seq_len,
                                         results["kinds"][kind]["entries_per_position"])

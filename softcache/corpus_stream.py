@@ -260,14 +260,21 @@ def corpus_key(settings: dict, rows: CorpusRows, tokenizer_fingerprint: str) -> 
 
 
 def save_index(writer, index: CorpusIndex) -> None:
-    """Keep ``index`` with the store ``writer`` is writing (sealed; published with its progress records)."""
-    from softcache.store.files import write_json
+    """Keep ``index`` with the store ``writer`` is writing (sealed, compact JSON, written atomically;
+    published with its progress records)."""
+    from softcache.store.files import atomic_file
     from softcache.store.manifest import sealed
 
     path = writer.root / INDEX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, sealed(index.to_dict(), INDEX_SEAL))
+    with atomic_file(path, "w") as handle:
+        handle.write(index_json(sealed(index.to_dict(), INDEX_SEAL)))
     writer.storage.upload(INDEX_FILE)
+
+
+def index_json(data: dict) -> str:
+    """A saved index as it is written: compact (one entry a shard; a million shards are its scale)."""
+    return json.dumps(data, separators=(",", ":"))
 
 
 def read_index(out: str, key: dict) -> CorpusIndex | None:
