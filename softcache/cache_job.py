@@ -340,10 +340,11 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
     varlen = uses_varlen(model)
     with contextlib.ExitStack() as stack, torch.inference_mode():
         background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
+        ahead = stack.enter_context(_ShardsAhead(corpus, layout, pending))
         for index in pending:
             wanted = [(b, t) for b, t, store_todo in zip(background, targets, todo) if index in store_todo]
             first, count = layout.shard_bounds(index)
-            input_ids, teach, segments = corpus.shard(first, count)
+            input_ids, teach, segments = ahead.next()
             # Batches never straddle shards, so a resumed shard sees exactly the batches it would have.
             for lo in range(first, first + count, batch_size):
                 hi = min(lo + batch_size, first + count)
@@ -368,6 +369,35 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
                 del logits
                 if on_batch is not None:
                     on_batch(ids.numel())
+
+
+class _ShardsAhead:
+    """Each pending shard's rows (``corpus.shard``), the next one built in a thread while the teacher runs
+    on this one: a streamed corpus tokenizes a shard's documents again (the fast tokenizer releases the
+    GIL), which would otherwise stall the device between shards."""
+
+    def __init__(self, corpus, layout: Layout, pending: list[int]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.corpus, self.layout, self.pending = corpus, layout, list(pending)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="softcache-corpus")
+        self.upcoming = None
+
+    def __enter__(self) -> _ShardsAhead:
+        self._submit()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)  # an interrupt does not wait for a shard no one needs
+
+    def _submit(self) -> None:
+        if self.pending:
+            self.upcoming = self.pool.submit(self.corpus.shard, *self.layout.shard_bounds(self.pending.pop(0)))
+
+    def next(self):
+        rows = self.upcoming.result()
+        self._submit()
+        return rows
 
 
 def for_storage(targets) -> dict:
