@@ -40,12 +40,13 @@ from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from torch.utils.data import DataLoader
 
 from softcache.data import StoreDataset
-from softcache.losses import DistillationLoss
 from softcache.optim import adamw
 from softcache.store import Encoding, Layout, StoreWriter
 from softcache.store.encoding import encode
 from softcache.store.registry import storage_section
 from softcache.student import build_student
+
+from train_step import kd_step  # the same KD step as the student-step benchmark
 
 HERE = Path(__file__).parent
 STUDENT = {"model_type": "llama", "vocab_size": 4096, "hidden_size": 128, "intermediate_size": 256,
@@ -120,16 +121,6 @@ def publish(root: Path, url: str) -> None:
         if path.is_file() and path.name != "writer.lock":
             fs.pipe_file(f"{url}/{path.relative_to(root).as_posix()}", path.read_bytes())
     SlowFileSystem.latency = latency
-
-
-KD_LOSS = DistillationLoss("fkl", "bucket")
-
-
-def kd_step(model, optimizer, batch) -> None:
-    kd, ce = KD_LOSS(model(input_ids=batch["input_ids"]).logits, batch)
-    (0.5 * kd / batch["mask"].sum().clamp_min(1) + 0.5 * ce / (batch["labels"] >= 0).sum().clamp_min(1)).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def timed_round(mode: str, store: str, args, model, optimizer, cache: Path) -> tuple[float, float, float]:
