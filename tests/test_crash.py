@@ -1,7 +1,7 @@
 """Real jobs killed with SIGKILL at random moments, then rerun: nothing lost, nothing changed.
 
-Two trials of each kind, to keep the default suite short; the harness is tools/soak.py, which runs
-the same trials many times for soak testing."""
+One trial of each kind in the default suite and a second under ``-m slow``, to keep the default
+suite short; the harness is tools/soak.py, which runs the same trials many times for soak testing."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import soak  # noqa: E402
 
 
+TRIALS = [0, pytest.param(1, marks=pytest.mark.slow)]
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_teacher, corpus_file, tmp_path_factory):
     work = tmp_path_factory.mktemp("crash")
@@ -27,21 +30,21 @@ def setup(tiny_teacher, corpus_file, tmp_path_factory):
     return work, str(tiny_teacher), str(corpus_file), student, store, run, seconds
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", TRIALS)
 def test_a_killed_teacher_job_reruns_to_identical_shards(setup, trial):
     work, teacher, data, _, store, _, seconds = setup
     result = soak.teacher_trial(work, teacher, data, store, soak.kill_delay(random.Random(trial), seconds["teacher"]))
     assert result["identical"], result
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", TRIALS)
 def test_a_killed_student_resumes_to_identical_weights(setup, trial):
     work, _, _, student, store, run, seconds = setup
     result = soak.student_trial(work, store, student, run, soak.kill_delay(random.Random(10 + trial), seconds["student"]))
     assert result["identical"], result
 
 
-@pytest.mark.parametrize("trial", range(2))
+@pytest.mark.parametrize("trial", TRIALS)
 def test_a_killed_two_rank_teacher_job_reruns_to_identical_shards(setup, trial):
     work, teacher, data, _, store, _, seconds = setup
     result = soak.teacher_trial(work, teacher, data, store, soak.kill_delay(random.Random(20 + trial), seconds["teacher"]),
