@@ -112,8 +112,8 @@ def main() -> None:
         corpus = timed_child(f"from transformers import AutoTokenizer; from softcache.cache_job import stream_corpus; "
                              f"from softcache.config import CacheConfig; c = stream_corpus(CacheConfig(out='unused', "
                              f"**{settings!r}), AutoTokenizer.from_pretrained({str(teacher)!r})); "
-                             f"[c.shard(f, min({SHARD_SIZE}, c.num_sequences - f)) for f in range(0, c.num_sequences, "
-                             f"{SHARD_SIZE})]")
+                             f"all(c.shard(f, min({SHARD_SIZE}, c.num_sequences - f)) for f in range(0, c.num_sequences, "
+                             f"{SHARD_SIZE}))")  # each shard dropped once built, as the job drops it once written
         packed = timed_child(f"from transformers import AutoTokenizer; from softcache.cache_job import pack_corpus; "
                              f"from softcache.config import CacheConfig; pack_corpus(CacheConfig(out='unused', "
                              f"**{settings!r}), AutoTokenizer.from_pretrained({str(teacher)!r}))")
