@@ -20,12 +20,12 @@ The parsers here take no torch import, so softcache.config can check the flags' 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from softcache.errors import SoftcacheError
+from softcache.settings import parse_size
 
 STRATEGIES = ("auto", "balanced", "sequential")
 """--device-map values that let accelerate choose the placement (the rest are device-map files)."""
@@ -33,19 +33,6 @@ HOST_DEVICES = ("cpu", "disk")
 GPU_SHARE = 0.9
 """Of a GPU's free memory, what a --max-memory that leaves it out lets the weights take: the rest holds
 the activations and the [batch, length, vocabulary] logits (accelerate's own rule for one GPU)."""
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
-
-
-def parse_size(text: str) -> int | None:
-    """A size such as ``20GiB``, ``1.5GB``, ``512MiB`` or ``4096`` (bytes) in bytes; None if it is none."""
-    match = _SIZE.fullmatch(text.strip().lower())
-    if match is None or match.group(2) not in ("", *_UNITS):
-        return None
-    return int(float(match.group(1)) * _UNITS[match.group(2) or "b"])
-
-
 def parse_max_memory(text: str) -> dict[int | str, int]:
     """``--max-memory`` (``0=20GiB,1=20GiB,cpu=64GiB``) as {rank-relative GPU number or "cpu": bytes}."""
     budget: dict[int | str, int] = {}

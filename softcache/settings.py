@@ -14,6 +14,7 @@ import difflib
 import functools
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -22,6 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from softcache.errors import SoftcacheError
+
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+
+
+def parse_size(text: str) -> int | None:
+    """A size such as ``20GiB``, ``1.5GB``, ``512 MiB`` or ``4096`` (bytes), decimal or binary units, in
+    bytes; None if ``text`` is not one (negative, inf and nan are not)."""
+    match = _SIZE.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in ("", *_SIZE_UNITS):
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
 
 INT_LIMIT = 2**63 - 1
 """No integer setting may exceed this in size: numpy and torch take 64-bit integers, while click and

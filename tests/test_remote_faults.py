@@ -25,7 +25,7 @@ from softcache.data import StoreDataset, epoch_order, rank_batch, shard_spans
 from softcache.store.files import TMP_MARK
 from softcache.store.mirror import Mirror
 from softcache.store.remote import FileVanished
-from softcache.store.transfer import RemoteSettings, parse_size
+from softcache.store.transfer import RemoteSettings, size_limit
 from softcache.store.zarr_format import ZarrReader
 from softcache.errors import SoftcacheError
 
@@ -405,7 +405,7 @@ def test_settings_come_from_the_environment_and_a_bad_one_is_named():
     settings = RemoteSettings.from_environment({"SOFTCACHE_ATTEMPTS": "2", "SOFTCACHE_TIMEOUT": "2.5",
                                                 "SOFTCACHE_CACHE_LIMIT": "50GiB", "SOFTCACHE_PREFETCH": "0"})
     assert (settings.attempts, settings.timeout, settings.cache_limit, settings.prefetch) == (2, 2.5, 50 * 2**30, 0)
-    assert [parse_size(s) for s in ("800MB", "1.5 TiB", "1000", "0", "")] == [8 * 10**8, 3 * 2**39, 1000, None, None]
+    assert [size_limit(s) for s in ("800MB", "1.5 TiB", "1000", "0", "")] == [8 * 10**8, 3 * 2**39, 1000, None, None]
     for name, value, message in (("SOFTCACHE_ATTEMPTS", "0", "a whole number of at least 1, got '0'"),
                                  ("SOFTCACHE_TIMEOUT", "soon", "a number of seconds of at least 0, got 'soon'"),
                                  ("SOFTCACHE_CACHE_LIMIT", "50 gigs", "a size such as 50GiB"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import tenacity
 
 from softcache.errors import SoftcacheError, StoreError, one_line
 from softcache.logs import LOGGER
+from softcache.settings import parse_size
 
 LIMIT_ENV = "SOFTCACHE_CACHE_LIMIT"
 ATTEMPTS_ENV = "SOFTCACHE_ATTEMPTS"
@@ -35,8 +35,6 @@ MAX_RETRY_WAIT = 60.0
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, SoftcacheError)
 """Failures that another attempt would not change."""
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 T = TypeVar("T")
 
 
@@ -65,7 +63,7 @@ class RemoteSettings:
         return cls(attempts=_number(environ, ATTEMPTS_ENV, default.attempts, int, least=1),
                    timeout=_number(environ, TIMEOUT_ENV, default.timeout, float, least=0),
                    retry_wait=_number(environ, RETRY_WAIT_ENV, default.retry_wait, float, least=0),
-                   cache_limit=parse_size(environ.get(LIMIT_ENV, ""), LIMIT_ENV),
+                   cache_limit=size_limit(environ.get(LIMIT_ENV, ""), LIMIT_ENV),
                    prefetch=_number(environ, PREFETCH_ENV, default.prefetch, int, least=0))
 
 
@@ -83,15 +81,14 @@ def _number(environ, name: str, default, kind, least):
     return value
 
 
-def parse_size(text: str, name: str = LIMIT_ENV) -> int | None:
-    """Bytes in ``text`` ("50GiB", "800 MB", "1.5TiB", "1000000"; decimal and binary units); None for
-    an empty text or 0 (no limit)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
-    if text.strip() and not (match and match.group(2).lower() in _UNITS):
-        raise SoftcacheError(f"{name} must be a size such as 50GiB, 800MB or 1000000 (bytes), got {text!r}")
+def size_limit(text: str, name: str = LIMIT_ENV) -> int | None:
+    """Bytes in ``text`` (softcache.settings.parse_size: "50GiB", "800 MB", "1000000"); None for an empty
+    text or 0 (no limit)."""
     if not text.strip():
         return None
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = parse_size(text)
+    if size is None:
+        raise SoftcacheError(f"{name} must be a size such as 50GiB, 800MB or 1000000 (bytes), got {text!r}")
     return size or None
 
 
