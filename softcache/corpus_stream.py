@@ -88,9 +88,15 @@ class CorpusIndex:
 
     @classmethod
     def from_dict(cls, data: dict) -> CorpusIndex:
-        cursors = [Cursor(part, row, skip, tuple((int(r), int(u)) for r, u in open_rows))
+        """Raises ValueError (or KeyError, TypeError) for one that does not hold a cursor and a digest for
+        each shard of its rows."""
+        cursors = [Cursor(int(part), int(row), int(skip), tuple((int(r), int(u)) for r, u in open_rows))
                    for part, row, skip, open_rows in data["cursors"]]
-        return cls(Summary(**data["summary"]), data["shard_size"], cursors, list(data["digests"]), data["key"])
+        index = cls(Summary(**data["summary"]), int(data["shard_size"]), cursors, list(data["digests"]), data["key"])
+        shards = -(-index.summary.num_sequences // index.shard_size) if index.shard_size > 0 else -1
+        if not (len(cursors) == len(index.digests) == shards > 0):
+            raise ValueError(f"{len(cursors)} cursors and {len(index.digests)} digests for {shards} shards")
+        return index
 
 
 class _ShardDigests:

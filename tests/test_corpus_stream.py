@@ -168,3 +168,32 @@ def test_a_resumed_job_reads_only_the_shards_it_writes(cache_config, tmp_path, m
     run_cache(config)
     assert len(indexed) == 1
     assert store_files(tmp_path / "touched") == store_files(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "resealed with a shard's cursor missing", "not sealed"])
+def test_a_damaged_saved_index_is_not_trusted(cache_config, tmp_path, monkeypatch, damage):
+    from softcache import cache_job
+    from softcache.cache_job import run_cache
+    from softcache.corpus_stream import INDEX_FILE, INDEX_SEAL
+    from softcache.store import StoreWriter
+    from softcache.store.manifest import sealed
+
+    from conftest import interrupted, store_files
+
+    run_cache(cache_config(out=str(tmp_path / "reference")))
+    config = cache_config(out=str(tmp_path / "resumed"))
+    interrupted(monkeypatch, StoreWriter, "write_shard", 3, lambda: run_cache(config))
+    path = tmp_path / "resumed" / INDEX_FILE
+    data = json.loads(path.read_text())
+    if damage == "truncated":
+        path.write_text(path.read_text()[:len(path.read_text()) // 2])
+    elif damage == "not sealed":
+        data["digests"][0] = "0" * 64
+        path.write_text(json.dumps(data))
+    else:
+        data["cursors"].pop()
+        path.write_text(json.dumps(sealed(data, INDEX_SEAL)))
+    indexed = spy(monkeypatch, cache_job, "index_corpus")
+    run_cache(config)
+    assert len(indexed) == 1  # read the corpus again rather than trust the file
+    assert store_files(tmp_path / "resumed") == store_files(tmp_path / "reference")
