@@ -34,7 +34,7 @@ import numpy as np
 from softcache.chat import InputShape
 from softcache.corpus import CorpusRows
 from softcache.corpus_documents import Recipe, RowCounts, pad_id, positioned_documents
-from softcache.documents import OPEN_ROWS, Counts, document_rows, fit, stream_rows
+from softcache.documents import OPEN_ROWS, Counts, document_rows, fit, rows_fingerprint, stream_rows
 from softcache.errors import SoftcacheError
 from softcache.packers import Row, StreamPacker, WindowPacker, row_digest
 
@@ -109,7 +109,7 @@ class _ShardDigests:
         self.next = 0
         self.shard = hashlib.sha256()
         self.digests: list[str] = []
-        self.fingerprint = hashlib.sha256() if stream else hashlib.sha256(b"rows")
+        self.fingerprint = hashlib.sha256() if stream else rows_fingerprint()
 
     def add(self, number: int, row: Row) -> None:
         if self.stream:  # rows come in order; the fingerprint is the ids' own sha256, as stores have always had

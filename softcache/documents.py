@@ -175,7 +175,7 @@ class PackedCorpus(Counts):
         as rows close."""
         if self.teach is None:
             return hashlib.sha256(np.ascontiguousarray(self.input_ids, dtype="<u4").tobytes()).hexdigest()
-        return rows_fingerprint(row_digest(row) for row in self.rows(0, self.num_sequences))
+        return rows_fingerprint(row_digest(row) for row in self.rows(0, self.num_sequences)).hexdigest()
 
     def rows(self, first: int, count: int) -> Iterator[Row]:
         """Rows ``first`` to ``first + count`` (softcache.packers.Row)."""
@@ -190,12 +190,13 @@ class PackedCorpus(Counts):
                 None if self.segments is None else self.segments[cut])
 
 
-def rows_fingerprint(digests: Iterable[bytes]) -> str:
-    """The fingerprint of whole-document rows from their digests in row order."""
+def rows_fingerprint(digests: Iterable[bytes] = ()):
+    """The fingerprint of whole-document rows as a hash object, fed their digests in row order (a streamed
+    corpus goes on feeding it as rows close); ``hexdigest()`` is the fingerprint."""
     fingerprint = hashlib.sha256(b"rows")
     for digest in digests:
         fingerprint.update(digest)
-    return fingerprint.hexdigest()
+    return fingerprint
 
 
 def pack(documents: Iterator[str], tokenizer, seq_len: int, max_sequences: int | None = None,
