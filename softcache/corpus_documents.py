@@ -25,6 +25,8 @@ from softcache.chat import InputShape, TrainOn, chat_template_of, render, teachi
 from softcache.corpus import CorpusRows
 from softcache.documents import LONG, PACKINGS, TOKENIZE_BATCH, Document, PackedCorpus, no_text, pack, pack_documents
 from softcache.errors import BadRow, SoftcacheError
+from softcache.mixture import Mixture
+from softcache.packers import Place
 
 AUTO = "auto"
 _PROGRESS_AFTER_S = 2.0  # a progress bar appears once rendering has taken this long
@@ -100,12 +102,17 @@ def pad_id(tokenizer) -> int:
     return pad
 
 
-def positioned_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None,
-                         skip_bad_rows: bool, counts: RowCounts, progress: bool = False,
-                         start: tuple[int, int] = (0, 0), batch: int = TOKENIZE_BATCH
-                         ) -> Iterator[tuple[tuple[int, int], Document]]:
-    """Each usable row from ``start`` (part, row) on as a document with its place: text tokenized
-    ``batch`` rows at a time, chat rows rendered (bad ones refused or skipped, see :func:`pack_rows`)."""
+def positioned_documents(rows: CorpusRows | Mixture, tokenizer, recipe: Recipe, chat_template: str | None,
+                         skip_bad_rows: bool, counts: RowCounts, progress: bool = False, start: Place | None = None,
+                         batch: int = TOKENIZE_BATCH) -> Iterator[tuple[Place, Document]]:
+    """Each usable row from the place ``start`` on (the first row when None) as a document with its
+    place (softcache.packers.Place): text tokenized ``batch`` rows at a time, chat rows rendered (bad
+    ones refused or skipped, see :func:`pack_rows`); a mix's sources read and interleaved as
+    softcache.mixture says."""
+    if isinstance(rows, Mixture):
+        return rows.documents(lambda source, at: positioned_documents(
+            source, tokenizer, recipe, chat_template, skip_bad_rows, counts, False, at, batch), start)
+    start = (0, 0) if start is None else start
     if recipe.shape == InputShape.TEXT:
         return _text_documents(rows, tokenizer, counts, start, batch)
     return _chat_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts, progress, start)
@@ -138,6 +145,7 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple
     texts: list[str] = []
     places: list[tuple[int, int]] = []
     size = min(16, batch)
+    read = empty = 0
 
     def flush() -> Iterator[tuple[tuple[int, int], Document]]:
         encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -147,8 +155,10 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple
 
     for place, _, _, text in rows.positioned(start):
         counts.rows += 1
+        read += 1
         if not text or text.isspace():
             counts.empty += 1
+            empty += 1
             continue
         texts.append(text)
         places.append(place)
@@ -157,8 +167,8 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple
             size = min(2 * size, batch)
     if texts:
         yield from flush()
-    if counts.rows == counts.empty and start == (0, 0):
-        raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(counts.empty)}")
+    if read == empty and start == (0, 0):
+        raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(empty)}")
 
 
 def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None, skip_bad_rows: bool,
@@ -168,10 +178,13 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
     from tqdm.auto import tqdm
 
     yielded = False
+    read = bad = 0
+    first_bad = ""
     with tqdm(total=len(rows), unit="row", desc="rendering", disable=not progress, delay=_PROGRESS_AFTER_S,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for place, where, index, row in rows.positioned(start):
             counts.rows += 1
+            read += 1
             bar.update()
             try:
                 rendered = render(tokenizer, row, recipe.shape, index=index, chat_template=chat_template,
@@ -182,10 +195,12 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
                                          "rows)") from err
                 counts.bad += 1
                 counts.first_bad = counts.first_bad or f"--data {where}: {err}"
+                bad += 1
+                first_bad = first_bad or f"--data {where}: {err}"
                 continue
             yielded = True
             yield place, Document(rendered.input_ids, teaching_positions(rendered.assistant))
     if not yielded and start == (0, 0):
-        found = (f"all {counts.rows:,} of its rows are bad and were skipped (the first: {counts.first_bad})"
-                 if counts.bad else "it holds no rows")
+        found = (f"all {read:,} of its rows are bad and were skipped (the first: {first_bad})"
+                 if bad else "it holds no rows")
         raise SoftcacheError(f"--data {rows.source} has no rows to cache: {found}")

@@ -34,26 +34,27 @@ import numpy as np
 from softcache.chat import InputShape
 from softcache.corpus import CorpusRows
 from softcache.corpus_documents import Recipe, RowCounts, pad_id, positioned_documents
-from softcache.documents import OPEN_ROWS, Counts, document_rows, fit, rows_fingerprint, stream_rows
+from softcache.documents import (OPEN_ROWS, Counts, document_rows, fit, rows_fingerprint, stream_documents,
+                                 stream_rows)
 from softcache.errors import SoftcacheError
-from softcache.packers import Row, StreamPacker, WindowPacker, row_digest
+from softcache.mixture import Mixture
+from softcache.packers import Place, Row, StreamPacker, WindowPacker, row_digest
 
 INDEX_FILE = "progress/corpus-index.json"
 """Where a store being written keeps the index of its corpus (dropped with the progress records)."""
 INDEX_SEAL = "index_sha256"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Cursor:
     """Where a shard's first row starts in the input."""
 
-    part: int
-    """The file among ``--data``'s parts."""
-    row: int
-    """The row within it."""
+    place: Place
+    """The place of the document it starts in: (file among ``--data``'s parts, row within it), or a mix's
+    state (softcache.mixture)."""
     skip: int
-    """Of that row's document: the tokens already in earlier rows (stream), or the pieces (``--long split``)."""
+    """Of that document: the tokens already in earlier rows (stream), or the pieces (``--long split``)."""
     open_rows: tuple[tuple[int, int], ...] = ()
     """Whole documents: the rows still open just before the shard's first row opened, with their fill."""
 
@@ -84,19 +85,28 @@ class CorpusIndex:
     def to_dict(self) -> dict:
         return {"version": INDEX_VERSION, "key": self.key, "summary": asdict(self.summary),
                 "shard_size": self.shard_size, "digests": self.digests,
-                "cursors": [[c.part, c.row, c.skip, [list(r) for r in c.open_rows]] for c in self.cursors]}
+                "cursors": [[c.place, c.skip, c.open_rows] for c in self.cursors]}
 
     @classmethod
     def from_dict(cls, data: dict) -> CorpusIndex:
         """Raises ValueError (or KeyError, TypeError) for one that does not hold a cursor and a digest for
         each shard of its rows."""
-        cursors = [Cursor(int(part), int(row), int(skip), tuple((int(r), int(u)) for r, u in open_rows))
-                   for part, row, skip, open_rows in data["cursors"]]
+        cursors = [Cursor(_place(place), int(skip), tuple((int(r), int(u)) for r, u in open_rows))
+                   for place, skip, open_rows in data["cursors"]]
         index = cls(Summary(**data["summary"]), int(data["shard_size"]), cursors, list(data["digests"]), data["key"])
         shards = -(-index.summary.num_sequences // index.shard_size) if index.shard_size > 0 else -1
         if not (len(cursors) == len(index.digests) == shards > 0):
             raise ValueError(f"{len(cursors)} cursors and {len(index.digests)} digests for {shards} shards")
         return index
+
+
+def _place(value) -> Place:
+    """A place read back from JSON: its lists as tuples, its numbers as ints."""
+    if isinstance(value, list):
+        return tuple(_place(item) for item in value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a place holds integers, not {value!r}")
+    return value
 
 
 class _ShardDigests:
@@ -132,60 +142,77 @@ class _ShardDigests:
         return self.digests, self.fingerprint.hexdigest()
 
 
-def index_corpus(rows: CorpusRows, tokenizer, seq_len: int, shard_size: int, recipe: Recipe, *,
+def index_corpus(rows: CorpusRows | Mixture, tokenizer, seq_len: int, shard_size: int, recipe: Recipe, *,
                  max_sequences: int | None = None, chat_template: str | None = None, skip_bad_rows: bool = False,
                  progress: bool = False, key: dict | None = None) -> CorpusIndex:
-    """The one pass over ``rows``: packed as ``recipe`` says (the rows exactly as
-    softcache.corpus_documents.pack_rows makes them in memory), keeping the open rows only, with a
-    cursor and a digest per shard of ``shard_size`` rows. Raises what packing raises (softcache.documents)."""
+    """The one pass over ``rows`` (one corpus, or a mix of several): packed as ``recipe`` says (for one
+    corpus, the rows exactly as softcache.corpus_documents.pack_rows makes them in memory), keeping
+    the open rows only, with a cursor and a digest per shard of ``shard_size`` rows. Raises what
+    packing raises (softcache.documents)."""
     summary = Summary(source=rows.source, seq_len=seq_len)
     cursors: dict[int, Cursor] = {}
     stream = recipe.packing == "stream"
+    mixed = isinstance(rows, Mixture)
     counts = RowCounts()
+    last: list = []
     if stream:
         def opened(row, where):
             if row % shard_size == 0:
                 cursors[row // shard_size] = Cursor(*where)
-
-        texts = ((place, text) for place, _, _, text in _bar(rows.positioned(), len(rows), progress))
-        produced = stream_rows(texts, tokenizer, seq_len, summary, max_sequences, on_open=opened)
     else:
         def opened(row, where, open_rows):
             if row % shard_size == 0:
                 cursors[row // shard_size] = Cursor(*where, open_rows)
-
+    if stream and not mixed:
+        texts = ((place, text) for place, _, _, text in _bar(rows.positioned(), len(rows), "row", progress))
+        produced = stream_rows(texts, tokenizer, seq_len, summary, max_sequences, on_open=opened)
+    else:
         documents = positioned_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts,
-                                         progress and recipe.shape != InputShape.TEXT)
-        produced = document_rows(documents, seq_len, recipe.packing, recipe.long, pad_id(tokenizer), summary,
-                                 max_sequences, on_open=opened)
+                                         progress and recipe.shape != InputShape.TEXT and not mixed)
+        if mixed:
+            documents = _bar(_remember_last(documents, last), None, "document", progress)
+        produced = (stream_documents(documents, seq_len, summary, max_sequences, on_open=opened) if stream else
+                    document_rows(documents, seq_len, recipe.packing, recipe.long, pad_id(tokenizer), summary,
+                                  max_sequences, on_open=opened))
     digests = _ShardDigests(shard_size, stream)
     teaching = 0
     for number, row in produced:
         digests.add(number, row)
         teaching += row.ids.size if row.teach is None else int(np.count_nonzero(row.teach))
     shard_digests, fingerprint = digests.finish(digests.next)
-    if stream:
+    if stream and not mixed:
         summary.rows_read = summary.documents + summary.empty_documents
+    elif stream:
+        summary.rows_read, summary.empty_documents = counts.rows, counts.empty
     else:
         for name, value in counts.of(rows.shape, recipe, tokenizer, chat_template).items():
             setattr(summary, name, value)
+    if mixed:
+        summary.mix = {"stop": rows.stop, "sources": rows.tally(last[0], len(last[1].ids))}
     summary.num_sequences, summary.teaching_positions, summary.fingerprint = digests.next, teaching, fingerprint
     return CorpusIndex(summary, shard_size, [cursors[i] for i in range(len(shard_digests))], shard_digests,
                        key or {})
 
 
-def _bar(iterator, total: int, progress: bool):
-    """``iterator`` with a bar of rows read on stderr, once reading takes a while."""
+def _remember_last(documents, last: list):
+    """``documents`` passed on, ``last`` holding the latest (place, document)."""
+    for item in documents:
+        last[:] = item
+        yield item
+
+
+def _bar(iterator, total: int | None, unit: str, progress: bool):
+    """``iterator`` with a bar of rows (documents) read on stderr, once reading takes a while."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterator, total=total, unit="row", desc="reading corpus", disable=not progress, delay=2.0,
+    return tqdm(iterator, total=total, unit=unit, desc="reading corpus", disable=not progress, delay=2.0,
                 file=sys.stderr, dynamic_ncols=True)
 
 
 class StreamedCorpus:
     """The teacher job's corpus: the index, and each shard's rows rebuilt from ``rows`` when asked."""
 
-    def __init__(self, index: CorpusIndex, rows: CorpusRows, tokenizer, recipe: Recipe,
+    def __init__(self, index: CorpusIndex, rows: CorpusRows | Mixture, tokenizer, recipe: Recipe,
                  chat_template: str | None = None, skip_bad_rows: bool = False):
         self.index, self.rows, self.tokenizer, self.recipe = index, rows, tokenizer, recipe
         self.chat_template, self.skip_bad_rows = chat_template, skip_bad_rows
@@ -223,7 +250,7 @@ class StreamedCorpus:
 
     def _documents_from(self, cursor: Cursor):
         return positioned_documents(self.rows, self.tokenizer, self.recipe, self.chat_template, self.skip_bad_rows,
-                                    RowCounts(), start=(cursor.part, cursor.row))
+                                    RowCounts(), start=cursor.place)
 
     def _stream(self, cursor: Cursor, first: int, count: int) -> list[Row]:
         packer = StreamPacker(self.index.summary.seq_len, first_row=first)
@@ -243,10 +270,10 @@ class StreamedCorpus:
                               first_row=first, open_rows=cursor.open_rows)
         made: dict[int, Row] = {}
         skip = cursor.skip
-        for (part, row), document in self._documents_from(cursor):
+        for place, document in self._documents_from(cursor):
             pieces = fit(document, seq_len, self.recipe.long)
             for number in range(skip, len(pieces)):
-                packer.place(pieces[number].ids, pieces[number].teach, (part, row, number))
+                packer.place(pieces[number].ids, pieces[number].teach, (place, number))
             skip = 0
             made.update((n, content) for n, _, content in packer.take() if content is not None)
             if packer.frontier >= first + count:
@@ -257,7 +284,7 @@ class StreamedCorpus:
         return [made[n] for n in range(first, first + count) if n in made]
 
 
-def corpus_key(settings: dict, rows: CorpusRows, tokenizer_fingerprint: str) -> dict:
+def corpus_key(settings: dict, rows: CorpusRows | Mixture, tokenizer_fingerprint: str) -> dict:
     """What decides a corpus's rows: the settings given, the tokenizer, and each part of ``rows``'s stamp
     (softcache.corpus: a file's size and modification time, a remote file's size and time or ETag, a Hugging
     Face dataset's fingerprint and cache files, the built-in corpus's Python version)."""

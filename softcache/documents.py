@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from softcache.errors import SoftcacheError
-from softcache.packers import Row, StreamPacker, WindowPacker, row_digest
+from softcache.packers import Place, Row, StreamPacker, WindowPacker, row_digest
 
 PACKINGS = {
     "stream": "join the documents with EOS and cut every --seq-len tokens (text only; attention crosses documents)",
@@ -112,11 +112,18 @@ class Counts:
     """Documents longer than seq_len left out: by ``--long drop``, or because no piece of them teaches."""
     padding_positions: int = 0
     """Positions of the rows that hold no document (they never teach)."""
+    mix: dict | None = None
+    """Several corpora mixed (softcache.mixture): ``stop`` (``--mix-stop``) and, per source, its ``data``,
+    ``weight``, and the ``documents`` and ``tokens`` read from it, their ``share`` of all tokens and its
+    ``restarts``; None for one corpus."""
 
     def describe(self) -> dict:
-        """The manifest's corpus description: five keys for a stream, and how rows were made otherwise."""
+        """The manifest's corpus description: five keys for a stream, and how rows were made otherwise;
+        a mix adds what it took from each corpus."""
         described = {"source": self.source, "documents": self.documents, "tokens_read": self.tokens_read,
                      "dropped_tokens": self.dropped_tokens, "fingerprint": self.fingerprint}
+        if self.mix is not None:
+            described["mix"] = self.mix
         if self.packing == "stream":
             return described
         return {**described, "input_shape": self.input_shape, "chat_template_sha256": self.chat_template_sha256,
@@ -129,6 +136,10 @@ class Counts:
         """One line: what was read, skipped and cut, and how many rows came out."""
         rows, length = self.num_sequences, self.seq_len
         empty = f", {self.empty_documents:,} empty ones skipped" if self.empty_documents else ""
+        if self.mix is not None:
+            shares = ", ".join(f"{source['share']:.1%} from {source['data']}"
+                               f"{' (repeated)' if source['restarts'] else ''}" for source in self.mix["sources"])
+            empty += f" (tokens: {shares})"
         if self.packing == "stream":
             return (f"{self.documents:,} documents{empty}, {rows:,} sequences of {length} tokens "
                     f"({self.dropped_tokens:,} trailing tokens dropped)")
@@ -208,12 +219,12 @@ def pack(documents: Iterator[str], tokenizer, seq_len: int, max_sequences: int |
     return PackedCorpus(**vars(counts), input_ids=np.stack(rows))
 
 
-def stream_rows(texts: Iterable[tuple[tuple[int, int], str]], tokenizer, seq_len: int, counts: Counts,
+def stream_rows(texts: Iterable[tuple[Place, str]], tokenizer, seq_len: int, counts: Counts,
                 max_sequences: int | None = None, on_open=None) -> Iterator[tuple[int, Row]]:
-    """``--packing stream``: tokenize ``texts`` (each with its place: part, row) in batches, join them
-    with EOS and cut the stream into rows, yielded in order as (number, row); the incomplete tail is
-    dropped. ``counts`` is filled in as the texts are read; ``on_open`` (softcache.packers.StreamPacker)
-    hears where each row starts.
+    """``--packing stream``: tokenize ``texts`` (each with its place, softcache.packers.Place) in batches,
+    join them with EOS and cut the stream into rows, yielded in order as (number, row); the incomplete
+    tail is dropped. ``counts`` is filled in as the texts are read; ``on_open``
+    (softcache.packers.StreamPacker) hears where each row starts.
 
     A document that is empty or only whitespace is skipped (counted in ``empty_documents``): it
     would add an EOS with nothing before it. Stops reading once ``max_sequences`` full sequences
@@ -224,37 +235,59 @@ def stream_rows(texts: Iterable[tuple[tuple[int, int], str]], tokenizer, seq_len
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to separate documents")
+
+    def batches() -> Iterator[list[tuple[Place, np.ndarray]]]:
+        batch: list[str] = []
+        places: list[Place] = []
+        for place, text in texts:
+            if not text or text.isspace():
+                counts.empty_documents += 1
+                continue
+            batch.append(text)
+            places.append(place)
+            if len(batch) == TOKENIZE_BATCH:
+                yield _with_eos(places, tokenizer(batch, add_special_tokens=False,
+                                                  return_attention_mask=False)["input_ids"], eos)
+                batch, places = [], []
+        if batch:
+            yield _with_eos(places, tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                            eos)
+
+    return _stream(batches(), seq_len, counts, max_sequences, on_open)
+
+
+def stream_documents(documents: Iterable[tuple[Place, Document]], seq_len: int, counts: Counts,
+                     max_sequences: int | None = None, on_open=None) -> Iterator[tuple[int, Row]]:
+    """``--packing stream`` of documents already tokenized (their ids, EOS included), as :func:`stream_rows`
+    packs texts; reading stops at the first document past ``max_sequences`` rows."""
+    return _stream(([(place, document.ids)] for place, document in documents), seq_len, counts, max_sequences,
+                   on_open)
+
+
+def _with_eos(places: list[Place], encoded: list[list[int]], eos: int) -> list[tuple[Place, np.ndarray]]:
+    pieces = []
+    for place, ids in zip(places, encoded):
+        piece = np.empty(len(ids) + 1, dtype=np.uint32)
+        piece[:-1], piece[-1] = ids, eos
+        pieces.append((place, piece))
+    return pieces
+
+
+def _stream(batches: Iterable[list[tuple[Place, np.ndarray]]], seq_len: int, counts: Counts,
+            max_sequences: int | None, on_open) -> Iterator[tuple[int, Row]]:
+    """The stream packing of batches of documents' ids (see :func:`stream_rows`): every batch is packed
+    whole, and none is read once ``max_sequences`` rows are full."""
     limit = None if max_sequences is None else max_sequences * seq_len
     packer = StreamPacker(seq_len, on_open=on_open)
-    batch: list[str] = []
-    places: list[tuple[int, int]] = []
     total = 0
-
-    def flush() -> Iterator[tuple[int, Row]]:
-        nonlocal total
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        for where, ids in zip(places, encoded):
-            piece = np.empty(len(ids) + 1, dtype=np.uint32)
-            piece[:-1], piece[-1] = ids, eos
-            total += len(piece)
-            yield from ((number, row) for number, row in packer.add(piece, where)
+    for batch in batches:
+        for place, ids in batch:
+            counts.documents += 1
+            total += len(ids)
+            yield from ((number, row) for number, row in packer.add(ids, place)
                         if max_sequences is None or number < max_sequences)
-        batch.clear()
-        places.clear()
-
-    for where, text in texts:
-        if not text or text.isspace():
-            counts.empty_documents += 1
-            continue
-        batch.append(text)
-        places.append(where)
-        counts.documents += 1
-        if len(batch) == TOKENIZE_BATCH:
-            yield from flush()
-            if limit is not None and total >= limit:
-                break
-    if batch and (limit is None or total < limit):
-        yield from flush()
+        if limit is not None and total >= limit:
+            break
     corpus = f"--data {counts.source}" if counts.source else "the corpus"
     if not counts.documents:
         raise SoftcacheError(f"{corpus} has no text to cache: {no_text(counts.empty_documents)}")
@@ -342,10 +375,10 @@ def pack_documents(documents: Iterable[Document], seq_len: int, packing: str, lo
     return PackedCorpus(**vars(counts), input_ids=ids, teach=teach, segments=segments)
 
 
-def document_rows(documents: Iterable[tuple[tuple[int, int], Document]], seq_len: int, packing: str, long: str,
+def document_rows(documents: Iterable[tuple[Place, Document]], seq_len: int, packing: str, long: str,
                   pad_id: int, counts: Counts, max_sequences: int | None = None,
                   on_open=None) -> Iterator[tuple[int, Row]]:
-    """``--packing documents`` or ``none``: each document (with its place: part, row), cut or dropped by
+    """``--packing documents`` or ``none``: each document (with its place, softcache.packers.Place), cut or dropped by
     :func:`fit` when longer than ``seq_len``, placed whole into a row padded with ``pad_id`` (see the
     module docstring); rows yielded as (number, row) as they close, not in order. ``counts`` is
     filled in as documents are read; ``on_open`` (softcache.packers.WindowPacker) hears where each
@@ -368,7 +401,7 @@ def document_rows(documents: Iterable[tuple[tuple[int, int], Document]], seq_len
                 teaching += int(np.count_nonzero(row.teach))
                 yield number, row
 
-    for (part, index), document in documents:
+    for place, document in documents:
         counts.documents += 1
         counts.tokens_read += len(document.ids)
         pieces = fit(document, seq_len, long)
@@ -376,7 +409,7 @@ def document_rows(documents: Iterable[tuple[tuple[int, int], Document]], seq_len
             which = _LONG_COUNTS[long if pieces else "drop"]
             setattr(counts, which, getattr(counts, which) + 1)
         for number, piece in enumerate(pieces):
-            packer.place(piece.ids, piece.teach, (part, index, number))
+            packer.place(piece.ids, piece.teach, (place, number))
         yield from closed()
         if max_sequences is not None and packer.frontier >= max_sequences:
             break  # every row before max_sequences is complete

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Where = tuple[int, int, int]
-"""A place in the input: (part, row within the part, tokens or pieces of that document already used)."""
+Place = tuple
+"""Where a document is in the input, as its source reports it, from which reading can start again: (part,
+row within the part) for one corpus (softcache.corpus), each source's state for a mix (softcache.mixture)."""
+Where = tuple[Place, int]
+"""Where a row starts: a document's place, and the tokens (stream) or pieces (``--long split``) of it already used."""
 
 
 @dataclass
@@ -52,13 +55,13 @@ class StreamPacker:
         self.buffer = np.empty(seq_len, dtype=np.uint32)
         self.filled = 0
 
-    def add(self, tokens: np.ndarray, where: tuple[int, int], skip: int = 0) -> list[tuple[int, Row]]:
+    def add(self, tokens: np.ndarray, place: Place, skip: int = 0) -> list[tuple[int, Row]]:
         """Append one document's ``tokens`` (from its ``skip``-th on); the rows it completes."""
         done = []
         at = skip
         while at < len(tokens):
             if self.filled == 0 and self.on_open is not None:
-                self.on_open(self.row, (*where, at))
+                self.on_open(self.row, (place, at))
             take = min(self.seq_len - self.filled, len(tokens) - at)
             self.buffer[self.filled:self.filled + take] = tokens[at:at + take]
             self.filled += take

@@ -64,6 +64,9 @@ class Setting:
     resumable: bool = False
     """May change when a training run is resumed (see RESUMABLE_CHANGES)."""
     # Bound to the field by settings_of():
+    many: bool = False
+    """The flag may be given several times (a ``str | list[str]`` field): one value is kept as a string,
+    several as a list in the order given."""
     name: str = ""
     value_type: type = str
     """The value's type: str, int, float or bool (``X | None`` fields are ``optional``)."""
@@ -131,7 +134,10 @@ class Setting:
                 pass
         if self.value_type is str and isinstance(value, str):
             return value
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[self.value_type]
+        if self.many and isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return value[0] if len(value) == 1 else value
+        expected = {bool: "true or false", int: "an integer", float: "a number",
+                    str: "a string or a list of strings" if self.many else "a string"}[self.value_type]
         raise ValueError(f"must be {expected}{' or null' if self.optional else ''}, got {value!r}")
 
 
@@ -161,15 +167,17 @@ def settings_of(cls: type) -> tuple[Setting, ...]:
         spec = field.metadata.get("setting")
         if spec is None:
             continue
-        kind, optional = hints[field.name], False
+        kind, optional, many = hints[field.name], False, False
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-            kind, optional = args[0], len(args) < len(typing.get_args(kind))
+            many = list[str] in args
+            args = [arg for arg in args if arg != list[str]]
+            kind, optional = args[0], len(args) + many < len(typing.get_args(kind))
         assert kind in (str, int, float, bool), f"{cls.__name__}.{field.name}: unsupported type {kind}"
         required = field.default is dataclasses.MISSING
         bound.append(dataclasses.replace(
             spec, name=field.name, flag=spec.flag or "--" + field.name.replace("_", "-"), value_type=kind,
-            optional=optional, default=None if required else field.default, required=required))
+            optional=optional, many=many, default=None if required else field.default, required=required))
     return tuple(bound)
 
 

@@ -23,6 +23,7 @@ from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
 from softcache.kinds import TARGET_KINDS
 from softcache.losses import DIVERGENCES, TAILS
+from softcache.mixture import MIX_STOPS
 from softcache.settings import load_settings, settings_of
 from softcache.store import FORMATS
 from softcache.store.encoding import ID_CODES, VALUE_CODES
@@ -35,6 +36,7 @@ REGISTRIES = {
     ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR, ("train", "student_dtype"): STUDENT_DTYPES,
     ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
     ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG), ("train", "report_to"): TRACKERS,
+    ("cache", "mix_stop"): tuple(MIX_STOPS),
 }
 REQUIRED = {"cache": ["--teacher", "t", "--data", "d"], "train": ["--store", "s", "--student", "x"],
             "eval": ["--model", "m", "--store", "s"]}

@@ -288,9 +288,11 @@ class CorpusSection(Section):
     """Positions that hold targets."""
     padding_positions: int | None = None
     """Positions of padding (no document)."""
+    mix: dict | None = None
+    """Several corpora mixed by weight (softcache.documents.Counts.mix): what each gave."""
 
     _OMIT_NONE = ("input_shape", "chat_template_sha256", "train_on", "packing", "long", "bad_rows", "long_truncated",
-                  "long_split", "long_dropped", "teaching_positions", "padding_positions")
+                  "long_split", "long_dropped", "teaching_positions", "padding_positions", "mix")
     _AT_LEAST = {"bad_rows": 0, "long_truncated": 0, "long_split": 0, "long_dropped": 0, "teaching_positions": 0,
                  "padding_positions": 0}
 
