@@ -172,7 +172,7 @@ def index_bytes_per_shard(shards: int = 1000) -> float:
     from softcache.documents import OPEN_ROWS
 
     def sized(count: int) -> int:
-        cursors = [Cursor(3, 1_234_567, 2, tuple((9_000_000 + r, 1_000 + r) for r in range(OPEN_ROWS)))] * count
+        cursors = [Cursor((3, 1_234_567), 2, tuple((9_000_000 + r, 1_000 + r) for r in range(OPEN_ROWS)))] * count
         index = CorpusIndex(Summary(), 256, cursors, ["0" * 64] * count)
         return len(index_json(index.to_dict()))
 
