@@ -44,9 +44,10 @@ from softcache.tokenizer import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 # Settings every store of one teacher pass shares (the rest describe each store's own targets and files).
-PASS_SETTINGS = ("teacher", "gguf_file", "data", "weights", "mix_stop", "text_column", "split", "input_shape",
-                 "chat_template", "train_on", "packing", "long", "skip_bad_rows", "seq_len", "max_sequences", "batch_size", "shard_size", "device",
-                 "device_map", "max_memory", "gpus_per_rank", "offload_folder", "dtype")
+PASS_SETTINGS = ("teacher", "gguf_file", "data", "weights", "mix_stop", "streaming", "text_column", "split",
+                 "input_shape", "chat_template", "train_on", "packing", "long", "skip_bad_rows", "seq_len",
+                 "max_sequences", "batch_size", "shard_size", "device", "device_map", "max_memory", "gpus_per_rank",
+                 "offload_folder", "dtype")
 
 
 @dataclass
@@ -143,9 +144,9 @@ def read_corpus(config: CacheConfig) -> CorpusRows | Mixture:
     shape = None if config.input_shape == "auto" else config.input_shape
     corpora = config.corpora()
     if config.weights is None:
-        return read_rows(corpora, config.text_column, config.split, shape)
-    return Mixture([read_rows(corpus, config.text_column, config.split, shape) for corpus in corpora],
-                   parse_weights(config.weights, len(corpora)), config.mix_stop)
+        return read_rows(corpora, config.text_column, config.split, shape, config.streaming)
+    sources = [read_rows(corpus, config.text_column, config.split, shape, config.streaming) for corpus in corpora]
+    return Mixture(sources, parse_weights(config.weights, len(corpora)), config.mix_stop)
 
 
 def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_in: Sequence[str] = ()
@@ -157,8 +158,9 @@ def stream_corpus(config: CacheConfig, tokenizer, ranks: Ranks = Ranks(), saved_
     rows = read_corpus(config)
     recipe = Recipe.resolve(rows.shape, config.train_on, config.packing, config.long, rows.source,
                             template is not None)
-    settings = {name: getattr(config, name) for name in ("data", "weights", "mix_stop", "text_column", "split",
-                                                         "seq_len", "shard_size", "max_sequences", "skip_bad_rows")}
+    settings = {name: getattr(config, name) for name in ("data", "weights", "mix_stop", "streaming", "text_column",
+                                                         "split", "seq_len", "shard_size", "max_sequences",
+                                                         "skip_bad_rows")}
     key = corpus_key({**settings, "recipe": [str(recipe.shape), str(recipe.train_on), recipe.packing, recipe.long],
                       "chat_template": template}, rows, tokenizer_fingerprint(tokenizer))
 

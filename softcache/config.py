@@ -103,6 +103,12 @@ class CacheConfig:
     text_column: str = setting("text", help="Column of --data holding the text.")
     split: str = setting("train", help="Split of --data to read when it has several (builtin:python-docs and "
                                        "builtin:python-docs-chat: train, heldout (every fifth topic) or all).")
+    streaming: bool = setting(
+        False, help="Read --data's JSON, CSV, Parquet and Arrow files, and an hf: dataset's files in the local hub "
+                    "cache, through datasets' streaming mode: row by row as the job goes, with no Arrow copy written "
+                    "to datasets' cache first (for a corpus that copy doubles the disk it takes and is made before "
+                    "the first row is read). A shard's cursor then holds the stream's state, so a resumed or "
+                    "multi-rank job reads from there.")
     input_shape: str = setting(
         "auto", choices=("auto", *(shape.value for shape in InputShape)),
         help="What a row of --data holds: text (the --text-column), messages (a list of {role, content} turns) or "

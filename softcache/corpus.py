@@ -16,6 +16,7 @@ Packing the rows is softcache.documents' (``pack`` and ``PackedCorpus`` are re-e
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from softcache.corpus_errors import encoding_problem, unreadable
 from softcache.corpus_sources import HF_PREFIX, Mirrored, hf_stamp, is_url, load_hf
 from softcache.documents import PackedCorpus, pack
 from softcache.errors import SoftcacheError
+from softcache.packers import Place
 
 __all__ = ["BUILTIN_CORPORA", "CorpusRows", "PackedCorpus", "iter_documents", "pack", "python_docs", "read_rows"]
 
@@ -53,7 +55,7 @@ def python_docs(split: str = "all") -> list[str]:
 
 
 def read_rows(data: str | list[str], text_column: str = "text", split: str = "train",
-              shape: str | None = None) -> CorpusRows:
+              shape: str | None = None, streaming: bool = False) -> CorpusRows:
     """The rows of ``data``, of the input ``shape`` (``--input-shape``; None: found from the columns).
 
     ``data`` is one of the following, or a list of them read one after the other (as the files of a
@@ -82,7 +84,7 @@ def read_rows(data: str | list[str], text_column: str = "text", split: str = "tr
     known), here for a file that cannot be loaded or holds another shape than the first.
     """
     corpora = [data] if isinstance(data, str) else list(data)
-    parts = [part for corpus in corpora for part in _parts(corpus, split)]
+    parts = [part for corpus in corpora for part in _parts(corpus, split, streaming)]
     found, first = None, None
     for part in parts:
         columns = part.columns(text_column)
@@ -119,8 +121,12 @@ class CorpusRows:
     parts: list[_Part]
 
     def __len__(self) -> int:
-        """Rows in all files (empty and bad ones included)."""
+        """Rows in all files (empty and bad ones included; a streamed file's count as 0: unknown)."""
         return sum(len(part) for part in self.parts)
+
+    def total(self) -> int | None:
+        """Rows in all files, for a progress bar; None when a streamed file's count is not known."""
+        return None if any(part.streamed for part in self.parts) else len(self)
 
     def __iter__(self) -> Iterator[tuple[str, int, str | dict]]:
         """``(file, row, value)``: the file, the row's number in it (from 0), and for text the row's text (a
@@ -128,23 +134,25 @@ class CorpusRows:
         for _, where, index, value in self.positioned():
             yield where, index, value
 
-    def positioned(self, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[tuple[int, int], str, int, str | dict]]:
-        """``((part, row), file, row, value)`` from ``start`` on: the rows as :meth:`__iter__` gives them,
-        each with its place (the file's number among the parts, the row's within it), from which
-        reading can start again without reading what came before."""
+    def positioned(self, start: Place | None = None) -> Iterator[tuple[Place, str, int, str | dict]]:
+        """``(place, file, row, value)`` from the place ``start`` on (None: the first row): the rows as
+        :meth:`__iter__` gives them, each with its place, from which reading can start again without
+        reading what came before: (the file's number among the parts, the row's within it), and for a
+        streamed file (``--streaming``) datasets' state of the stream before that row, as JSON."""
         text = self.shape == InputShape.TEXT
-        first_part, first_row = start
+        first_part, first_row, resume = (0, 0, None) if start is None else (*start, None)[:3]
         for number, part in enumerate(self.parts[first_part:], first_part):
-            skip = first_row if number == first_part else 0
-            values = part.values(list(self.columns), self.columns[0] if text else None, skip)
-            for index, row in enumerate(values, skip):
+            skip, state = (first_row, resume) if number == first_part else (0, None)
+            values = part.values(list(self.columns), self.columns[0] if text else None, skip, state)
+            for index, (stream_state, row) in enumerate(values, skip):
+                place = (number, index) if stream_state is None else (number, index, stream_state)
                 if not text:
-                    yield (number, index), part.where, index, dict(zip(self.columns, row))
+                    yield place, part.where, index, dict(zip(self.columns, row))
                     continue
                 if row[0] is not None and not isinstance(row[0], str):
                     raise SoftcacheError(f"--data {part.where}: column {self.columns[0]!r} holds "
                                          f"{type(row[0]).__name__}, not text; choose a text column with --text-column")
-                yield (number, index), part.where, index, row[0] or ""
+                yield place, part.where, index, row[0] or ""
 
 
 def _fields(shape: InputShape, text_column: str) -> tuple[str, ...]:
@@ -183,6 +191,9 @@ class _Part:
         self._columns: list[str] | None = None
         self._dataset = None
         self._size = size
+        self.streamed = False
+        """Read through datasets' streaming mode (an IterableDataset): rows unknown in number, reached
+        again through the stream's state."""
 
     def stamp(self) -> list:
         """What tells whether the part's rows may have changed: a file's size and modification time (a
@@ -191,7 +202,7 @@ class _Part:
         if self.builder == "builtin":
             return [self.where, sys.version]
         if self.builder == HF_BUILDER:
-            return [self.where, hf_stamp(self._dataset)]
+            return [self.where, hf_stamp(self.where) if self.streamed else hf_stamp(self.where, self._dataset)]
         if self.mirror is not None:  # a file, or a saved dataset's directory
             return [self.where, [[remote, stamp] for local, (remote, stamp) in sorted(self.mirror.remote.items())
                                  if local == self.path or self.path in local.parents]]
@@ -199,8 +210,8 @@ class _Part:
         return [self.where, [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
     def __len__(self) -> int:
-        """Rows: a text part's ``size``, a dataset's rows once loaded (by :meth:`columns`)."""
-        return self._size if self._dataset is None else self._dataset.num_rows
+        """Rows: a text part's ``size``, a dataset's rows once loaded (by :meth:`columns`); 0 when streamed."""
+        return self._size if self._dataset is None or self.streamed else self._dataset.num_rows
 
     def columns(self, text_column: str) -> list[str] | None:
         """The part's columns; None when it holds no rows."""
@@ -209,25 +220,57 @@ class _Part:
         if self._load is not None and self._dataset is None:
             with _reading(self, text_column):
                 self._dataset = self._load()
-                self._columns = list(self._dataset.column_names)
+                self.streamed = not hasattr(self._dataset, "num_rows")
+                names = self._dataset.column_names
+                if names is None:  # a stream of JSON or CSV: its columns are those of its first row
+                    first = next(iter(self._dataset), None)
+                    names = None if first is None else list(first)
+                self._columns = None if names is None else list(names)
         return self._columns
 
-    def values(self, columns: list[str], text_column: str | None, start: int = 0) -> Iterator[tuple]:
-        """Each row's values of ``columns`` from row ``start`` on; a failure of datasets names the file
+    def values(self, columns: list[str], text_column: str | None, start: int = 0,
+               resume: str | None = None) -> Iterator[tuple[str | None, tuple]]:
+        """Each row's values of ``columns`` from row ``start`` on, with (streamed) the stream's state before
+        it, else None; ``resume`` is that state for row ``start``. A failure of datasets names the file
         (``text_column``: the column that must hold strings, for the message)."""
         if self._texts is not None:
             with _reading(self, text_column):
                 texts = self._texts()
             for text in texts[start:]:
-                yield (text,)
+                yield None, (text,)
             return
         if self._dataset is None:
+            return
+        if self.streamed:
+            yield from self._streamed(columns, text_column, start, resume)
             return
         with _reading(self, text_column):
             table = self._dataset.select_columns(columns)
             for lo in range(start, table.num_rows, _READ_BATCH):  # slices of a memory-mapped table: no read before start
                 batch = table[lo:lo + _READ_BATCH]
-                yield from zip(*(batch[column] for column in columns))
+                yield from ((None, row) for row in zip(*(batch[column] for column in columns)))
+
+    def _streamed(self, columns: list[str], text_column: str | None, start: int,
+                  resume: str | None) -> Iterator[tuple[str, tuple]]:
+        """A streamed part's rows from ``start`` (reached through ``resume``, the stream's state there, else
+        read through), each with the stream's state before it: datasets' own (``state_dict``), as JSON."""
+        with _reading(self, text_column):
+            stream = self._load()  # a fresh stream: its state is this reading's alone
+            if resume is not None:
+                stream.load_state_dict(json.loads(resume))
+            examples = iter(stream)
+            if resume is None:
+                with _quiet():
+                    for _ in range(start):
+                        next(examples, None)
+            state = resume if resume is not None else json.dumps(stream.state_dict())
+            while True:
+                with _quiet():
+                    example = next(examples, None)
+                if example is None:
+                    return
+                yield state, tuple(example.get(column) for column in columns)
+                state = json.dumps(stream.state_dict())
 
 
 @contextlib.contextmanager
@@ -245,7 +288,7 @@ def _reading(part: _Part, text_column: str | None):
         raise SoftcacheError(named(unreadable(part.path, part.builder, text_column, err))) from err
 
 
-def _parts(data: str, split: str) -> Iterator[_Part]:
+def _parts(data: str, split: str, streaming: bool) -> Iterator[_Part]:
     if data.startswith("builtin:"):
         if data not in BUILTIN_CORPORA:
             raise SoftcacheError(f"--data {data}: unknown built-in corpus; known: {', '.join(BUILTIN_CORPORA)}")
@@ -257,10 +300,10 @@ def _parts(data: str, split: str) -> Iterator[_Part]:
             yield _Part(data, "builtin", texts=lambda: python_docs(split), size=len(python_docs(split)))
         return
     if data.startswith(HF_PREFIX):
-        yield _Part(data, HF_BUILDER, load=lambda: load_hf(data, split))
+        yield _Part(data, HF_BUILDER, load=lambda: load_hf(data, split, streaming))
         return
     if is_url(data):
-        yield from _mirrored_parts(Mirrored(data), split)
+        yield from _mirrored_parts(Mirrored(data), split, streaming)
         return
     path = Path(data)
     if not path.exists():
@@ -277,10 +320,10 @@ def _parts(data: str, split: str) -> Iterator[_Part]:
     else:
         files = [path]
     for file in files:
-        yield _file_part(file)
+        yield _file_part(file, streaming)
 
 
-def _mirrored_parts(mirror: Mirrored, split: str) -> Iterator[_Part]:
+def _mirrored_parts(mirror: Mirrored, split: str, streaming: bool) -> Iterator[_Part]:
     """The parts of an fsspec URL's local copy, read as the local file or directory would be."""
     root = mirror.root
     try:
@@ -296,10 +339,10 @@ def _mirrored_parts(mirror: Mirrored, split: str) -> Iterator[_Part]:
     except SoftcacheError as err:
         raise SoftcacheError(mirror.named(str(err))) from err
     for file in files:
-        yield _file_part(file, mirror)
+        yield _file_part(file, streaming, mirror)
 
 
-def _file_part(path: Path, mirror: Mirrored | None = None) -> _Part:
+def _file_part(path: Path, streaming: bool, mirror: Mirrored | None = None) -> _Part:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         shown = mirror.named(str(path)) if mirror is not None else path
@@ -310,8 +353,8 @@ def _file_part(path: Path, mirror: Mirrored | None = None) -> _Part:
     if builder in ("json", "csv") and _blank(path):
         return _Part(path, builder, mirror=mirror)  # no rows (datasets fails on such a file)
     options = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
-    return _Part(path, builder, load=lambda: _load(builder, data_files=str(path), split="train", **options),
-                 mirror=mirror)
+    return _Part(path, builder, load=lambda: _load(builder, data_files=str(path), split="train", streaming=streaming,
+                                                   **options), mirror=mirror)
 
 
 def _read_text(path: Path) -> str:
@@ -362,9 +405,18 @@ def _load(builder: str, **options):
     import datasets
 
     datasets.disable_progress_bars()
+    with _quiet():
+        return datasets.load_dataset(builder, **options)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """datasets' own error log lines silenced (a streamed file is parsed as it is read, so they come then too)."""
+    import datasets
+
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(logging.CRITICAL + 1)
     try:
-        return datasets.load_dataset(builder, **options)
+        yield
     finally:
         datasets.logging.set_verbosity(verbosity)

@@ -112,7 +112,6 @@ def positioned_documents(rows: CorpusRows | Mixture, tokenizer, recipe: Recipe, 
     if isinstance(rows, Mixture):
         return rows.documents(lambda source, at: positioned_documents(
             source, tokenizer, recipe, chat_template, skip_bad_rows, counts, False, at, batch), start)
-    start = (0, 0) if start is None else start
     if recipe.shape == InputShape.TEXT:
         return _text_documents(rows, tokenizer, counts, start, batch)
     return _chat_documents(rows, tokenizer, recipe, chat_template, skip_bad_rows, counts, progress, start)
@@ -135,19 +134,19 @@ class RowCounts:
                 "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
 
 
-def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple[int, int],
-                    batch: int) -> Iterator[tuple[tuple[int, int], Document]]:
+def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: Place | None,
+                    batch: int) -> Iterator[tuple[Place, Document]]:
     """Each text row with text as a document: its tokens (no special tokens) and EOS, tokenized in
     batches that grow from a few rows to ``batch`` (a replayed shard reads only a little past its end)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to end documents")
     texts: list[str] = []
-    places: list[tuple[int, int]] = []
+    places: list[Place] = []
     size = min(16, batch)
     read = empty = 0
 
-    def flush() -> Iterator[tuple[tuple[int, int], Document]]:
+    def flush() -> Iterator[tuple[Place, Document]]:
         encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         yield from ((place, Document.text(ids, eos)) for place, ids in zip(places, encoded))
         texts.clear()
@@ -167,20 +166,20 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: tuple
             size = min(2 * size, batch)
     if texts:
         yield from flush()
-    if read == empty and start == (0, 0):
+    if read == empty and start is None:
         raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(empty)}")
 
 
 def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None, skip_bad_rows: bool,
-                    counts: RowCounts, progress: bool, start: tuple[int, int]
-                    ) -> Iterator[tuple[tuple[int, int], Document]]:
+                    counts: RowCounts, progress: bool, start: Place | None
+                    ) -> Iterator[tuple[Place, Document]]:
     """Each chat row rendered, with the positions whose next token is a target teaching."""
     from tqdm.auto import tqdm
 
     yielded = False
     read = bad = 0
     first_bad = ""
-    with tqdm(total=len(rows), unit="row", desc="rendering", disable=not progress, delay=_PROGRESS_AFTER_S,
+    with tqdm(total=rows.total(), unit="row", desc="rendering", disable=not progress, delay=_PROGRESS_AFTER_S,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for place, where, index, row in rows.positioned(start):
             counts.rows += 1
@@ -200,7 +199,7 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
                 continue
             yielded = True
             yield place, Document(rendered.input_ids, teaching_positions(rendered.assistant))
-    if not yielded and start == (0, 0):
+    if not yielded and start is None:
         found = (f"all {read:,} of its rows are bad and were skipped (the first: {first_bad})"
                  if bad else "it holds no rows")
         raise SoftcacheError(f"--data {rows.source} has no rows to cache: {found}")

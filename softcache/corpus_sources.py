@@ -44,9 +44,17 @@ def parse_hf(data: str) -> tuple[str, str | None]:
     return repo, config or None
 
 
-def load_hf(data: str, split: str):
-    """The ``split`` of the Hugging Face dataset ``data`` (``hf:owner/name[:config]``), a ``datasets.Dataset``."""
+def load_hf(data: str, split: str, streaming: bool = False):
+    """The ``split`` of the Hugging Face dataset ``data`` (``hf:owner/name[:config]``), a ``datasets.Dataset``;
+    ``streaming``: a ``datasets.IterableDataset`` over the files of its hub-cache snapshot."""
     repo, config = parse_hf(data)
+    if streaming:
+        snapshot = _hub_snapshot(repo)
+        if snapshot is None:
+            raise SoftcacheError(f"--data {data} --streaming reads the dataset's files from the local hub cache "
+                                 f"(HF_HUB_CACHE), which does not hold them; fetch them once: huggingface-cli "
+                                 f"download --repo-type dataset {repo}")
+        return _split(data, _quiet_load(str(snapshot), config, streaming=True), split)
     try:
         return _split(data, _quiet_load(repo, config), split)
     except SoftcacheError:
@@ -65,13 +73,18 @@ def load_hf(data: str, split: str):
     raise SoftcacheError(f"--data {data} could not be loaded: {type(failure).__name__}: {detail}") from failure
 
 
-def hf_stamp(dataset) -> list:
-    """What identifies a loaded dataset's rows: its fingerprint and its cache files' sizes and times."""
+def hf_stamp(data: str, dataset=None) -> list:
+    """What identifies the rows of the Hugging Face dataset ``data``: a loaded ``dataset``'s fingerprint and
+    its cache files' sizes and times; streamed (no ``dataset``), its hub-cache snapshot's files'."""
+    if dataset is None:
+        root = _hub_snapshot(parse_hf(data)[0])
+        files = sorted(str(p) for p in root.rglob("*") if p.is_file()) if root is not None else []
+        return [str(root), [[name, os.stat(name).st_size, os.stat(name).st_mtime_ns] for name in files]]
     files = sorted(entry["filename"] for entry in dataset.cache_files)
     return [dataset._fingerprint, [[name, os.stat(name).st_size, os.stat(name).st_mtime_ns] for name in files]]
 
 
-def _quiet_load(path: str, config: str | None):
+def _quiet_load(path: str, config: str | None, streaming: bool = False):
     """``datasets.load_dataset(path, config)`` (every split) without progress bars and log lines."""
     import datasets
 
@@ -79,7 +92,7 @@ def _quiet_load(path: str, config: str | None):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(logging.CRITICAL + 1)
     try:
-        return datasets.load_dataset(path, config)
+        return datasets.load_dataset(path, config, streaming=streaming)
     finally:
         datasets.logging.set_verbosity(verbosity)
 

@@ -101,11 +101,12 @@ class CorpusIndex:
 
 
 def _place(value) -> Place:
-    """A place read back from JSON: its lists as tuples, its numbers as ints."""
+    """A place read back from JSON: its lists as tuples; integers, strings (a streamed part's state)
+    and nulls (a mix's source not read yet) as they are."""
     if isinstance(value, list):
         return tuple(_place(item) for item in value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"a place holds integers, not {value!r}")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
+        raise TypeError(f"a place holds integers, strings and nulls, not {value!r}")
     return value
 
 

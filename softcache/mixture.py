@@ -6,8 +6,9 @@ divided by its weight; the first source on a tie). Tokens, not documents, becaus
 document length by orders of magnitude (a chat turn against a web page) and a token share is what a
 data mix means. No random draw is involved, so the order is a function of the inputs alone, the
 same on every run and every rank, and any point of it can be reached again from its state: per
-source, the row to read next, the tokens and documents read so far and the passes completed
-(:data:`SourceState`). That state is the place of a mixed document (softcache.packers.Place), so
+source, the place of the last document read from it (read again and passed over on a restart, so
+any source's places serve, streamed ones included), the tokens and documents read so far and the
+passes completed (:data:`SourceState`). That state is the place of a mixed document (softcache.packers.Place), so
 the streamed corpus's cursors (softcache.corpus_stream) resume a mix as they resume one corpus.
 
 When a source runs out (``--mix-stop``): ``first_exhausted`` ends the mix there, so every source
@@ -24,13 +25,15 @@ from collections.abc import Callable, Iterator
 
 from softcache.corpus import CorpusRows
 from softcache.errors import SoftcacheError
+from softcache.packers import Place
 
 MIX_STOPS = {
     "first_exhausted": "end the mix when a source runs out: shares kept, nothing repeated",
     "all_exhausted": "read a source that runs out again from its start, until every source has run out once",
 }
-SourceState = tuple[int, int, int, int, int]
-"""One source's place in a mix: (part, row) to read next, tokens and documents read, passes completed."""
+SourceState = tuple[Place | None, int, int, int]
+"""One source's place in a mix: the place of the last document read from it in this pass (None: none
+yet), tokens and documents read, passes completed."""
 
 
 class Mixture:
@@ -58,43 +61,45 @@ class Mixture:
         return sum(len(rows) for rows in self.sources)
 
     def start(self) -> tuple[SourceState, ...]:
-        return tuple((0, 0, 0, 0, 0) for _ in self.sources)
+        return tuple((None, 0, 0, 0) for _ in self.sources)
 
     def choose(self, state: tuple[SourceState, ...]) -> int:
         """The source the next document comes from: the one furthest behind its token share."""
-        return min(range(len(state)), key=lambda i: (state[i][2] / self.weights[i], i))
+        return min(range(len(state)), key=lambda i: (state[i][1] / self.weights[i], i))
 
-    def documents(self, open_source: Callable[[CorpusRows, tuple[int, int]], Iterator[tuple[tuple[int, int], object]]],
+    def documents(self, open_source: Callable[[CorpusRows, Place | None], Iterator[tuple[Place, object]]],
                   start: tuple[SourceState, ...] | None = None) -> Iterator[tuple[tuple[SourceState, ...], object]]:
         """The mixed documents from ``start`` (the place a document was given with) on, each with its place:
-        the state before it was read. ``open_source(rows, (part, row))`` reads one source's documents
-        (each with its (part, row) and ``.ids``) from that row on."""
+        the state before it was read. ``open_source(rows, place)`` reads one source's documents (each
+        with its place and ``.ids``) from the one at ``place`` on (None: from the first)."""
         state = [list(source) for source in (start or self.start())]
         reading: dict[int, Iterator] = {}
         while True:
             i = self.choose(tuple(map(tuple, state)))
             if i not in reading:
-                reading[i] = open_source(self.sources[i], (state[i][0], state[i][1]))
+                reading[i] = open_source(self.sources[i], state[i][0])
+                if state[i][0] is not None:
+                    next(reading[i], None)  # the document last read there, read again to get past it
             item = next(reading[i], None)
             if item is None:  # source i has run out
-                if self.stop == "first_exhausted" or all(state[j][4] for j in range(len(state)) if j != i):
+                if self.stop == "first_exhausted" or all(state[j][3] for j in range(len(state)) if j != i):
                     return
-                state[i] = [0, 0, state[i][2], state[i][3], state[i][4] + 1]
-                reading[i] = open_source(self.sources[i], (0, 0))
+                state[i] = [None, state[i][1], state[i][2], state[i][3] + 1]
+                reading[i] = open_source(self.sources[i], None)
                 item = next(reading[i], None)
                 if item is None:
                     return
             before = tuple(map(tuple, state))
-            (part, row), document = item
-            tokens, documents, passes = state[i][2:]
-            state[i] = [part, row + 1, tokens + len(document.ids), documents + 1, passes]
+            place, document = item
+            tokens, documents, passes = state[i][1:]
+            state[i] = [place, tokens + len(document.ids), documents + 1, passes]
             yield before, document
 
     def tally(self, last: tuple[SourceState, ...], tokens: int) -> list[dict]:
         """Per source, what the mix read up to and including the document at place ``last`` (of ``tokens``
         tokens): its documents, tokens, their share of all tokens, and how often it was started again."""
         chosen = self.choose(last)
-        read = [(s[2] + (tokens if i == chosen else 0), s[3] + (i == chosen), s[4]) for i, s in enumerate(last)]
+        read = [(s[1] + (tokens if i == chosen else 0), s[2] + (i == chosen), s[3]) for i, s in enumerate(last)]
         total = sum(tokens for tokens, _, _ in read) or 1
         return [{"data": rows.source, "weight": round(weight, 6), "documents": documents, "tokens": tokens,
                  "share": round(tokens / total, 6), "restarts": passes}
