@@ -186,6 +186,11 @@ def info(store: str, as_json: bool) -> None:
                            f"fingerprint {opened.corpus.fingerprint[:16]}"),
     ]
     corpus = opened.corpus
+    if corpus.mix is not None:  # several corpora mixed by weight (softcache.mixture)
+        rows.append(("mix", lambda: f"--mix-stop {corpus.mix['stop']}; " + ", ".join(
+            f"{source['data']}: weight {source['weight']:.3g}, {source['share']:.1%} of tokens"
+            f"{', started again ' + str(source['restarts']) + 'x' if source['restarts'] else ''}"
+            for source in corpus.mix["sources"])))
     if corpus.packing is not None:  # rows rendered and packed (softcache.documents)
         rows += [
             ("input", lambda: f"{corpus.input_shape} rows"

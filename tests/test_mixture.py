@@ -157,6 +157,12 @@ def test_the_job_records_the_mix_and_resumes_it_byte_for_byte(cache_config, corp
     assert corpus["source"] == " + ".join(corpora[:2])
     shares = [source["share"] for source in corpus["mix"]["sources"]]
     assert shares[0] == pytest.approx(0.8, abs=0.05) and sum(shares) == pytest.approx(1)
+    from click.testing import CliRunner
+
+    from softcache.cli import main
+
+    shown = CliRunner().invoke(main, ["info", str(tmp_path / "reference")]).output
+    assert f"mix         --mix-stop first_exhausted; {corpora[0]}: weight 0.8, {shares[0]:.1%} of tokens" in shown
     # Another weighting is another corpus: a store of the first refuses it rather than mixing two mixes.
     with pytest.raises(SoftcacheError):
         run_cache(cache_config(out=str(tmp_path / "reference"), **{**options, "weights": "0.5,0.5"}))
