@@ -225,3 +225,12 @@ def put_in_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str = "
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def write_conversations(path: Path, count: int, turns: int) -> Path:
+    """A JSON-lines file of ``count`` messages rows, each ``turns`` user/assistant exchanges."""
+    rows = [{"messages": [m for t in range(turns) for m in ({"role": "user", "content": f"question {i} {t}"},
+                                                            {"role": "assistant", "content": f"answer {i} {t}"})]}
+            for i in range(count)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -21,7 +21,7 @@ from softcache.documents import Counts, document_rows, stream_documents
 from softcache.errors import SoftcacheError
 from softcache.mixture import Mixture, parse_weights
 
-from conftest import chatml_tokenizer, train_tokenizer
+from conftest import chatml_tokenizer, train_tokenizer, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +225,7 @@ def test_corpora_of_two_shapes_are_not_mixed(tmp_path, corpora):
 def test_a_chat_mix_packs_whole_conversations(tmp_path):
     tokenizer = chatml_tokenizer()
     for name, turns in (("short", 1), ("long", 4)):
-        rows = [{"messages": [m for t in range(turns) for m in ({"role": "user", "content": f"question {i} {t}"},
-                                                                {"role": "assistant", "content": f"answer {i} {t}"})]}
-                for i in range(60)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_conversations(tmp_path / f"{name}.jsonl", 60, turns)
     mixture = mixed([str(tmp_path / "short.jsonl"), str(tmp_path / "long.jsonl")], [1, 1])
     recipe = Recipe.resolve(mixture.shape)
     index = index_corpus(mixture, tokenizer, 128, 4, recipe)

@@ -19,7 +19,7 @@ from softcache.corpus_documents import Recipe, pack_rows
 from softcache.corpus_stream import CorpusIndex, StreamedCorpus, index_corpus
 from softcache.errors import SoftcacheError
 
-from conftest import chatml_tokenizer, put_in_hub_cache, store_files, train_tokenizer
+from conftest import chatml_tokenizer, put_in_hub_cache, store_files, train_tokenizer, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,7 @@ def test_a_streamed_chat_corpus_and_a_streamed_mix(tmp_path, datasets_cache):
 
     tokenizer = chatml_tokenizer()
     for name, turns in (("short", 1), ("long", 3)):
-        rows = [{"messages": [m for t in range(turns) for m in ({"role": "user", "content": f"q {i} {t}"},
-                                                                {"role": "assistant", "content": f"a {i} {t}"})]}
-                for i in range(80)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_conversations(tmp_path / f"{name}.jsonl", 80, turns)
     mixture = Mixture([read_rows(str(tmp_path / f"{name}.jsonl"), streaming=streaming)
                        for name, streaming in (("short", True), ("long", False))], [1, 2], "all_exhausted")
     reference = Mixture([read_rows(str(tmp_path / f"{name}.jsonl")) for name in ("short", "long")], [1, 2],
