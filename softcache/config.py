@@ -198,6 +198,9 @@ class CacheConfig:
             raise SoftcacheError("--data is required: a corpus file or directory, builtin:python-docs or "
                                  "builtin:python-docs-chat")
         corpora = self.corpora()
+        if not all(corpora):
+            raise SoftcacheError(f"--data is given an empty value ({', '.join(map(repr, corpora))}); give each "
+                                 "corpus a path, URL, hf: name or builtin: name")
         if self.weights is not None and len(corpora) < 2:
             raise SoftcacheError(f"--weights {self.weights} mixes several corpora; give --data once per corpus "
                                  "(one --data is read whole)")

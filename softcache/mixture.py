@@ -42,8 +42,9 @@ class Mixture:
     def __init__(self, sources: list[CorpusRows], weights: list[float], stop: str):
         assert len(sources) == len(weights) > 1 and stop in MIX_STOPS
         self.sources, self.stop = sources, stop
-        total = sum(weights)
-        self.weights = [weight / total for weight in weights]
+        largest = max(weights)  # scaled first, so that weights near the float limit do not sum to inf
+        total = sum(weight / largest for weight in weights)
+        self.weights = [weight / largest / total for weight in weights]
         self.source = " + ".join(rows.source for rows in sources)
         self.shape = sources[0].shape
         for rows in sources[1:]:
@@ -55,10 +56,6 @@ class Mixture:
     def parts(self) -> list:
         """Every source's parts, in order (what decides the rows: their stamps)."""
         return [part for rows in self.sources for part in rows.parts]
-
-    def __len__(self) -> int:
-        """Rows in all sources, each counted once."""
-        return sum(len(rows) for rows in self.sources)
 
     def start(self) -> tuple[SourceState, ...]:
         return tuple((None, 0, 0, 0) for _ in self.sources)

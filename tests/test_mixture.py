@@ -206,6 +206,8 @@ def test_the_command_line_takes_data_several_times(tmp_path, corpora, monkeypatc
     (dict(data=["a", "b"], weights="0.7,nan"), r"^--weights 0.7,nan: every weight must be a positive finite"),
     (dict(data=["a", "b"], weights="x,y"), r"^--weights x,y: give one number per --data"),
     (dict(data=["a", "b"], mix_stop="all_exhausted"), r"^--mix-stop all_exhausted applies to a mix; add --weights"),
+    (dict(data=["a", ""]), r"^--data is given an empty value \('a', ''\); give each corpus a path"),
+    (dict(data=["a", "b"], weights="1,inf"), r"^--weights 1,inf: every weight must be a positive finite number"),
 ])
 def test_bad_mix_settings_are_one_line_naming_the_flag(options, message):
     config = CacheConfig(teacher="t", out="o", **{"data": "a", **options})
@@ -242,3 +244,5 @@ def test_a_chat_mix_packs_whole_conversations(tmp_path):
 def test_weights_are_read_as_given_and_normalised_by_the_mix(corpora):
     assert parse_weights(None, 2) is None and parse_weights("7,3", 2) == [7.0, 3.0]
     assert mixed(corpora[:2], [7.0, 3.0]).weights == pytest.approx([0.7, 0.3])
+    # Finite weights whose sum is not: the shares are still theirs.
+    assert mixed(corpora[:2], parse_weights("1e308,1.5e308", 2)).weights == pytest.approx([0.4, 0.6])
