@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from softcache.chat import InputShape, input_shape
 from softcache.corpus_dir import BUILDERS, corpus_files, is_saved_dataset
 from softcache.corpus_errors import encoding_problem, unreadable
-from softcache.corpus_sources import HF_PREFIX, Mirrored, hf_stamp, is_url, load_hf
+from softcache.corpus_sources import HF_PREFIX, Mirrored, hf_stamp, is_url, load_hf, quiet_datasets
 from softcache.documents import PackedCorpus, pack
 from softcache.errors import SoftcacheError
 from softcache.packers import Place
@@ -196,9 +195,17 @@ class _Part:
         again through the stream's state."""
 
     def stamp(self) -> list:
-        """What tells whether the part's rows may have changed: a file's size and modification time (a
-        directory's files'; a mirrored file's remote size and time or ETag), a dataset's fingerprint and
-        cache files, the built-in corpus's Python version. Asked after :meth:`columns`."""
+        """What tells whether the part's rows may have changed, or where they are in it: a file's size and
+        modification time (a directory's files'; a mirrored file's remote size and time or ETag), a
+        dataset's fingerprint and cache files, the built-in corpus's Python version; streamed, also
+        datasets' version, whose own format the stream's saved states are. Asked after :meth:`columns`."""
+        if not self.streamed:
+            return self._stamp()
+        import datasets
+
+        return [*self._stamp(), f"datasets {datasets.__version__}"]
+
+    def _stamp(self) -> list:
         if self.builder == "builtin":
             return [self.where, sys.version]
         if self.builder == HF_BUILDER:
@@ -260,12 +267,12 @@ class _Part:
                 stream.load_state_dict(json.loads(resume))
             examples = iter(stream)
             if resume is None:
-                with _quiet():
+                with quiet_datasets():
                     for _ in range(start):
                         next(examples, None)
             state = resume if resume is not None else json.dumps(stream.state_dict())
             while True:
-                with _quiet():
+                with quiet_datasets():
                     example = next(examples, None)
                 if example is None:
                     return
@@ -405,18 +412,5 @@ def _load(builder: str, **options):
     import datasets
 
     datasets.disable_progress_bars()
-    with _quiet():
+    with quiet_datasets():
         return datasets.load_dataset(builder, **options)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """datasets' own error log lines silenced (a streamed file is parsed as it is read, so they come then too)."""
-    import datasets
-
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        datasets.logging.set_verbosity(verbosity)

@@ -19,6 +19,7 @@ as for a local file:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -89,10 +90,20 @@ def _quiet_load(path: str, config: str | None, streaming: bool = False):
     import datasets
 
     datasets.disable_progress_bars()
+    with quiet_datasets():
+        return datasets.load_dataset(path, config, streaming=streaming)
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets' own error log lines silenced: the error is ours to say, in one line (a streamed file is
+    parsed as it is read, so they come then too, not only when it is loaded)."""
+    import datasets
+
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(logging.CRITICAL + 1)
     try:
-        return datasets.load_dataset(path, config, streaming=streaming)
+        yield
     finally:
         datasets.logging.set_verbosity(verbosity)
 

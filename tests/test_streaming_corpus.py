@@ -142,3 +142,18 @@ def test_a_hub_snapshot_is_streamed_offline(tmp_path, monkeypatch, files, datase
     rows = list(streamed)
     assert streamed.parts[0].streamed and not list(datasets_cache.rglob("*.arrow"))
     assert rows == [(("hf:owner/corpus",) + row[1:]) for row in read_rows(str(files / "a.jsonl"))]
+
+
+def test_a_saved_index_of_a_streamed_corpus_holds_only_under_the_same_datasets(files, datasets_cache, monkeypatch):
+    """A streamed row's place is datasets' own state format: another datasets version reads the corpus again."""
+    import datasets
+
+    from softcache.corpus_stream import corpus_key
+
+    streamed, mapped = read_rows(str(files), streaming=True), read_rows(str(files))
+    before = corpus_key({}, streamed, "t")
+    assert corpus_key({}, read_rows(str(files), streaming=True), "t") == before
+    monkeypatch.setattr(datasets, "__version__", "0.0.1")
+    assert corpus_key({}, read_rows(str(files), streaming=True), "t") != before
+    assert corpus_key({}, read_rows(str(files)), "t") == corpus_key({}, mapped, "t")  # row numbers need no version
+
