@@ -27,7 +27,9 @@ def project_targets(target_ids: torch.Tensor, target_logprobs: torch.Tensor, stu
     """Cached teacher targets as targets over the student's vocabulary.
 
     Args:
-        target_ids: [n, k] int64 teacher ids (padding repeats slot 0's id).
+        target_ids: [n, k] int64 teacher ids (padding repeats slot 0's id); k below ``student_vocab``, so
+            that a row the projection pads has a tail (softcache.losses counts a row of k >= V slots as
+            holding every id).
         target_logprobs: [n, k] float teacher log-probabilities over the teacher's full vocabulary (-inf: padding).
         student_of: [teacher vocabulary] int64 student id of each teacher id, -1 where none.
         student_vocab: the student's vocabulary size.
@@ -40,6 +42,9 @@ def project_targets(target_ids: torch.Tensor, target_logprobs: torch.Tensor, stu
         vocabulary, so what no student id holds is the tail's;
         matched [n] bool: some cached id of the row has a student id (a row without is all tail).
     """
+    if target_ids.shape[-1] >= student_vocab:
+        raise ValueError(f"{target_ids.shape[-1]} cached ids per position for a student vocabulary of {student_vocab}: "
+                         "a projected row needs room for its tail")
     mapped = student_of[target_ids]
     ok = (mapped >= 0) & (target_logprobs > -math.inf)
     key = torch.where(ok, mapped, student_vocab)  # unmatched and padding sort last

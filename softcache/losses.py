@@ -56,11 +56,9 @@ def _student_head_and_rest(logits: torch.Tensor, target_ids: torch.Tensor, tempe
 
 def _teacher_mass(target_logprobs: torch.Tensor, vocab: int):
     """log of the teacher's cached mass [n] (at most 0) and whether a tail class exists [n] bool:
-    when K misses some ids (counting padding out: a padded row of V slots misses some) and the teacher
-    left mass there."""
+    when K misses some ids and the teacher left mass there."""
     t_mass = torch.logsumexp(target_logprobs, dim=-1).clamp_max(0.0)
-    held = target_logprobs.shape[-1] if target_logprobs.shape[-1] < vocab else (target_logprobs > -math.inf).sum(-1)
-    return t_mass, (held < vocab) & (t_mass < 0)
+    return t_mass, (target_logprobs.shape[-1] < vocab) & (t_mass < 0)
 
 
 class Coarse(NamedTuple):

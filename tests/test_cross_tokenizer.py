@@ -71,18 +71,18 @@ def test_the_same_tokenizer_maps_every_id_to_itself(byte_level):
 
 
 def test_projection_by_hand():
-    # Teacher vocabulary 5, student 4: teacher 0 -> 2, 1 -> none, 2 -> 0, 3 -> 0, 4 -> 3.
+    # Teacher vocabulary 5, student 5: teacher 0 -> 2, 1 -> none, 2 -> 0, 3 -> 0, 4 -> 3.
     student_of = torch.tensor([2, UNMAPPED, 0, 0, 3])
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.05]], dtype=torch.float64)
-    ids, logprobs, matched = project_targets(torch.tensor([[0, 1, 2, 3]]), probs.log(), student_of, 4)
+    ids, logprobs, matched = project_targets(torch.tensor([[0, 1, 2, 3]]), probs.log(), student_of, 5)
     assert matched.tolist() == [True]
     held = {int(i): float(p.exp()) for i, p in zip(ids[0], logprobs[0]) if p > -math.inf}
     assert held == pytest.approx({2: 0.4, 0: 0.25})  # 0.2 + 0.05 summed; teacher id 1's 0.3 joins the tail
     assert ids[0].tolist() == [2, 2, 0, 2]  # in the teacher's slots; padding repeats slot 0's id
-    logits = torch.tensor([[0.5, -1.0, 1.5, 0.0]], dtype=torch.float64)
+    logits = torch.tensor([[0.5, -1.0, 1.5, 0.0, 0.7]], dtype=torch.float64)
     q = torch.softmax(logits, -1)[0]
     t = {0: 0.25, 2: 0.4, "tail": 0.35}
-    qs = {0: q[0], 2: q[2], "tail": q[1] + q[3]}
+    qs = {0: q[0], 2: q[2], "tail": q[1] + q[3] + q[4]}
     want = sum(p * math.log(p / qs[c]) for c, p in t.items())
     assert float(sparse_kd(logits, ids, logprobs)[0]) == pytest.approx(want, rel=1e-12)
 
@@ -91,6 +91,8 @@ def test_a_row_with_nothing_matched_is_all_tail():
     ids, logprobs, matched = project_targets(torch.tensor([[1, 1]]), torch.tensor([[-0.1, -math.inf]]),
                                              torch.tensor([0, UNMAPPED]), 3)
     assert matched.tolist() == [False] and torch.isinf(logprobs).all()
+    with pytest.raises(ValueError, match="2 cached ids per position for a student vocabulary of 2"):
+        project_targets(torch.tensor([[1, 1]]), torch.tensor([[-0.1, -math.inf]]), torch.tensor([0, UNMAPPED]), 2)
 
 
 def test_with_the_same_vocabulary_every_loss_is_unchanged_bit_for_bit():
