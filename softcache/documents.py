@@ -68,8 +68,7 @@ class Document:
     @classmethod
     def text(cls, ids, eos: int) -> Document:
         """A text's ``ids`` followed by ``eos``; every position but the last (no next token) teaches."""
-        tokens = np.empty(len(ids) + 1, dtype=np.uint32)
-        tokens[:-1], tokens[-1] = ids, eos
+        tokens = with_eos(ids, eos)
         teach = np.ones(len(tokens), dtype=bool)
         teach[-1] = False
         return cls(tokens, teach)
@@ -136,7 +135,7 @@ class Counts:
         """One line: what was read, skipped and cut, and how many rows came out."""
         rows, length = self.num_sequences, self.seq_len
         empty = f", {self.empty_documents:,} empty ones skipped" if self.empty_documents else ""
-        if self.mix is not None:
+        if self.mix is not None:  # said of the documents, like the empty ones
             shares = ", ".join(f"{source['share']:.1%} from {source['data']}"
                                f"{' (repeated)' if source['restarts'] else ''}" for source in self.mix["sources"])
             empty += f" (tokens: {shares})"
@@ -246,12 +245,14 @@ def stream_rows(texts: Iterable[tuple[Place, str]], tokenizer, seq_len: int, cou
             batch.append(text)
             places.append(place)
             if len(batch) == TOKENIZE_BATCH:
-                yield _with_eos(places, tokenizer(batch, add_special_tokens=False,
-                                                  return_attention_mask=False)["input_ids"], eos)
+                yield tokenized(batch, places)
                 batch, places = [], []
         if batch:
-            yield _with_eos(places, tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"],
-                            eos)
+            yield tokenized(batch, places)
+
+    def tokenized(batch: list[str], places: list[Place]) -> list[tuple[Place, np.ndarray]]:
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return [(place, with_eos(ids, eos)) for place, ids in zip(places, encoded)]
 
     return _stream(batches(), seq_len, counts, max_sequences, on_open)
 
@@ -264,13 +265,11 @@ def stream_documents(documents: Iterable[tuple[Place, Document]], seq_len: int, 
                    on_open)
 
 
-def _with_eos(places: list[Place], encoded: list[list[int]], eos: int) -> list[tuple[Place, np.ndarray]]:
-    pieces = []
-    for place, ids in zip(places, encoded):
-        piece = np.empty(len(ids) + 1, dtype=np.uint32)
-        piece[:-1], piece[-1] = ids, eos
-        pieces.append((place, piece))
-    return pieces
+def with_eos(ids, eos: int) -> np.ndarray:
+    """A text's token ``ids`` followed by ``eos``, as uint32: the document a text becomes."""
+    tokens = np.empty(len(ids) + 1, dtype=np.uint32)
+    tokens[:-1], tokens[-1] = ids, eos
+    return tokens
 
 
 def _stream(batches: Iterable[list[tuple[Place, np.ndarray]]], seq_len: int, counts: Counts,
