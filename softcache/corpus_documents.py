@@ -144,7 +144,7 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: Place
     texts: list[str] = []
     places: list[Place] = []
     size = min(16, batch)
-    read = empty = 0
+    rows_before, empty_before = counts.rows, counts.empty  # counts may be shared with a mix's other sources
 
     def flush() -> Iterator[tuple[Place, Document]]:
         encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -154,10 +154,8 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: Place
 
     for place, _, _, text in rows.positioned(start):
         counts.rows += 1
-        read += 1
         if not text or text.isspace():
             counts.empty += 1
-            empty += 1
             continue
         texts.append(text)
         places.append(place)
@@ -166,7 +164,8 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: Place
             size = min(2 * size, batch)
     if texts:
         yield from flush()
-    if read == empty and start is None:
+    empty = counts.empty - empty_before
+    if counts.rows - rows_before == empty and start is None:
         raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(empty)}")
 
 
@@ -177,13 +176,12 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
     from tqdm.auto import tqdm
 
     yielded = False
-    read = bad = 0
-    first_bad = ""
+    rows_before, bad_before = counts.rows, counts.bad  # counts may be shared with a mix's other sources
+    first_bad = ""  # of these rows
     with tqdm(total=rows.total(), unit="row", desc="rendering", disable=not progress, delay=_PROGRESS_AFTER_S,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for place, where, index, row in rows.positioned(start):
             counts.rows += 1
-            read += 1
             bar.update()
             try:
                 rendered = render(tokenizer, row, recipe.shape, index=index, chat_template=chat_template,
@@ -192,14 +190,13 @@ def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: 
                 if not skip_bad_rows:
                     raise SoftcacheError(f"--data {where}: {err} (rows count from 0; --skip-bad-rows skips such "
                                          "rows)") from err
-                counts.bad += 1
-                counts.first_bad = counts.first_bad or f"--data {where}: {err}"
-                bad += 1
                 first_bad = first_bad or f"--data {where}: {err}"
+                counts.bad += 1
+                counts.first_bad = counts.first_bad or first_bad
                 continue
             yielded = True
             yield place, Document(rendered.input_ids, teaching_positions(rendered.assistant))
     if not yielded and start is None:
-        found = (f"all {read:,} of its rows are bad and were skipped (the first: {first_bad})"
-                 if bad else "it holds no rows")
+        found = (f"all {counts.rows - rows_before:,} of its rows are bad and were skipped (the first: {first_bad})"
+                 if counts.bad > bad_before else "it holds no rows")
         raise SoftcacheError(f"--data {rows.source} has no rows to cache: {found}")
