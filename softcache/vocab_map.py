@@ -18,7 +18,6 @@ same bytes (byte fallback and a plain one); the first id found keeps them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -89,9 +88,6 @@ class VocabMap:
     def mapped(self) -> int:
         return int(np.count_nonzero(self.student_of != UNMAPPED))
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.student_of, dtype="<i8").tobytes()).hexdigest()
-
 
 def build_map(teacher_tokenizer, student_tokenizer) -> VocabMap:
     """The map between two tokenizers' vocabularies (see the module docstring); with the same tokenizer
@@ -107,15 +103,17 @@ def build_map(teacher_tokenizer, student_tokenizer) -> VocabMap:
             student_of[i] = index[piece]
     specials = {token.content: i for i, token in student_tokenizer.added_tokens_decoder.items() if token.special}
     for i, token in teacher_tokenizer.added_tokens_decoder.items():  # a chat marker both know, by its text
-        if token.special and token.content in specials and i < len(student_of):
+        if token.special and token.content in specials:
             student_of[i] = specials[token.content]
     for role in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
         t, s = getattr(teacher_tokenizer, role, None), getattr(student_tokenizer, role, None)
-        if t is not None and s is not None and t < len(student_of):
+        if t is not None and s is not None:
             student_of[t] = s
-    identical = teacher == student and all(
-        getattr(teacher_tokenizer, r, None) == getattr(student_tokenizer, r, None)
-        for r in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"))
-    if identical:  # the same vocabulary: special tokens too map to themselves
+    if _spelled(teacher_tokenizer) == _spelled(student_tokenizer):  # one vocabulary: special tokens too are themselves
         student_of = np.arange(len(teacher), dtype=np.int64)
     return VocabMap(student_of, len(teacher), len(student))
+
+
+def _spelled(tokenizer) -> tuple:
+    """Every token as its tokenizer writes it, with the family that says how: equal for one vocabulary."""
+    return _family(tokenizer), tuple(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))

@@ -70,6 +70,25 @@ def test_the_same_tokenizer_maps_every_id_to_itself(byte_level):
     np.testing.assert_array_equal(vocab_map.student_of, np.arange(len(byte_level)))
 
 
+def test_a_special_token_of_other_text_at_the_same_id_is_not_itself():
+    """Two vocabularies alike but for one chat marker's text: that marker maps nowhere, the rest to themselves."""
+    from tokenizers import decoders, pre_tokenizers
+
+    from conftest import CHATML, fast_tokenizer, train_bpe
+
+    def chat(marker: str):
+        core = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel(),
+                         ["<eos>", marker, "<|im_end|>"], pre_tokenizers.ByteLevel.alphabet())
+        return fast_tokenizer(core, CHATML, eos_token="<|im_end|>")
+
+    teacher, student = chat("<|im_start|>"), chat("<|user|>")
+    student_of = build_map(teacher, student).student_of
+    marker = teacher.convert_tokens_to_ids("<|im_start|>")
+    assert student.convert_ids_to_tokens(marker) == "<|user|>" and student_of[marker] == UNMAPPED
+    others = np.array([i for i in range(len(teacher)) if i != marker and teacher.convert_ids_to_tokens(i) != "<unk>"])
+    np.testing.assert_array_equal(student_of[others], others)
+
+
 def test_projection_by_hand():
     # Teacher vocabulary 5, student 5: teacher 0 -> 2, 1 -> none, 2 -> 0, 3 -> 0, 4 -> 3.
     student_of = torch.tensor([2, UNMAPPED, 0, 0, 3])
