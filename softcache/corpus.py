@@ -261,21 +261,16 @@ class _Part:
                   resume: str | None) -> Iterator[tuple[str, tuple]]:
         """A streamed part's rows from ``start`` (reached through ``resume``, the stream's state there, else
         read through), each with the stream's state before it: datasets' own (``state_dict``), as JSON."""
-        with _reading(self, text_column):
+        with _reading(self, text_column), quiet_datasets():
             stream = self._load()  # a fresh stream: its state is this reading's alone
             if resume is not None:
                 stream.load_state_dict(json.loads(resume))
             examples = iter(stream)
             if resume is None:
-                with quiet_datasets():
-                    for _ in range(start):
-                        next(examples, None)
+                for _ in range(start):
+                    next(examples, None)
             state = resume if resume is not None else json.dumps(stream.state_dict())
-            while True:
-                with quiet_datasets():
-                    example = next(examples, None)
-                if example is None:
-                    return
+            for example in examples:
                 yield state, tuple(example.get(column) for column in columns)
                 state = json.dumps(stream.state_dict())
 
