@@ -157,3 +157,21 @@ def test_a_saved_index_of_a_streamed_corpus_holds_only_under_the_same_datasets(f
     assert corpus_key({}, read_rows(str(files), streaming=True), "t") != before
     assert corpus_key({}, read_rows(str(files)), "t") == corpus_key({}, mapped, "t")  # row numbers need no version
 
+
+
+def test_overlapping_streamed_readings_leave_datasets_logging_as_it_was(files, datasets_cache):
+    """Readings end in any order (a mix's sources, a shard built in a thread): datasets' own log lines stay
+    silenced while any is open, and its verbosity is restored once the last one ends."""
+    import logging
+
+    import datasets
+
+    before = datasets.logging.get_verbosity()
+    first = read_rows(str(files / "a.jsonl"), streaming=True).positioned()
+    second = read_rows(str(files / "c.parquet"), streaming=True).positioned()
+    next(first), next(second)
+    assert datasets.logging.get_verbosity() > logging.CRITICAL
+    first.close()  # the first one opened ends first
+    assert datasets.logging.get_verbosity() > logging.CRITICAL
+    second.close()
+    assert datasets.logging.get_verbosity() == before
