@@ -51,7 +51,8 @@ class Cursor:
     """Where a shard's first row starts in the input."""
 
     place: Place
-    """The place of the document it starts in: (file among ``--data``'s parts, row within it), or a mix's
+    """The place of the document it starts in (softcache.corpus.CorpusRows.positioned): (file among
+    ``--data``'s parts, row within it), with the stream's state there for a streamed file, or a mix's
     state (softcache.mixture)."""
     skip: int
     """Of that document: the tokens already in earlier rows (stream), or the pieces (``--long split``)."""
