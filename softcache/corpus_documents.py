@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from softcache.chat import InputShape, TrainOn, chat_template_of, render, teaching_positions
 from softcache.corpus import CorpusRows
-from softcache.documents import LONG, PACKINGS, TOKENIZE_BATCH, Document, PackedCorpus, no_text, pack, pack_documents
+from softcache.documents import (LONG, PACKINGS, TOKENIZE_BATCH, Document, PackedCorpus, no_text, pack, pack_documents,
+                                 text_eos, tokenized_texts)
 from softcache.errors import BadRow, SoftcacheError
 from softcache.mixture import Mixture
 from softcache.packers import Place
@@ -138,35 +139,22 @@ def _text_documents(rows: CorpusRows, tokenizer, counts: RowCounts, start: Place
                     batch: int) -> Iterator[tuple[Place, Document]]:
     """Each text row with text as a document: its tokens (no special tokens) and EOS, tokenized in
     batches that grow from a few rows to ``batch`` (a replayed shard reads only a little past its end)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to end documents")
-    texts: list[str] = []
-    places: list[Place] = []
-    size = min(16, batch)
+    eos = text_eos(tokenizer)
     rows_before, empty_before = counts.rows, counts.empty  # counts may be shared with a mix's other sources
 
-    def flush() -> Iterator[tuple[Place, Document]]:
-        encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        yield from ((place, Document.text(ids, eos)) for place, ids in zip(places, encoded))
-        texts.clear()
-        places.clear()
+    def read() -> Iterator[tuple[Place, str]]:
+        for place, _, _, text in rows.positioned(start):
+            counts.rows += 1
+            yield place, text
 
-    for place, _, _, text in rows.positioned(start):
-        counts.rows += 1
-        if not text or text.isspace():
-            counts.empty += 1
-            continue
-        texts.append(text)
-        places.append(place)
-        if len(texts) == size:
-            yield from flush()
-            size = min(2 * size, batch)
-    if texts:
-        yield from flush()
-    empty = counts.empty - empty_before
-    if counts.rows - rows_before == empty and start is None:
-        raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(empty)}")
+    def empty() -> None:
+        counts.empty += 1
+
+    for encoded in tokenized_texts(read(), tokenizer, empty, first=min(16, batch), most=batch):
+        yield from ((place, Document.text(ids, eos)) for place, ids in encoded)
+    skipped = counts.empty - empty_before
+    if counts.rows - rows_before == skipped and start is None:
+        raise SoftcacheError(f"--data {rows.source} has no text to cache: {no_text(skipped)}")
 
 
 def _chat_documents(rows: CorpusRows, tokenizer, recipe: Recipe, chat_template: str | None, skip_bad_rows: bool,

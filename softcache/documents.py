@@ -31,7 +31,7 @@ teach; a piece in which nothing teaches is left out.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,30 +231,14 @@ def stream_rows(texts: Iterable[tuple[Place, str]], tokenizer, seq_len: int, cou
     text, or the corpus is too short for a single sequence; ``counts.source`` (the ``--data`` value)
     names the corpus in those messages.
     """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to separate documents")
+    eos = text_eos(tokenizer)
 
-    def batches() -> Iterator[list[tuple[Place, np.ndarray]]]:
-        batch: list[str] = []
-        places: list[Place] = []
-        for place, text in texts:
-            if not text or text.isspace():
-                counts.empty_documents += 1
-                continue
-            batch.append(text)
-            places.append(place)
-            if len(batch) == TOKENIZE_BATCH:
-                yield tokenized(batch, places)
-                batch, places = [], []
-        if batch:
-            yield tokenized(batch, places)
+    def empty() -> None:
+        counts.empty_documents += 1
 
-    def tokenized(batch: list[str], places: list[Place]) -> list[tuple[Place, np.ndarray]]:
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [(place, with_eos(ids, eos)) for place, ids in zip(places, encoded)]
-
-    return _stream(batches(), seq_len, counts, max_sequences, on_open)
+    batches = ([(place, with_eos(ids, eos)) for place, ids in batch]
+               for batch in tokenized_texts(texts, tokenizer, empty))
+    return _stream(batches, seq_len, counts, max_sequences, on_open)
 
 
 def stream_documents(documents: Iterable[tuple[Place, Document]], seq_len: int, counts: Counts,
@@ -263,6 +247,39 @@ def stream_documents(documents: Iterable[tuple[Place, Document]], seq_len: int, 
     packs texts; reading stops at the first document past ``max_sequences`` rows."""
     return _stream(([(place, document.ids)] for place, document in documents), seq_len, counts, max_sequences,
                    on_open)
+
+
+def text_eos(tokenizer) -> int:
+    """The id that ends each text document: the tokenizer's EOS; raises :class:`SoftcacheError` without one."""
+    if tokenizer.eos_token_id is None:
+        raise SoftcacheError("the teacher's tokenizer has no EOS token, which packing needs to end text documents")
+    return tokenizer.eos_token_id
+
+
+def tokenized_texts(texts: Iterable[tuple[Place, str]], tokenizer, on_empty: Callable[[], None],
+                    first: int = TOKENIZE_BATCH, most: int = TOKENIZE_BATCH
+                    ) -> Iterator[list[tuple[Place, list[int]]]]:
+    """The texts that hold some (``on_empty()`` is told of each other one), each with its place,
+    tokenized without special tokens in batches of ``first`` texts, doubling up to ``most`` (a shard
+    rebuilt from a cursor reads only a little past its end): lists of (place, ids)."""
+    batch: list[str] = []
+    places: list[Place] = []
+    size = first
+    for place, text in texts:
+        if not text or text.isspace():
+            on_empty()
+            continue
+        batch.append(text)
+        places.append(place)
+        if len(batch) == size:
+            yield _encoded(tokenizer, batch, places)
+            batch, places, size = [], [], min(2 * size, most)
+    if batch:
+        yield _encoded(tokenizer, batch, places)
+
+
+def _encoded(tokenizer, batch: list[str], places: list[Place]) -> list[tuple[Place, list[int]]]:
+    return list(zip(places, tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]))
 
 
 def with_eos(ids, eos: int) -> np.ndarray:
