@@ -46,6 +46,9 @@ class Mixture:
         total = sum(weight / largest for weight in weights)
         self.weights = [weight / largest / total for weight in weights]
         self.source = " + ".join(rows.source for rows in sources)
+        for rows in sources:
+            if rows.total() == 0:  # its shape would be a guess: say what it holds
+                raise SoftcacheError(f"--data {rows.source} holds no rows to mix")
         self.shape = sources[0].shape
         for rows in sources[1:]:
             if rows.shape != self.shape:

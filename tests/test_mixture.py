@@ -222,6 +222,10 @@ def test_corpora_of_two_shapes_are_not_mixed(tmp_path, corpora):
     with pytest.raises(SoftcacheError, match=r"holds messages rows but --data .*paragraphs.jsonl holds text rows; "
                                              r"the corpora of a mix must hold rows of one input shape"):
         mixed([corpora[0], str(chat)], [1, 1])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    with pytest.raises(SoftcacheError, match=r"^--data .*blank.jsonl holds no rows to mix$"):
+        mixed([str(chat), str(blank)], [1, 1])
 
 
 def test_a_chat_mix_packs_whole_conversations(tmp_path):
