@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from collections.abc import Callable
 
 import click
 
-from softcache.config import CacheConfig, EvalConfig, TrainConfig
+from softcache.config import RENAMED, CacheConfig, EvalConfig, TrainConfig
 from softcache.errors import Interrupted, SoftcacheError
 from softcache.logs import show_on_stderr
 from softcache.settings import Setting, check_settings, load_settings, settings_of
@@ -35,6 +36,10 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            for old, new in RENAMED.items():
+                if isinstance(err, click.NoSuchOption) and err.option_name == f"--{old.replace('_', '-')}":
+                    click.echo(f"error: --{old.replace('_', '-')} was replaced by {new}", err=True)
+                    ctx.exit(2)
             click.echo(f"error: {' '.join(err.format_message().split())} (softcache{command} --help lists the "
                        "options)", err=True)
             ctx.exit(2)
@@ -156,9 +161,12 @@ def cache(**options) -> None:
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest with computed totals as JSON.")
 def info(store: str, as_json: bool) -> None:
-    """Summarise STORE: teacher, tokenizer, targets, size, bytes per token, whether it is complete."""
+    """Summarise STORE: teacher, tokenizer, targets, size, bytes per token, whether it is complete. Given a
+    view (softcache view), what a student of its tokenizer learns from: aligned positions, mapped mass."""
     from softcache.store import open_store
 
+    if (Path(store) / "view.json").exists():
+        return _view_info(store, as_json)
     opened = open_store(store, allow_incomplete=True)
     summary = _summary(opened)
     if as_json:
@@ -214,6 +222,58 @@ def info(store: str, as_json: bool) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+def _view_info(path: str, as_json: bool) -> None:
+    from softcache.view import View
+
+    view = View(path, verify=False)
+    if as_json:
+        click.echo(json.dumps({**view.manifest, "summary": {"aligned_share": view.counts.aligned_share,
+                                                             "mapped_share": view.counts.mapped_share}}, indent=2))
+        return
+    m, counts = view.manifest, view.counts
+    rows = [
+        ("view", f"{path} ({m['format']}, format v{m['format_version']})"),
+        ("store", f"{m['store']['path']}, content sha256 {m['store']['content_sha256'][:16]}"),
+        ("student", f"tokenizer of {m['student']['size']:,} tokens, fingerprint "
+                    f"{m['student']['tokenizer_fingerprint'][:16]}; {m['student']['mapped_ids']:,} of the teacher's "
+                    f"{m['student']['teacher_ids']:,} tokens have one of the same bytes"),
+        ("sequences", f"{counts.sequences:,}, {counts.positions:,} student positions (the longest sequence "
+                      f"{view.max_length:,} tokens), {counts.text_bytes:,} bytes of text"),
+        ("aligned", f"{counts.aligned_share:.1%} of the student's positions meet a teacher position (they get the "
+                    "KD term; every position gets cross-entropy)"),
+        ("mapped", f"{counts.mapped_share:.1%} of the teacher's cached mass at those positions is on tokens the "
+                   "student has (exact projection; the rest joins the tail, or --cross-loss uld/hybrid)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
+@main.command(name="view")
+@click.argument("store", type=click.Path())
+@click.option("--tokenizer", required=True,
+              help="The student's tokenizer: a directory holding its files (a student's model directory), or a hub "
+                   "id found in the local Hugging Face cache.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Where to write the view: a new directory, beside the store (never inside it).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
+def view_(store: str, tokenizer: str, out: str, progress: bool) -> None:
+    """Build STORE's view in another tokenizer, for students of that tokenizer (softcache train
+    --tokenizers cross --view OUT). Done once per tokenizer, on CPU, with no teacher: the store's token
+    ids are turned back into text, tokenized by the student's tokenizer, and the positions where both
+    tokenizations meet are recorded with a map between the two vocabularies."""
+    from softcache.store import open_store
+    from softcache.student import load_tokenizer
+    from softcache.view import build_view
+
+    opened = open_store(store)
+    opened.check_tokenizer()
+    if Path(out).resolve().is_relative_to(Path(store).resolve()):
+        raise SoftcacheError(f"--out {out} is inside the store {store}; a view lives beside a store, never in it")
+    built = build_view(opened, load_tokenizer(tokenizer, "--tokenizer"), out, progress)
+    click.echo(f"view {out}: {built.counts.describe()}")
 
 
 def _summary(opened) -> dict:
@@ -317,16 +377,27 @@ def eval_(**options) -> None:
     config.validate()
     store = open_store(config.store)
     model = build_student(config.model, seed=0, flag="--model")
-    check_compatible(model, store, config.model, allow_tokenizer_mismatch=False, flag="--model")
+    view = None
+    if config.view:
+        from softcache.student import student_tokenizer
+        from softcache.tokenizer import tokenizer_fingerprint
+        from softcache.view import View
+
+        view = View(config.view)
+        view.check_store(store)
+        view.check_tokenizer(tokenizer_fingerprint(student_tokenizer(config.model, "--model")), f"--model {config.model}",
+                             "--view")
+    check_compatible(model, store, config.model, "cross" if view else "same", flag="--model", view=view)
     device = resolve_device(config.device)
     metrics = evaluate(model.to(device), config.store, stop=config.max_sequences, batch_size=config.batch_size,
                        device=device, temperature=store.targets.temperature,
-                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                       autocast_dtype=torch.bfloat16 if device.type == "cuda" else None, view=config.view)
     if config.as_json:
         click.echo(json.dumps(metrics))
     else:
         click.echo(f"ce {metrics['ce']:.4f}  perplexity {metrics['perplexity']:.2f}  kl {metrics['kl']:.4f}  "
-                   f"top1_agreement {metrics['top1_agreement']:.4f}  tokens {metrics['tokens']:,}")
+                   f"top1_agreement {metrics['top1_agreement']:.4f}  bits_per_byte {metrics['bits_per_byte']:.4f}  "
+                   f"tokens {metrics['tokens']:,}")
 
 
 @main.command(cls=_ConfigCommand, config=_demo_config)

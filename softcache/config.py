@@ -29,6 +29,11 @@ from softcache.settings import check_settings, setting, settings_of
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STUDENT_DTYPES = ("float32", "bfloat16")
+TOKENIZER_MODES = ("same", "cross", "trust-ids")
+CROSS_LOSSES = ("projection", "uld", "hybrid")
+RENAMED = {"allow_tokenizer_mismatch": "--tokenizers trust-ids (or --tokenizers cross for a student with another "
+                                      "tokenizer: see --help)"}
+"""Settings that were replaced: their old names, and what to give instead."""
 # --lora-target-modules: peft's shorthand for every linear layer but the output head (on a Llama-style
 # student: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).
 ALL_LINEAR = "all-linear"
@@ -290,6 +295,8 @@ class TrainConfig:
     ``resumable`` may change when a run is resumed (a run directory may also be moved); every other
     field must match the saved run."""
 
+    RENAMED = RENAMED
+
     store: str = setting(help="Store written by softcache cache (must be complete).")
     student: str = setting(help="Student: a config.json of any Hugging Face causal LM (random init), a model "
                                 "directory (its weights are loaded when present), a LoRA adapter directory (its "
@@ -340,8 +347,21 @@ class TrainConfig:
     eval_every: int = setting(0, ge=0, resumable=True, help="Evaluate every N steps (0: at the end).")
     checkpoint_every: int = setting(100, ge=1, resumable=True, help="Checkpoint every N steps (and at the end).")
     resume: bool = setting(False, resumable=True, help="Continue the run in --out from its newest checkpoint.")
-    allow_tokenizer_mismatch: bool = setting(False, help="Train a student whose tokenizer differs from the store's (its "
-                                                         "vocab must still hold the ids).")
+    tokenizers: str = setting(
+        "same", choices=TOKENIZER_MODES,
+        help="How the student's tokenizer relates to the teacher's: same (checked; the default), cross (another "
+             "tokenizer: train through a --view of the store in the student's tokens, with --cross-loss at the "
+             "positions where the two tokenizations meet and cross-entropy everywhere), or trust-ids (unchecked: "
+             "the student's ids mean the teacher's, e.g. the same vocabulary saved with other files).")
+    view: str | None = setting(None, help="With --tokenizers cross: the store's view in the student's tokenizer (a "
+                                          "directory beside the store; built there from the student's tokenizer when "
+                                          "it does not exist, and shared by every student of that tokenizer).")
+    cross_loss: str = setting("hybrid", choices=CROSS_LOSSES,
+                              help="With --tokenizers cross, the KD term at aligned positions: projection (forward KL "
+                                   "to the teacher's ids that have a student token of the same bytes, the rest as one "
+                                   "tail class: exact for what maps), uld (sorted-probability distance, no id "
+                                   "matched), or hybrid (both: projection for what maps, uld for how the rest is "
+                                   "spread).")
     allow_incomplete: bool = setting(False, help="Train on the finished shards of a store whose teacher job is still "
                                                  "running or was stopped.")
     verify_shards: bool = setting(True, resumable=True,
@@ -397,10 +417,27 @@ class TrainConfig:
                                  "adapter alone, which sharded checkpoints and the gathered final model do not; drop "
                                  "--fsdp (DDP replicates the frozen student) or --lora-r")
         _check_device(self.device)
+        self._check_tokenizers()
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise SoftcacheError(f"--out {self.out} is a file; give a directory for the run")
         self._check_lora()
+
+    def _check_tokenizers(self) -> None:
+        """--view and --cross-loss go with --tokenizers cross, and --tail, --loss and --eval-store do not (yet)."""
+        if self.tokenizers == "cross" and self.eval_store:
+            raise SoftcacheError("--eval-store is not read through a view yet; with --tokenizers cross hold out part "
+                                 "of --store with --eval-fraction")
+        if self.tokenizers == "cross" and (self.tail or self.loss != "fkl"):
+            flag = "--tail" if self.tail else "--loss"
+            raise SoftcacheError(f"{flag} is for a student with the teacher's tokenizer; with --tokenizers cross, "
+                                 "--cross-loss chooses the KD term")
+        if self.tokenizers == "cross" and not self.view:
+            raise SoftcacheError("--tokenizers cross needs --view DIR: where the store's view in the student's "
+                                 "tokenizer is (or is to be built)")
+        if self.tokenizers != "cross" and (self.view or self.cross_loss != "hybrid"):
+            flag = "--view" if self.view else "--cross-loss"
+            raise SoftcacheError(f"{flag} is for a student with another tokenizer; add --tokenizers cross, or drop {flag}")
 
     def _check_lora(self) -> None:
         """The LoRA flags mean something only with --lora-r; the target list names modules; peft is there."""
@@ -445,6 +482,8 @@ class EvalConfig:
     store: str = setting(help="Store to evaluate on (its true tokens and teacher targets).")
     batch_size: int = setting(8, ge=1, help="Sequences per batch.")
     max_sequences: int | None = setting(None, ge=1, help="Evaluate on the first N sequences only.")
+    view: str | None = setting(None, help="For a student with another tokenizer: the store's view in that tokenizer "
+                                          "(softcache view); the model reads the view's tokens.")
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N.")
     as_json: bool = setting(False, flag="--json", help="Print the metrics as JSON.")
 

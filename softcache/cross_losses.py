@@ -18,6 +18,7 @@ Pure tensor functions, as softcache.losses. Two ways, chosen by what the vocabul
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -69,7 +70,8 @@ def project_targets(target_ids: torch.Tensor, target_logprobs: torch.Tensor, stu
     return torch.where(kept, ids, padding), torch.empty_like(values).scatter(-1, order, values), matched
 
 
-def uld(logits: torch.Tensor, target_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def uld(logits: torch.Tensor, target_logprobs: torch.Tensor, temperature: float = 1.0,
+        exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position universal logit distillation loss: the L1 distance between the sorted teacher and
     student distributions, over the k cached teacher probabilities against the student's k largest,
     plus the difference of the mass beyond them (see the module docstring); times T^2, as every KD loss.
@@ -79,6 +81,10 @@ def uld(logits: torch.Tensor, target_logprobs: torch.Tensor, temperature: float 
         target_logprobs: [n, k] teacher log-probabilities of its cached ids, normalised over its full
             vocabulary, in any order (-inf: padding).
         temperature: student logits are divided by it.
+        exclude: [n, k'] student ids whose mass another term accounts for (the hybrid loss's matched
+            ids; -1 or repeats allowed). With it, the teacher's m finite entries are compared with the
+            student's m largest probabilities among the other ids, and nothing beyond them: how much
+            mass lies outside the excluded ids is the other term's.
 
     Returns:
         [n] float32 losses (float64 for float64 logits), in probability units, between 0 and 2 T^2.
@@ -86,6 +92,57 @@ def uld(logits: torch.Tensor, target_logprobs: torch.Tensor, temperature: float 
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     k = min(target_logprobs.shape[-1], z.shape[-1])
     teacher = target_logprobs.to(z.dtype).exp().sort(dim=-1, descending=True).values[:, :k]
-    student = torch.log_softmax(z / temperature, dim=-1).topk(k, dim=-1).values.exp()
+    student_logprobs = torch.log_softmax(z / temperature, dim=-1)
+    if exclude is not None:
+        hit = torch.zeros_like(student_logprobs).scatter_reduce(-1, exclude.clamp_min(0), (exclude >= 0).to(z.dtype),
+                                                                "amax")
+        student_logprobs = student_logprobs.masked_fill(hit > 0, -math.inf)
+    student = student_logprobs.topk(k, dim=-1).values.exp()
+    if exclude is not None:
+        counted = torch.arange(k, device=z.device) < (target_logprobs > -math.inf).sum(-1, keepdim=True)
+        return torch.where(counted, (teacher - student).abs(), 0.0).sum(-1) * temperature**2
     rest = ((1 - teacher.sum(-1)).clamp_min(0) - (1 - student.sum(-1)).clamp_min(0)).abs()
     return ((teacher - student).abs().sum(-1) + rest) * temperature**2
+
+
+@dataclass(frozen=True)
+class CrossTokenizerLoss:
+    """The KD and CE loss of a student with another tokenizer than the teacher's, as
+    :class:`softcache.losses.DistillationLoss` is for one with the same: ``loss(output, batch)`` returns
+    ``(kd_sum, ce_sum)`` over a batch of softcache.cross_data (``output``: logits, or a model output).
+
+    ``mode``:
+
+    - ``projection``: forward KL to the projected targets with the tail bucket (exact for what maps),
+      at the positions where something maps;
+    - ``uld``: the sorted distance to all cached teacher probabilities, at every aligned position;
+    - ``hybrid``: both at once, as TRL's GOLD combines them: the projection's KL carries the mass of
+      the ids that map, and the total of the rest, exactly; the sorted distance shapes how the
+      student spreads that rest, comparing the teacher's unmatched probabilities with the student's
+      largest ones outside the matched ids. The two add with weight 1 (KL in nats, the distance in
+      probability units, both scaled by T^2).
+    """
+
+    mode: str = "hybrid"
+    temperature: float = 1.0
+    chunk_tokens: int = 256
+
+    def __call__(self, output, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        from softcache.losses import distillation_loss
+
+        logits = getattr(output, "logits", output)
+        mask = batch["mask"]
+        projected = mask if self.mode != "uld" else torch.zeros_like(mask)
+        kd, ce = distillation_loss(logits, batch["target_ids"], batch["target_logprobs"], projected, batch["labels"],
+                                   "fkl", "bucket", self.temperature, chunk_tokens=self.chunk_tokens)
+        if self.mode == "projection":
+            return kd, ce
+        where = mask.reshape(-1)
+        z = logits.reshape(-1, logits.shape[-1])[where]
+        exclude = None
+        if self.mode == "hybrid":
+            k = batch["target_ids"].shape[-1]
+            held = batch["target_logprobs"].reshape(-1, k)[where] > -math.inf
+            exclude = torch.where(held, batch["target_ids"].reshape(-1, k)[where], -1)
+        teacher = batch["teacher_logprobs"].reshape(-1, batch["teacher_logprobs"].shape[-1])[where]
+        return kd + uld(z, teacher, self.temperature, exclude).float().sum(), ce

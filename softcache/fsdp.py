@@ -163,7 +163,7 @@ class FSDPStudentJob(StudentJob):
         return evaluate(_Logits(self.trained) if self.fused else self.model, *self.evaluation,
                         batch_size=self.config.batch_size, device=self.device,
                         temperature=self.store.targets.temperature, chunk_tokens=self.config.chunk_tokens,
-                        autocast_dtype=self.autocast)
+                        autocast_dtype=self.autocast, view=self.config.view)
 
     def restore(self) -> None:
         """With --resume, load the newest sharded checkpoint (on any number of ranks: DCP reshards)."""
@@ -197,4 +197,4 @@ class FSDPStudentJob(StudentJob):
     def save(self) -> None:
         """The full weights gathered on rank 0, saved as one ``from_pretrained`` model in OUT/final."""
         weights = full_weights(self.model)
-        on_main(self.ranks, lambda: save_student(unsharded(self.model, weights), self.store, self.out / "final"))
+        on_main(self.ranks, lambda: save_student(unsharded(self.model, weights), self.tokenizer_source, self.out / "final"))

@@ -199,7 +199,9 @@ class DistillationTrainer(Trainer):
         train_dataset, eval_dataset: :class:`StoreSequences` (the eval store must share the teacher's tokenizer and
             temperature).
         processing_class: the tokenizer saved with checkpoints; default: the store's. One that differs from the
-            store's is refused unless ``allow_tokenizer_mismatch``.
+            store's is refused unless ``tokenizers="trust-ids"``.
+        tokenizers: "same" (checked) or "trust-ids" (the student's ids mean the teacher's, unchecked); a student
+            with another tokenizer trains through a view with ``softcache train --tokenizers cross``.
         alpha: loss = alpha x KD + (1 - alpha) x CE.
         divergence, tail, temperature, beta, chunk_tokens: the KD loss (softcache.losses.DistillationLoss); tail and
             temperature default to the store's.
@@ -215,8 +217,13 @@ class DistillationTrainer(Trainer):
     def __init__(self, model, args=None, *, train_dataset: StoreSequences, eval_dataset: StoreSequences | None = None,
                  processing_class=None, alpha: float = 0.5, divergence: str = "fkl", tail: str | None = None,
                  temperature: float | None = None, beta: float = 0.5, chunk_tokens: int = 256,
-                 fused_linear: str = "auto", allow_tokenizer_mismatch: bool = False, **kwargs):
+                 fused_linear: str = "auto", tokenizers: str = "same", **kwargs):
         _check_settings(alpha, divergence, tail, temperature, beta, chunk_tokens, fused_linear)
+        if "allow_tokenizer_mismatch" in kwargs:
+            raise SoftcacheError("DistillationTrainer's allow_tokenizer_mismatch was replaced by tokenizers=\"trust-ids\"")
+        if tokenizers not in ("same", "trust-ids"):
+            raise SoftcacheError(f"tokenizers={tokenizers!r}: DistillationTrainer takes \"same\" or \"trust-ids\"; a "
+                                 "student with another tokenizer trains with softcache train --tokenizers cross")
         if refused := sorted(set(kwargs) & {"data_collator", "compute_loss_func", "model_init"}):
             raise SoftcacheError(f"DistillationTrainer takes no {', '.join(refused)}: the batches come whole from "
                                  "the store and the loss is softcache's")
@@ -227,10 +234,10 @@ class DistillationTrainer(Trainer):
         store = train_dataset.open()
         store.check_tokenizer()
         name = getattr(model, "name_or_path", "") or type(model).__name__
-        check_compatible(model, store, name, allow_tokenizer_mismatch, flag="model", student_files=False)
+        check_compatible(model, store, name, tokenizers, flag="model", student_files=False)
         if eval_dataset is not None:
             _check_eval_store(eval_dataset.open(), store)
-        processing_class = _tokenizer(processing_class, store, allow_tokenizer_mismatch)
+        processing_class = _tokenizer(processing_class, store, tokenizers == "trust-ids")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, **kwargs)
         self.store, self.alpha = store, alpha
@@ -351,7 +358,7 @@ def _tokenizer(given, store: Store, allow_mismatch: bool):
     if backend is not None and not allow_mismatch and tokenizer_fingerprint(given) != store.tokenizer.fingerprint:
         raise SoftcacheError(f"processing_class is a different tokenizer from the store's teacher ({store.root}); the "
                              "targets' ids would mean other tokens (pass processing_class=None to use the store's, or "
-                             "allow_tokenizer_mismatch=True)")
+                             "tokenizers=\"trust-ids\")")
     return given
 
 

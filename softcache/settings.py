@@ -239,6 +239,8 @@ def load_settings(cls: type, path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         spec = spellings.get(str(key))
         if spec is None:
+            if (renamed := getattr(cls, "RENAMED", {}).get(str(key).replace("-", "_"))) is not None:
+                raise SoftcacheError(f"{where}: {key!r} was replaced by {renamed}")
             close = difflib.get_close_matches(str(key).replace("-", "_"), [s.name for s in settings_of(cls)], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SoftcacheError(f"{where}: unknown setting {key!r}{hint}")

@@ -226,38 +226,63 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def check_compatible(model, store: Store, student_spec: str, allow_tokenizer_mismatch: bool,
-                     flag: str = "--student", student_files: bool = True) -> None:
-    """Refuse a student that is not a causal LM, admits fewer positions than the store's sequences,
-    cannot hold the store's ids, or tokenizes differently (unless allowed). ``student_files=False``:
-    ``student_spec`` only names a model built in Python (no files to find, no tokenizer among them)."""
+def check_compatible(model, store: Store, student_spec: str, tokenizers: str = "same", flag: str = "--student",
+                     student_files: bool = True, view=None) -> None:
+    """Refuse a student that is not a causal LM, admits fewer positions than it will read, cannot hold the
+    ids it will read, or (with ``tokenizers="same"``) tokenizes differently from the store's teacher.
+    ``view`` (softcache.view.View, with ``tokenizers="cross"``): the student reads the view's sequences and
+    ids, not the store's. ``student_files=False``: ``student_spec`` only names a model built in Python (no
+    files to find, no tokenizer among them)."""
     check_causal(model, student_spec, flag=flag)
-    length = store.layout.seq_len
+    length, of = (view.max_length, f"the view {view.path}'s longest sequence") if view else \
+        (store.layout.seq_len, "the store's sequences")
     if (limit := max_positions(model)) is not None and length > limit:
-        raise SoftcacheError(f"{flag} {student_spec} admits {limit:,} positions but the store's sequences have {length:,} "
+        raise SoftcacheError(f"{flag} {student_spec} admits {limit:,} positions but {of} has {length:,} "
                              f"tokens; give the student max_position_embeddings >= {length:,}")
-    needed = store.tokenizer.vocab_size
+    needed, whose = (view.student_vocab, "its tokenizer") if view else (store.tokenizer.vocab_size, "the store's teacher")
     if output_vocab(model) < needed:
         raise SoftcacheError(
-            f"{flag} {student_spec} has {output_vocab(model):,} output ids but the store's teacher uses "
+            f"{flag} {student_spec} has {output_vocab(model):,} output ids but {whose} uses "
             f"{needed:,}; give the student vocab_size >= {needed:,}"
         )
-    directory = find_student(student_spec, flag).directory if student_files else None
-    if allow_tokenizer_mismatch or directory is None or not (directory / "tokenizer_config.json").exists():
+    if tokenizers != "same":
         return
+    directory = find_student(student_spec, flag).directory if student_files else None
+    if directory is None or not (directory / "tokenizer_config.json").exists():
+        return
+    mine = tokenizer_fingerprint(_load_tokenizer(directory, student_spec, flag,
+                                                 "without tokenizer_config.json the store's tokenizer is used"))
+    if mine != store.tokenizer.fingerprint:
+        raise SoftcacheError(
+            f"{flag} {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
+            "mean other tokens (train it through a view with --tokenizers cross, or use a student with the teacher's "
+            "tokenizer; --tokenizers trust-ids if its ids do mean the teacher's)"
+        )
+
+
+def student_tokenizer(student_spec: str, flag: str = "--student"):
+    """The student's own tokenizer, from the files beside its config (for --tokenizers cross)."""
+    directory = find_student(student_spec, flag).directory
+    if directory is None or not (directory / "tokenizer_config.json").exists():
+        raise SoftcacheError(f"{flag} {student_spec} has no tokenizer files (tokenizer_config.json); --tokenizers cross "
+                             "aligns the store to the student's own tokenizer: save it beside the student's config")
+    return _load_tokenizer(directory, student_spec, flag, "a student with another tokenizer needs it whole")
+
+
+def load_tokenizer(spec: str, flag: str):
+    """A tokenizer by directory or hub id (for softcache view --tokenizer)."""
+    return _load_tokenizer(spec, spec, flag, "give a directory with tokenizer.json or tokenizer_config.json")
+
+
+def _load_tokenizer(directory, student_spec: str, flag: str, advice: str):
     from transformers import AutoTokenizer
 
     try:
         with _quiet_transformers():
-            mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory))
+            return AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # a damaged tokenizer file raises many types
         raise SoftcacheError(f"{flag} {student_spec}: its tokenizer files do not load ({one_line(err)}); repair or "
-                             "remove them (without tokenizer_config.json the store's tokenizer is used)") from err
-    if mine != store.tokenizer.fingerprint:
-        raise SoftcacheError(
-            f"{flag} {student_spec} has a different tokenizer from the store's teacher; the targets' ids would "
-            "mean other tokens (use a student with the teacher's tokenizer, or --allow-tokenizer-mismatch)"
-        )
+                             f"remove them ({advice})") from err
 
 
 def check_causal(model, student_spec: str, length: int = 8, flag: str = "--student") -> None:
@@ -328,7 +353,7 @@ def fusable(model, input_ids: torch.Tensor) -> bool:
 
 
 def save_student(model, store: Store, directory: Path) -> None:
-    """``save_pretrained`` plus the store's tokenizer, proven loadable (:func:`check_saved`), then swapped
+    """``save_pretrained`` plus the tokenizer of ``store`` (a store, or a view: its ``tokenizer_path``), proven loadable (:func:`check_saved`), then swapped
     into place atomically (:func:`write_final`)."""
     write_final(store, directory, model.save_pretrained,
                 lambda staging: check_saved(model, staging, with_tokenizer=store.tokenizer_path.is_dir()))

@@ -44,6 +44,8 @@ from torch.utils.data import DataLoader
 
 from softcache import checkpoint, lock, lora
 from softcache.config import FUSE_ABOVE_BYTES, RESUMABLE_CHANGES, TrainConfig
+from softcache.cross_data import CROSS_INPUTS, ViewDataset
+from softcache.cross_losses import CrossTokenizerLoss
 from softcache.data import ReaderState, StoreDataset, batches_per_epoch
 from softcache.distributed import Ranks, all_sum, barrier, broadcast, on_main, process_group
 from softcache.errors import Interrupted, SoftcacheError, one_line
@@ -55,8 +57,10 @@ from softcache.optim import adamw, warmup_cosine
 from softcache.packing import forward_documents, uses_varlen
 from softcache.store import open_store
 from softcache.store.files import atomic_file, write_json
-from softcache.student import Trunk, build_student, check_compatible, find_student, fusable, save_student
+from softcache.student import (Trunk, build_student, check_compatible, find_student, fusable, save_student,
+                               student_tokenizer)
 from softcache.trackers import NoTracker, open_tracker
+from softcache.view import View, open_view
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
@@ -127,6 +131,8 @@ class StudentJob:
         self.adapter = None
         """peft's wrapper of the student when it trains a LoRA adapter (--lora-r), else None."""
         self.frozen_sha256: str | None = None
+        self.view: View | None = None
+        """The store in the student's tokens, for a student with another tokenizer (--tokenizers cross)."""
         """With an adapter: the sha256 of the student's frozen weights (softcache.lora.frozen_sha256)."""
 
     # ---- set-up steps --------------------------------------------------------------------------
@@ -150,7 +156,10 @@ class StudentJob:
         if targets.spec.default_tail == "none" and tail != "none":
             note(self.ranks, f"note: --tail {tail} on {targets.kind} targets: they sum to 1, so there is no tail and "
                              "every choice gives the same loss up to rounding")
-        self.loss = DistillationLoss(config.loss, tail, temperature, config.beta, config.chunk_tokens)
+        if config.tokenizers == "cross":
+            self.loss = CrossTokenizerLoss(config.cross_loss, temperature, config.chunk_tokens)
+        else:
+            self.loss = DistillationLoss(config.loss, tail, temperature, config.beta, config.chunk_tokens)
         self.train_stop, self.evaluation = _split(config, len(self.store))
         if config.eval_store:
             _check_eval_store(config.eval_store, self.store)
@@ -166,7 +175,8 @@ class StudentJob:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.model = build_student(config.student, config.seed, dtype=getattr(torch, config.student_dtype))
-        check_compatible(self.model, self.store, config.student, config.allow_tokenizer_mismatch)
+        self.view = self.open_view() if config.tokenizers == "cross" else None
+        check_compatible(self.model, self.store, config.student, config.tokenizers, view=self.view)
         if config.lora_r:
             self.adapter = lora.attach(self.model, lora.LoraSettings.of(config), find_student(config.student))
             self.frozen_sha256 = lora.frozen_sha256(self.model)  # a resume must find the same frozen weights
@@ -177,6 +187,21 @@ class StudentJob:
             for parameter in self.model.parameters():
                 if parameter.requires_grad and parameter.dtype != torch.float32:
                     parameter.data = parameter.data.float()
+
+    def open_view(self) -> View:
+        """The store in the student's tokens (--view): rank 0 builds it when it is not there yet."""
+        config = self.config
+        tokenizer = student_tokenizer(config.student)
+        on_main(self.ranks, lambda: open_view(config.view, self.store, tokenizer, f"--student {config.student}",
+                                              progress=config.progress, verify=False))
+        view = open_view(config.view, self.store, tokenizer, f"--student {config.student}",
+                         verify=config.verify_shards)
+        if self.store.k >= view.student_vocab:
+            raise SoftcacheError(f"--view {config.view}: the store holds {self.store.k} ids per position and the "
+                                 f"student's tokenizer has {view.student_vocab}; the projection needs a student "
+                                 "vocabulary larger than k")
+        note(self.ranks, f"--view {config.view}: {view.counts.describe()}")
+        return view
 
     def setup_optimizer(self) -> None:
         """AdamW and the warm-up/cosine schedule over the run's optimiser steps."""
@@ -220,7 +245,7 @@ class StudentJob:
         """Fuse the loss with the output projection when wanted and possible; distribute the student."""
         config = self.config
         logits_bytes = 4 * config.batch_size * self.store.layout.seq_len * output_vocab(self.model)
-        wanted = fuse_wanted(config.fused_linear, self.device, logits_bytes)
+        wanted = fuse_wanted(config.fused_linear, self.device, logits_bytes) and self.view is None
         sample = torch.from_numpy(self.store.read_rows([0])["input_ids"]).to(self.device)
         self.fused = wanted and fusable(self.model, sample)
         if wanted and not self.fused:
@@ -245,9 +270,13 @@ class StudentJob:
         config = self.config
         global_batch = config.batch_size * self.ranks.world
         self.reader = ReaderState(config.seed, global_batch * config.grad_accum, self.step * config.grad_accum)
-        dataset = StoreDataset(config.store, config.batch_size, seed=config.seed, stop=self.train_stop,
-                               start_batch=self.reader.batches_consumed, allow_incomplete=config.allow_incomplete,
-                               verify_checksums=config.verify_shards)
+        options = dict(seed=config.seed, stop=self.train_stop, start_batch=self.reader.batches_consumed,
+                       allow_incomplete=config.allow_incomplete, verify_checksums=config.verify_shards)
+        if self.view is not None:
+            dataset = ViewDataset(config.store, config.view, config.batch_size, config.cross_loss, verify_view=False,
+                                  **options)
+        else:
+            dataset = StoreDataset(config.store, config.batch_size, **options)
         loader = DataLoader(dataset, batch_size=None, num_workers=config.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=config.num_workers > 0,
                             worker_init_fn=_ignore_interrupts,
@@ -294,7 +323,8 @@ class StudentJob:
         kd_count, ce_count = counts[0].clamp_min(1), counts[1].clamp_min(1)
         kd_total = ce_total = 0.0
         for index, batch in enumerate(micro):
-            batch = {name: batch[name].to(self.device, non_blocking=True) for name in LOSS_INPUTS + ("segments",)
+            batch = {name: batch[name].to(self.device, non_blocking=True)
+                     for name in LOSS_INPUTS + CROSS_INPUTS + ("segments",)
                      if name in batch}
             with self.gradient_sync(index == len(micro) - 1):
                 kd, ce = self.loss(self.forward(batch), batch)
@@ -328,7 +358,7 @@ class StudentJob:
         """Held-out metrics of the current model (softcache.evaluate) at the store's temperature."""
         return evaluate(self.model, *self.evaluation, batch_size=self.config.batch_size, device=self.device,
                         temperature=self.store.targets.temperature, chunk_tokens=self.config.chunk_tokens,
-                        autocast_dtype=self.autocast)
+                        autocast_dtype=self.autocast, view=self.config.view)
 
     def checkpoint(self) -> None:
         """Everything a resumed run needs to continue exactly, written atomically (rank 0)."""
@@ -344,12 +374,18 @@ class StudentJob:
         self.checkpointed = self.step
 
     def save(self) -> None:
-        """``save_pretrained`` into OUT/final with the store's tokenizer (rank 0); for a LoRA student the
+        """``save_pretrained`` into OUT/final with the tokenizer the student reads (rank 0); for a LoRA student the
         adapter, and with --merge-lora the merged student in OUT/final/merged."""
         if self.adapter is not None:
-            lora.save_adapter(self.adapter, self.store, self.out / "final", merge=self.config.merge_lora)
+            lora.save_adapter(self.adapter, self.tokenizer_source, self.out / "final", merge=self.config.merge_lora)
         else:
-            save_student(self.model, self.store, self.out / "final")
+            save_student(self.model, self.tokenizer_source, self.out / "final")
+
+    @property
+    def tokenizer_source(self):
+        """Where the tokenizer saved with the student comes from: the store, or the view of a student with
+        another tokenizer (its own); either has ``tokenizer_path``."""
+        return self.view if self.view is not None else self.store
 
     # ---- the recipe ----------------------------------------------------------------------------
 

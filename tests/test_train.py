@@ -146,7 +146,7 @@ def test_student_must_hold_the_store_ids(train_config, tmp_path):
         run_train(train_config(student=str(small)))
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
     with pytest.raises(SoftcacheError, match="has 200 output ids"):
-        run_train(train_config(student=str(small), out=str(tmp_path / "r2"), allow_tokenizer_mismatch=True))
+        run_train(train_config(student=str(small), out=str(tmp_path / "r2"), tokenizers="trust-ids"))
 
 
 def test_student_with_another_tokenizer_is_refused_unless_allowed(train_config, tmp_path):
@@ -154,7 +154,7 @@ def test_student_with_another_tokenizer_is_refused_unless_allowed(train_config, 
     with pytest.raises(SoftcacheError, match="different tokenizer from the store's teacher"):
         run_train(train_config(student=str(other)))
     run_train(train_config(student=str(other), out=str(tmp_path / "allowed"), steps=1,
-                           allow_tokenizer_mismatch=True))
+                           tokenizers="trust-ids"))
 
 
 def test_incomplete_store_and_changed_resume_are_refused(train_config, trained_store, tmp_path):
