@@ -14,7 +14,7 @@ On disk, a directory:
   that maps exactly); the longest student sequence; the sha256 of the other files.
 - ``rows.arrow``: Arrow IPC file, one row per store sequence, in store order: ``ids``, ``home`` and
   ``teacher_pos`` (list<int32>, softcache.alignment) and ``text_bytes`` (int64).
-- ``student_of.npy``: [teacher vocabulary] int64, the student id of each teacher id (-1: none).
+- ``student_of.npy``: [teacher vocabulary] int32, the student id of each teacher id (-1: none).
 - ``tokenizer/``: the student's tokenizer (``save_pretrained``).
 
 It is written under a temporary name and renamed into place when whole: a view that exists is
@@ -108,7 +108,8 @@ class View:
 
     @property
     def student_of(self) -> np.ndarray:
-        return np.load(self.path / MAP)
+        """[teacher vocabulary] int64: the student id of each teacher id, -1 where none."""
+        return np.load(self.path / MAP).astype(np.int64)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -179,7 +180,7 @@ def build_view(store, student_tokenizer, out: str | Path, progress: bool = True)
                 totals += _counts(alignments, rows, student_of)
                 longest = max([longest] + [len(a.ids) for a in alignments])
                 bar.update(stop - start)
-        np.save(partial / MAP, student_of)
+        np.save(partial / MAP, student_of.astype(np.int32))
         student_tokenizer.save_pretrained(partial / TOKENIZER_DIR)
         positions, aligned, text_bytes, cached, mapped = totals.tolist()
         manifest = {

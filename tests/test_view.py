@@ -39,7 +39,7 @@ def setting(tmp_path_factory, corpus_file):
     tokenizer = train_tokenizer(student, 300)
     (student / "config.json").write_text(json.dumps({
         "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 128}))
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256}))
     same = root / "same-student"  # the teacher's own tokenizer beside a student config
     shutil.copytree(root / "store" / "tokenizer", same)
     config = json.loads((student / "config.json").read_text())
@@ -313,3 +313,57 @@ def test_the_replaced_flag_says_what_replaced_it(setting, tmp_path):
     config.write_text("allow_tokenizer_mismatch: true\n")
     out = CliRunner().invoke(main, ["train", "--config", str(config)])
     assert out.exit_code != 0 and "'allow_tokenizer_mismatch' was replaced by --tokenizers trust-ids" in out.output
+
+
+def test_a_chat_store_through_a_view_teaches_the_assistants_text_only(setting, tiny_teacher, tmp_path):
+    """Documents packing and a teaching mask carried over: CE and KD only where the teacher's store teaches,
+    each student token in its teacher token's document."""
+    from softcache.cross_data import ViewDataset
+
+    from test_chat_jobs import cache_args
+
+    data, template = _chat(tmp_path)
+    runner = CliRunner()
+    cached = runner.invoke(main, cache_args(tiny_teacher, data, template, tmp_path / "store"))
+    assert cached.exit_code == 0, cached.output
+    store = open_store(tmp_path / "store")
+    assert store.encoding.masked and store.encoding.documents
+    build_view(store, setting["tokenizer"], tmp_path / "view", progress=False)
+    dataset = ViewDataset(str(tmp_path / "store"), str(tmp_path / "view"), 4, "hybrid", shuffle=False, epochs=1,
+                          world_size=1, rank=0)
+    view = View(tmp_path / "view")
+    for batch in dataset:
+        rows = np.arange(int(batch["step"]) * 4, min(int(batch["step"]) * 4 + 4, len(store)))
+        teacher = store.read_rows(rows)
+        student = view.rows(rows)
+        for r in range(len(rows)):
+            n = student["lengths"][r]
+            home = student["home"][r, :n]
+            labelled = batch["labels"][r, : n - 1] >= 0
+            np.testing.assert_array_equal(labelled.numpy(), teacher["teach"][r][np.maximum(home[1:] - 1, 0)])
+            assert 0 < labelled.sum() < n - 1  # the assistant's text, not the user's
+            np.testing.assert_array_equal(batch["segments"][r, :n].numpy(), teacher["segments"][r][home])
+            kd = batch["mask"][r, :n].numpy()
+            assert teacher["teach"][r][student["teacher_pos"][r, :n][kd]].all()
+    out = runner.invoke(main, ["train", "--store", str(tmp_path / "store"), "--student", str(setting["student"]),
+                               "--tokenizers", "cross", "--view", str(tmp_path / "view"), "--out", str(tmp_path / "run"),
+                               "--steps", "2", "--batch-size", "2", "--num-workers", "0", "--no-progress"])
+    assert out.exit_code == 0, out.output
+
+
+def _chat(root):
+    """Conversations about the docs' topics (as test_chat_jobs's fixture) and its compact template."""
+    from pydoc_data.topics import topics
+
+    from conftest import COMPACT_TEMPLATE
+
+    rows = []
+    for number, name in enumerate(sorted(topics)[:24]):
+        text = " ".join(topics[name].split())
+        rows.append({"messages": [{"role": "user", "content": f"What is {name}?"},
+                                  {"role": "assistant", "content": text[:90]}]})
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    template = root / "chat.jinja"
+    template.write_text(COMPACT_TEMPLATE)
+    return str(data), str(template)
