@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from softcache.losses import checkpointed_chunks, distillation_loss
+
 
 def project_targets(target_ids: torch.Tensor, target_logprobs: torch.Tensor, student_of: torch.Tensor,
                     student_vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,8 +130,6 @@ class CrossTokenizerLoss:
     chunk_tokens: int = 256
 
     def __call__(self, output, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        from softcache.losses import distillation_loss
-
         logits = getattr(output, "logits", output)
         mask = batch["mask"]
         projected = mask if self.mode != "uld" else torch.zeros_like(mask)
@@ -137,12 +137,17 @@ class CrossTokenizerLoss:
                                    "fkl", "bucket", self.temperature, chunk_tokens=self.chunk_tokens)
         if self.mode == "projection":
             return kd, ce
-        where = mask.reshape(-1)
-        z = logits.reshape(-1, logits.shape[-1])[where]
-        exclude = None
-        if self.mode == "hybrid":
-            k = batch["target_ids"].shape[-1]
-            held = batch["target_logprobs"].reshape(-1, k)[where] > -math.inf
-            exclude = torch.where(held, batch["target_ids"].reshape(-1, k)[where], -1)
-        teacher = batch["teacher_logprobs"].reshape(-1, batch["teacher_logprobs"].shape[-1])[where]
-        return kd + uld(z, teacher, self.temperature, exclude).float().sum(), ce
+        k = batch["target_ids"].shape[-1]
+        held = batch["target_ids"].reshape(-1, k)
+        if self.mode == "hybrid":  # the student ids the projection holds (its padding repeats a held one)
+            held = torch.where(batch["target_logprobs"].reshape(-1, k) > -math.inf, held, -1)
+        flat = (logits.reshape(-1, logits.shape[-1]), batch["teacher_logprobs"].reshape(-1, k), held, mask.reshape(-1))
+
+        def chunk_sums(z, teacher, exclude, valid):
+            distance = uld(z, teacher, self.temperature, exclude if self.mode == "hybrid" else None)
+            return torch.where(valid, distance, 0.0).sum(), distance.new_zeros(())
+
+        # In chunks of positions, recomputed in backward: the working memory stays chunk_tokens x V.
+        sorted_kd, _ = checkpointed_chunks(chunk_sums, flat, self.chunk_tokens, logits.requires_grad,
+                                           dtype=logits.dtype, device=logits.device)
+        return kd + sorted_kd.float(), ce

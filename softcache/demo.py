@@ -66,6 +66,8 @@ class DemoConfig:
                                      "(builtin:python-docs-chat) in the teacher's chat template, only the assistant's "
                                      "tokens teach and are measured.")
     progress: bool = setting(True, help="Progress bars on stderr.")
+    max_sequences: int | None = None
+    """Sequences of each store (None: the whole corpus split); tests cut the corpus with it."""
 
 
 @dataclass
@@ -109,7 +111,8 @@ def _run(config: DemoConfig) -> DemoResult:
         targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {}
         result = run_cache(CacheConfig(teacher=config.teacher, data=data, split=split,
                                        out=str(out / names[split]), seq_len=seq_len, k=config.k,
-                                       batch_size=8, progress=config.progress, **targets))
+                                       batch_size=8, max_sequences=config.max_sequences, progress=config.progress,
+                                       **targets))
         log.info(result.summary())
         stores[split] = open_store(out / names[split])
     student = out / "student.json"

@@ -224,7 +224,7 @@ def distillation_loss(
     _check_choices(kind, tail, beta)
     if kind == "fkl":
         return _FusedForwardKL.apply(*flat, tail, temperature, chunk_tokens)
-    return _checkpointed_chunks(lambda *chunk: _chunk_sums(*chunk, kind, tail, temperature, beta), flat,
+    return checkpointed_chunks(lambda *chunk: _chunk_sums(*chunk, kind, tail, temperature, beta), flat,
                                 chunk_tokens, logits.requires_grad, dtype=logits.dtype, device=logits.device)
 
 
@@ -242,7 +242,7 @@ def _chunk_sums(z, ids, logprobs, valid, y, kind, tail, temperature, beta):
     return torch.where(valid, kd, 0.0).sum(), _cross_entropy(z, y, log_normaliser).sum()
 
 
-def _checkpointed_chunks(chunk_sums, flat, chunk_tokens, needs_grad, extra=None, dtype=torch.float32,
+def checkpointed_chunks(chunk_sums, flat, chunk_tokens, needs_grad, extra=None, dtype=torch.float32,
                          device=None):
     """Sum ``chunk_sums`` over chunks of positions of the tensors in ``flat`` (the first one is
     chunked with the rest; ``extra``, when given, is passed whole after it), recomputing each chunk
@@ -446,7 +446,7 @@ def linear_distillation_loss(
     def chunk_sums(h, w, ids, logprobs, valid, y):
         return _chunk_sums(h @ w.to(h.dtype).T, ids, logprobs, valid, y, kind, tail, temperature, beta)
 
-    return _checkpointed_chunks(chunk_sums, flat, chunk_tokens, hidden.requires_grad or weight.requires_grad,
+    return checkpointed_chunks(chunk_sums, flat, chunk_tokens, hidden.requires_grad or weight.requires_grad,
                                 extra=weight, dtype=hidden.dtype, device=hidden.device)
 
 

@@ -236,6 +236,15 @@ def test_the_cross_losses_add_up_as_documented():
     assert torch.allclose(uld_kd, uld(logits[0][mask[0]], raw[mask[0]]).sum().float())
     uld_kd.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 2].abs().sum() == 0  # masked position: no gradient
+    # In chunks of positions (recomputed in backward), the same values and gradients.
+    batch["teacher_logprobs"] = torch.where(student_of[ids] >= 0, -math.inf, raw)[None]
+    grads = []
+    for chunk_tokens in (256, 2):
+        logits.grad = None
+        kd, _ = CrossTokenizerLoss("hybrid", chunk_tokens=chunk_tokens)(logits, batch)
+        kd.backward()
+        grads.append((kd.detach(), logits.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0]) and torch.allclose(grads[0][1], grads[1][1])
 
 
 # ---- the student job ---------------------------------------------------------------------------------
