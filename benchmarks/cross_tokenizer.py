@@ -48,6 +48,7 @@ from softcache.demo import STUDENT
 from softcache.store import open_store
 from softcache.train_job import METRICS, run_train
 from softcache.view import View, build_view
+from student_runs import add_student_arguments
 
 HERE = Path(__file__).parent
 VARIANTS = {"ce": ("hybrid", 0.0), "projection": ("projection", None), "uld": ("uld", None), "hybrid": ("hybrid", None)}
@@ -161,12 +162,7 @@ def reader_rates(work: Path, batch_size: int, batches: int, rounds: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_student_arguments(parser, "every variant is trained with each")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
     parser.add_argument("--student-vocab", type=int, default=8192)

@@ -51,6 +51,7 @@ from softcache.store import open_store
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
+from student_runs import add_student_arguments
 
 HERE = Path(__file__).parent
 
@@ -142,13 +143,7 @@ def run_dir(work: Path, name: str, seed: int, first_seed: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                        help="every row is trained with the first; the rows in SEEDED with each of the others")
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_student_arguments(parser, "every row is trained with the first; the rows in SEEDED with each of the others")
     parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
     parser.add_argument("--work", default=str(HERE / "out" / "quality"))
     args = parser.parse_args()
