@@ -56,7 +56,7 @@ class Aligner:
         self.textless = np.array([p is None for p in pieces])
         self.student = student_tokenizer
         self.student_pieces = token_bytes(student_tokenizer)
-        self.map = vocab_map or build_map(teacher_tokenizer, student_tokenizer)
+        self.map = vocab_map or build_map(teacher_tokenizer, student_tokenizer, pieces, self.student_pieces)
 
     def align(self, sequences: list[np.ndarray]) -> list[Alignment]:
         """The alignment of each teacher sequence (int ids, any length)."""

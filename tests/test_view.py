@@ -376,3 +376,23 @@ def _chat(root):
     template = root / "chat.jinja"
     template.write_text(COMPACT_TEMPLATE)
     return str(data), str(template)
+
+
+def test_two_ranks_build_the_view_once_and_train_as_one(setting, tmp_path):
+    """Rank 0 builds the missing view while rank 1 waits; the 2-rank run gives the 1-rank losses."""
+    from test_distributed import torchrun
+
+    common = ["train", "--store", setting["store"], "--student", setting["student"], "--tokenizers", "cross",
+              "--steps", 3, "--lr", "5e-3", "--checkpoint-every", 3, "--num-workers", 0, "--no-progress"]
+    one = CliRunner().invoke(main, [str(a) for a in [*common, "--batch-size", 4, "--out", tmp_path / "one",
+                                                     "--view", tmp_path / "view-one"]])
+    assert one.exit_code == 0, one.output
+    two = torchrun(*common, "--batch-size", 2, "--out", tmp_path / "two", "--view", tmp_path / "view-two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("aligned with the teacher's") == 1  # one note, from rank 0
+    assert (json.loads((tmp_path / "view-one" / "view.json").read_text())["sha256"]
+            == json.loads((tmp_path / "view-two" / "view.json").read_text())["sha256"])
+    for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        assert x["tokens"] == y["tokens"]
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["kd"] == pytest.approx(x["kd"], rel=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "view-one", "view-two"]
