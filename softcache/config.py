@@ -356,12 +356,14 @@ class TrainConfig:
     view: str | None = setting(None, help="With --tokenizers cross: the store's view in the student's tokenizer (a "
                                           "directory beside the store; built there from the student's tokenizer when "
                                           "it does not exist, and shared by every student of that tokenizer).")
-    cross_loss: str = setting("hybrid", choices=CROSS_LOSSES,
+    cross_loss: str = setting("projection", choices=CROSS_LOSSES,
                               help="With --tokenizers cross, the KD term at aligned positions: projection (forward KL "
                                    "to the teacher's ids that have a student token of the same bytes, the rest as one "
                                    "tail class: exact for what maps), uld (sorted-probability distance, no id "
                                    "matched), or hybrid (both: projection for what maps, uld for how the rest is "
-                                   "spread).")
+                                   "spread). projection is the default: hybrid measured the same within noise at a "
+                                   "1.6x slower step, and uld alone did worse than cross-entropy "
+                                   "(benchmarks/results/cross_tokenizer.md).")
     allow_incomplete: bool = setting(False, help="Train on the finished shards of a store whose teacher job is still "
                                                  "running or was stopped.")
     verify_shards: bool = setting(True, resumable=True,
@@ -435,7 +437,7 @@ class TrainConfig:
         if self.tokenizers == "cross" and not self.view:
             raise SoftcacheError("--tokenizers cross needs --view DIR: where the store's view in the student's "
                                  "tokenizer is (or is to be built)")
-        if self.tokenizers != "cross" and (self.view or self.cross_loss != "hybrid"):
+        if self.tokenizers != "cross" and (self.view or self.cross_loss != CROSS_LOSSES[0]):
             flag = "--view" if self.view else "--cross-loss"
             raise SoftcacheError(f"{flag} is for a student with another tokenizer; add --tokenizers cross, or drop {flag}")
 

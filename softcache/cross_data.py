@@ -5,12 +5,13 @@ per store sequence); only what a batch holds changes.
 Each item holds, over the student's positions (``L`` = the view's longest sequence; shorter ones are
 padded and masked out): ``input_ids``, ``labels`` (the student's own next token wherever the store
 teaches the text it starts in: every position of a plain store, the assistant's text of a masked
-one), ``mask`` (positions with a KD term, by ``--cross-loss``: see :data:`KD_POSITIONS`), the
+one), ``mask`` (positions with a KD term: the aligned ones that teach, and for ``projection`` only those
+where some cached teacher id has a student token of the same bytes), the
 teacher's targets at each aligned position carried over to the student's vocabulary
 (``target_ids``, ``target_logprobs``: softcache.cross_losses.project_targets), the teacher's own
 log-probabilities there for the sorted-distance loss (``teacher_logprobs``: all cached entries for
-``uld``, the ones with no student id for ``hybrid``), ``text_bytes`` [B] (for bits per byte),
-``segments`` for a documents store, ``step`` and ``epoch``.
+``uld``, the ones with no student id for ``hybrid``), ``segments`` for a documents store, ``step``
+and ``epoch``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from softcache.cross_losses import project_targets
 from softcache.data import StoreDataset
 from softcache.view import View
 
-KD_POSITIONS = {
-    "projection": "aligned positions where some cached teacher id has a student token of the same bytes",
-    "uld": "every aligned position",
-    "hybrid": "every aligned position",
-}
 CROSS_INPUTS = ("teacher_logprobs",)
 """Batch entries beyond softcache.data's that the cross-tokenizer loss reads."""
 
@@ -43,7 +39,7 @@ class ViewDataset(StoreDataset):
         Others as for :class:`softcache.data.StoreDataset`.
     """
 
-    def __init__(self, store: str, view: str, batch_size: int, cross_loss: str = "hybrid",
+    def __init__(self, store: str, view: str, batch_size: int, cross_loss: str = "projection",
                  verify_view: bool = True, **kwargs):
         super().__init__(store, batch_size, **kwargs)
         if cross_loss not in CROSS_LOSSES:
@@ -89,7 +85,6 @@ def student_batch(teacher: dict, student: dict, valid: np.ndarray, student_of: t
         "mask": aligned & matched if cross_loss == "projection" else aligned,
         "target_ids": projected_ids.reshape(n, length, k),
         "target_logprobs": projected_logprobs.reshape(n, length, k),
-        "text_bytes": torch.from_numpy(np.where(valid, student["text_bytes"], 0)),
     }
     if cross_loss != "projection":
         raw = target_logprobs

@@ -125,7 +125,7 @@ class CrossTokenizerLoss:
       probability units, both scaled by T^2).
     """
 
-    mode: str = "hybrid"
+    mode: str = "projection"
     temperature: float = 1.0
     chunk_tokens: int = 256
 
