@@ -234,10 +234,10 @@ def check_compatible(model, store: Store, student_spec: str, tokenizers: str = "
     ids, not the store's. ``student_files=False``: ``student_spec`` only names a model built in Python (no
     files to find, no tokenizer among them)."""
     check_causal(model, student_spec, flag=flag)
-    length, of = (view.max_length, f"the view {view.path}'s longest sequence") if view else \
-        (store.layout.seq_len, "the store's sequences")
+    length, of = (view.max_length, f"the view {view.path}'s longest sequence has") if view else \
+        (store.layout.seq_len, "the store's sequences have")
     if (limit := max_positions(model)) is not None and length > limit:
-        raise SoftcacheError(f"{flag} {student_spec} admits {limit:,} positions but {of} has {length:,} "
+        raise SoftcacheError(f"{flag} {student_spec} admits {limit:,} positions but {of} {length:,} "
                              f"tokens; give the student max_position_embeddings >= {length:,}")
     needed, whose = (view.student_vocab, "its tokenizer") if view else (store.tokenizer.vocab_size, "the store's teacher")
     if output_vocab(model) < needed:

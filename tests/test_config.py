@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from softcache.chat import InputShape, TrainOn
 from softcache.cli import main
-from softcache.config import (DTYPES, FUSED_LINEAR, RESUMABLE_CHANGES, STUDENT_DTYPES, CacheConfig, EvalConfig,
-                              TrainConfig)
+from softcache.config import (CROSS_LOSSES, DTYPES, FUSED_LINEAR, RESUMABLE_CHANGES, STUDENT_DTYPES, TOKENIZER_MODES,
+                              CacheConfig, EvalConfig, TrainConfig)
 from softcache.demo import DemoConfig
 from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
@@ -36,7 +36,8 @@ REGISTRIES = {
     ("train", "tail"): TAILS, ("train", "fused_linear"): FUSED_LINEAR, ("train", "student_dtype"): STUDENT_DTYPES,
     ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
     ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG), ("train", "report_to"): TRACKERS,
-    ("cache", "mix_stop"): tuple(MIX_STOPS),
+    ("cache", "mix_stop"): tuple(MIX_STOPS), ("train", "tokenizers"): TOKENIZER_MODES,
+    ("train", "cross_loss"): CROSS_LOSSES,
 }
 REQUIRED = {"cache": ["--teacher", "t", "--data", "d"], "train": ["--store", "s", "--student", "x"],
             "eval": ["--model", "m", "--store", "s"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -67,9 +68,17 @@ def test_train_saves_a_loadable_student_without_the_teacher(train_config, tmp_pa
     assert [m["step"] for m in lines] == list(range(1, 13))
     assert "eval" in lines[5] and "eval" in lines[11] and "eval" not in lines[0]
     evaluation = lines[-1]["eval"]
-    assert set(evaluation) == {"ce", "perplexity", "kl", "top1_agreement", "ece", "tokens"}
+    assert set(evaluation) == {"ce", "perplexity", "kl", "top1_agreement", "ece", "bits_per_byte", "tokens"}
     assert 0 <= evaluation["ece"] <= 1
     assert evaluation["tokens"] == 8 * 31  # 20% of 40 sequences held out, 31 labelled positions each
+    # Bits per byte: the summed CE in bits over the bytes of the tokens predicted (each sequence's but its first).
+    from softcache.store import open_store
+    from softcache.vocab_map import token_bytes
+
+    store = open_store(config.store)
+    pieces = token_bytes(AutoTokenizer.from_pretrained(store.tokenizer_path))
+    predicted = sum(len(pieces[i] or b"") for row in store.read(32, 40)["input_ids"] for i in row[1:])
+    assert evaluation["bits_per_byte"] == pytest.approx(evaluation["ce"] * evaluation["tokens"] / math.log(2) / predicted)
     assert lines[-1]["kd"] < lines[0]["kd"] and lines[-1]["ce"] < lines[0]["ce"]
     assert result.final_eval == evaluation and "held-out CE" in result.summary()
     model = AutoModelForCausalLM.from_pretrained(run / "final")

@@ -389,7 +389,6 @@ def test_two_ranks_build_the_view_once_and_train_as_one(setting, tmp_path):
     assert one.exit_code == 0, one.output
     two = torchrun(*common, "--batch-size", 2, "--out", tmp_path / "two", "--view", tmp_path / "view-two")
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stderr.count("aligned with the teacher's") == 1  # one note, from rank 0
     assert (json.loads((tmp_path / "view-one" / "view.json").read_text())["sha256"]
             == json.loads((tmp_path / "view-two" / "view.json").read_text())["sha256"])
     for x, y in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
