@@ -44,6 +44,7 @@ def test_a_killed_student_resumes_to_identical_weights(setup, trial):
     assert result["identical"], result
 
 
+@pytest.mark.slow  # 35 s; a 2-rank resume is also tested by test_distributed.py::test_two_ranks_resume_an_interrupted_store
 @pytest.mark.parametrize("trial", TRIALS)
 def test_a_killed_two_rank_teacher_job_reruns_to_identical_shards(setup, trial):
     work, teacher, data, _, store, _, seconds = setup

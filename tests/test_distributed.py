@@ -206,6 +206,7 @@ def test_two_ranks_write_a_store_at_a_url(cache_config, tmp_path):
             == open_store(local.out).manifest["totals"]["content_sha256"])
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_many_students_read_one_store_at_once(student_store, tmp_path):
     """Three student jobs on one store at the same time: all finish, and each equals a run alone."""
     store, student = student_store

@@ -70,7 +70,10 @@ def test_streaming_writes_no_arrow_copy(files, datasets_cache):
     assert [p for p in datasets_cache.rglob("*.arrow")]  # the memory-mapped reading makes one: the check can fail
 
 
-@pytest.mark.parametrize("packing,seq_len,shard_size", [("stream", 64, 3), ("documents", 128, 4)])
+# The stream case reads every document of the streamed corpus to its end: 35 s here, so in the slow suite;
+# the documents case (and tests/test_corpus_stream.py for stream packing) stays in the default one.
+@pytest.mark.parametrize("packing,seq_len,shard_size", [pytest.param("stream", 64, 3, marks=pytest.mark.slow),
+                                                        ("documents", 128, 4)])
 def test_streamed_shards_rebuilt_alone_are_the_packed_rows(tokenizer, files, datasets_cache, packing, seq_len,
                                                            shard_size):
     packed = pack_rows(read_rows(str(files)), tokenizer, seq_len, packing=packing)

@@ -490,8 +490,15 @@ def test_an_interrupted_run_with_workers_says_one_line_and_exits_130(trained_sto
                "--batch-size", "4", "--checkpoint-every", "2", "--num-workers", "2", "--no-progress"]
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+    def as_from_a_terminal():
+        """SIGINT delivered and handled as in a shell's foreground job, whatever the test process inherited or
+        left behind (a signal mask blocking SIGINT, or SIGINT ignored, passes to the child through exec)."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=as_from_a_terminal)
     log = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 120

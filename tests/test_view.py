@@ -378,6 +378,7 @@ def _chat(root):
     return str(data), str(template)
 
 
+@pytest.mark.slow  # multi-process or whole-demo; pytest -m slow
 def test_two_ranks_build_the_view_once_and_train_as_one(setting, tmp_path):
     """Rank 0 builds the missing view while rank 1 waits; the 2-rank run gives the 1-rank losses."""
     from test_distributed import torchrun
