@@ -396,3 +396,24 @@ def test_two_ranks_build_the_view_once_and_train_as_one(setting, tmp_path):
         assert x["tokens"] == y["tokens"]
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["kd"] == pytest.approx(x["kd"], rel=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two", "view-one", "view-two"]
+
+
+def test_two_jobs_building_one_view_at_once_end_with_one_whole_view(setting, tmp_path, monkeypatch):
+    """The other job renames its view into place first: this one's rename fails, and it takes that view."""
+    import os
+
+    import softcache.view as view_module
+
+    store = open_store(setting["store"])
+    other = tmp_path / "other"
+    build_view(store, setting["tokenizer"], other, progress=False)
+    rename = os.rename
+
+    def beaten(source, target):
+        shutil.copytree(other, target)  # the other job's view lands first
+        rename(source, target)
+
+    monkeypatch.setattr(view_module.os, "rename", beaten)
+    view = build_view(store, setting["tokenizer"], tmp_path / "v", progress=False)
+    assert view.manifest["sha256"] == View(other).manifest["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "v"]  # no partial directory left
