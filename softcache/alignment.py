@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from softcache.errors import SoftcacheError
-from softcache.vocab_map import UNMAPPED, VocabMap, build_map, token_bytes
+from softcache.vocab_map import UNMAPPED, build_map, token_bytes
 
 SEQUENCES_PER_CALL = 64
 """Sequences whose texts go to the student's tokenizer in one batched call."""
@@ -46,7 +46,7 @@ class Alignment:
 class Aligner:
     """Aligns teacher sequences to a student tokenizer; built once per (teacher, student) pair."""
 
-    def __init__(self, teacher_tokenizer, student_tokenizer, vocab_map: VocabMap | None = None):
+    def __init__(self, teacher_tokenizer, student_tokenizer):
         pieces = token_bytes(teacher_tokenizer)
         if all(p is None for p in pieces):
             raise SoftcacheError("the store's tokenizer is neither byte-level BPE nor SentencePiece-style: the text "
@@ -56,7 +56,7 @@ class Aligner:
         self.textless = np.array([p is None for p in pieces])
         self.student = student_tokenizer
         self.student_pieces = token_bytes(student_tokenizer)
-        self.map = vocab_map or build_map(teacher_tokenizer, student_tokenizer, pieces, self.student_pieces)
+        self.map = build_map(teacher_tokenizer, student_tokenizer, pieces, self.student_pieces)
 
     def align(self, sequences: list[np.ndarray]) -> list[Alignment]:
         """The alignment of each teacher sequence (int ids, any length)."""

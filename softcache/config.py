@@ -434,6 +434,9 @@ class TrainConfig:
             flag = "--tail" if self.tail else "--loss"
             raise SoftcacheError(f"{flag} is for a student with the teacher's tokenizer; with --tokenizers cross, "
                                  "--cross-loss chooses the KD term")
+        if self.tokenizers == "cross" and self.fused_linear == "on":
+            raise SoftcacheError("--fused-linear on is for a student with the teacher's tokenizer; with --tokenizers "
+                                 "cross the loss reads the student's logits (chunk by chunk): drop --fused-linear on")
         if self.tokenizers == "cross" and not self.view:
             raise SoftcacheError("--tokenizers cross needs --view DIR: where the store's view in the student's "
                                  "tokenizer is (or is to be built)")

@@ -24,6 +24,7 @@ import torch
 from softcache.config import CROSS_LOSSES
 from softcache.cross_losses import project_targets
 from softcache.data import StoreDataset
+from softcache.errors import SoftcacheError
 from softcache.view import View
 
 CROSS_INPUTS = ("teacher_logprobs",)
@@ -65,6 +66,9 @@ def student_batch(teacher: dict, student: dict, valid: np.ndarray, student_of: t
     """The student-side batch (module docstring) from a teacher batch (softcache.data) and view rows."""
     ids, home, teacher_pos = (torch.from_numpy(student[name]) for name in ("ids", "home", "teacher_pos"))
     n, length = ids.shape
+    if home.max() >= teacher["mask"].shape[1] or teacher_pos.max() >= teacher["mask"].shape[1] or home.min() < 0:
+        raise SoftcacheError("a view row points outside its store sequence; the view is damaged (read with "
+                             "--no-verify-shards?): delete it and build it again")
     rows = torch.arange(n)[:, None]
     inside = torch.arange(length)[None, :] < torch.from_numpy(student["lengths"])[:, None]
     inside &= torch.from_numpy(valid)[:, None]

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from softcache.alignment import SEQUENCES_PER_CALL, Aligner
-from softcache.errors import SoftcacheError
+from softcache.errors import SoftcacheError, one_line
 from softcache.tokenizer import tokenizer_fingerprint
 from softcache.vocab_map import UNMAPPED
 
@@ -66,6 +66,14 @@ class ViewCounts:
     mapped_mass: float
     """The part of it on ids with a student token of the same bytes (the exact projection's)."""
 
+    def __post_init__(self):
+        for name in ("sequences", "positions", "aligned", "text_bytes"):
+            _count(getattr(self, name))
+        for name in ("cached_mass", "mapped_mass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} {value!r} is not a finite mass")
+
     @property
     def aligned_share(self) -> float:
         return self.aligned / max(self.positions, 1)
@@ -86,30 +94,47 @@ class View:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise SoftcacheError(f"{self.path} is not a view ({MANIFEST} is missing); build one with softcache view")
         try:
             self.manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise SoftcacheError(f"{self.path} is not a view ({MANIFEST} is missing); build one with softcache view") from None
         except (OSError, ValueError) as err:
             raise SoftcacheError(f"{manifest_path} does not read as JSON ({err}); build the view again") from err
-        if self.manifest.get("format") != VIEW_FORMAT or self.manifest.get("format_version") != VIEW_VERSION:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != VIEW_FORMAT or \
+                self.manifest.get("format_version") != VIEW_VERSION:
+            found = self.manifest if isinstance(self.manifest, dict) else {}
             raise SoftcacheError(f"{self.path} is not a {VIEW_FORMAT} of version {VIEW_VERSION} "
-                                 f"(format {self.manifest.get('format')!r}, version {self.manifest.get('format_version')!r}); "
+                                 f"(format {found.get('format')!r}, version {found.get('format_version')!r}); "
                                  "build the view again with this softcache")
+        try:  # every field the view is read by, of its type: one line, not a traceback, for a hand-edited file
+            self.counts = ViewCounts(**self.manifest["counts"])
+            self.max_length = _count(self.manifest["max_length"])
+            self.student_vocab = _count(self.manifest["student"]["size"])
+            digests = {name: str(self.manifest["sha256"][name]) for name in (ROWS, MAP)}
+            for key in ("tokenizer_fingerprint", "content_sha256"):
+                str(self.manifest["store"][key])
+            str(self.manifest["student"]["tokenizer_fingerprint"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SoftcacheError(f"{manifest_path} is damaged ({type(err).__name__}: {err}); delete the view and build "
+                                 "it again") from None
         if verify:
-            for name, digest in self.manifest["sha256"].items():
-                if _sha256(self.path / name) != digest:
+            for name, digest in digests.items():
+                if not (self.path / name).is_file() or _sha256(self.path / name) != digest:
                     raise SoftcacheError(f"{self.path / name} does not match its sha256 in {MANIFEST}; the view is "
                                          "damaged: delete it and build it again")
-        self.counts = ViewCounts(**self.manifest["counts"])
-        self.max_length: int = self.manifest["max_length"]
-        self.student_vocab: int = self.manifest["student"]["size"]
         self._table = None
+        self._student_of = None
 
     @property
     def student_of(self) -> np.ndarray:
-        """[teacher vocabulary] int64: the student id of each teacher id, -1 where none."""
-        return np.load(self.path / MAP).astype(np.int64)
+        """[teacher vocabulary] int64: the student id of each teacher id, -1 where none (read once)."""
+        if self._student_of is None:
+            try:
+                self._student_of = np.load(self.path / MAP).astype(np.int64)
+            except (OSError, ValueError) as err:
+                raise SoftcacheError(f"{self.path / MAP} does not read ({err}); the view is damaged: delete it and "
+                                     "build it again") from err
+        return self._student_of
 
     @property
     def tokenizer_path(self) -> Path:
@@ -133,22 +158,31 @@ class View:
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Sequences ``indices`` padded to :attr:`max_length`: ``ids``, ``home``, ``teacher_pos`` [n, max_length]
-        int64 (padding: id 0, home 0, teacher_pos -1), ``lengths`` [n] int64 and ``text_bytes`` [n] int64."""
+        int64 (padding: id 0, home 0, teacher_pos -1) and ``lengths`` [n] int64."""
         if self._table is None:  # opened lazily, in each DataLoader worker
-            self._table = pa.ipc.open_file(pa.memory_map(str(self.path / ROWS))).read_all()
+            try:
+                self._table = pa.ipc.open_file(pa.memory_map(str(self.path / ROWS))).read_all()
+            except (OSError, pa.ArrowException) as err:  # a truncated file read without --verify-shards
+                raise SoftcacheError(f"{self.path / ROWS} does not read ({one_line(err)}); the view is damaged: "
+                                     "delete it and build it again") from err
+            if self._table.num_rows != len(self) or self._table.schema != _SCHEMA:
+                raise SoftcacheError(f"{self.path / ROWS} holds {self._table.num_rows:,} rows of another shape than "
+                                     f"the {len(self):,} its {MANIFEST} counts; delete the view and build it again")
         taken = self._table.take(pa.array(np.asarray(indices, dtype=np.int64)))
-        out = {}
-        lengths = None
+        out, lengths = {}, None
         for name, fill in (("ids", 0), ("home", 0), ("teacher_pos", -1)):
             column = taken.column(name).combine_chunks()
             offsets = column.offsets.to_numpy()
-            lengths = np.diff(offsets).astype(np.int64)
+            mine = np.diff(offsets).astype(np.int64)
+            if lengths is not None and not np.array_equal(mine, lengths) or mine.size and mine.max() > self.max_length:
+                raise SoftcacheError(f"{self.path / ROWS} holds a row whose lists disagree with each other or with "
+                                     f"the longest sequence its {MANIFEST} gives; delete the view and build it again")
+            lengths = mine
             flat = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
             padded = np.full((len(lengths), self.max_length), fill, dtype=np.int64)
             padded[np.arange(self.max_length) < lengths[:, None]] = flat[offsets[0]: offsets[-1]]
             out[name] = padded
-        out["lengths"] = lengths if lengths is not None else np.zeros(0, dtype=np.int64)
-        out["text_bytes"] = taken.column("text_bytes").to_numpy().astype(np.int64)
+        out["lengths"] = lengths
         return out
 
 
@@ -202,7 +236,7 @@ def build_view(store, student_tokenizer, out: str | Path, progress: bool = True)
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return View(out)
+    return View(out, verify=False)  # its files were hashed as they were written
 
 
 def open_view(path: str | Path, store, student_tokenizer, what: str, flag: str = "--view", progress: bool = True,
@@ -241,6 +275,12 @@ def _counts(alignments, rows: dict, student_of: np.ndarray) -> np.ndarray:
         mapped = student_of[rows["target_ids"][r][at]] != UNMAPPED
         sums += [taught.sum(), len(at), a.text_bytes, p.sum(), (p * mapped).sum()]
     return sums
+
+
+def _count(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
 
 
 def _digest(store) -> str:

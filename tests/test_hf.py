@@ -219,7 +219,10 @@ def test_refusals_are_one_line(stores, student, tmp_path, tiny_teacher, corpus_f
         DistillationTrainer(model, args, train_dataset=StoreSequences(stores["text"]), processing_class=other)
     for options, message in (({"alpha": 2.0}, "alpha must be in [0, 1], got 2.0"),
                              ({"tail": "cut"}, "tail must be one of bucket, renorm, none or None, got 'cut'"),
-                             ({"data_collator": lambda rows: rows}, "DistillationTrainer takes no data_collator")):
+                             ({"data_collator": lambda rows: rows}, "DistillationTrainer takes no data_collator"),
+                             ({"allow_tokenizer_mismatch": True}, "allow_tokenizer_mismatch was replaced by "
+                                                                  'tokenizers="trust-ids"'),
+                             ({"tokenizers": "cross"}, "tokenizers='cross': DistillationTrainer takes")):
         with pytest.raises(SoftcacheError, match=re.escape(message)):
             DistillationTrainer(model, args, train_dataset=StoreSequences(stores["text"]), **options)
     with pytest.raises(SoftcacheError, match="^train_dataset must be a softcache.hf.StoreSequences"):

@@ -154,6 +154,11 @@ def test_a_view_records_what_the_student_learns_from(setting, tmp_path):
     assert out.exit_code == 0, out.output
     assert f"{counts.aligned_share:.1%} of the student's positions meet a teacher position" in out.output
     assert f"{counts.mapped_share:.1%} of the teacher's cached mass" in out.output
+    as_json = CliRunner().invoke(main, ["info", str(tmp_path / "v"), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    summary = json.loads(as_json.output)
+    assert summary["counts"] == view.manifest["counts"]
+    assert summary["summary"] == {"aligned_share": counts.aligned_share, "mapped_share": counts.mapped_share}
 
 
 def test_a_damaged_or_foreign_view_is_refused(setting, tmp_path):
@@ -182,6 +187,52 @@ def test_a_damaged_or_foreign_view_is_refused(setting, tmp_path):
         View(damaged, verify=False).check_store(store)
     # Nothing half-built is left beside the view.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "v"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m.pop("counts"),
+    lambda m: m["counts"].update(aligned="many"),
+    lambda m: m["counts"].update(cached_mass=float("nan")),
+    lambda m: m["counts"].update(extra=1),
+    lambda m: m.update(max_length=-1),
+    lambda m: m.update(max_length=True),
+    lambda m: m["student"].update(size=2.5),
+    lambda m: m.update(sha256=["rows.arrow"]),
+    lambda m: m["sha256"].pop("student_of.npy"),
+    lambda m: m.pop("store"),
+], ids=["no counts", "a count of text", "nan mass", "an unknown count", "negative length", "boolean length",
+        "fractional size", "digests not a mapping", "a digest missing", "no store"])
+def test_a_hand_edited_view_manifest_is_one_line(setting, tmp_path, damage):
+    path = tmp_path / "v"
+    build_view(open_store(setting["store"]), setting["tokenizer"], path, progress=False)
+    manifest = json.loads((path / "view.json").read_text())
+    damage(manifest)
+    (path / "view.json").write_text(json.dumps(manifest))
+    with pytest.raises(SoftcacheError, match=r"view.json is damaged \(\w+: .*\); delete the view and build it again$"):
+        View(path, verify=False)
+
+
+def test_damaged_view_files_read_without_checksums_are_one_line(setting, tmp_path):
+    store = open_store(setting["store"])
+    path = tmp_path / "v"
+    build_view(store, setting["tokenizer"], path, progress=False)
+    (tmp_path / "file").write_text("not a view")
+    for odd in (tmp_path / "file", tmp_path):
+        with pytest.raises(SoftcacheError, match="is not a view"):
+            View(odd)
+    shutil.copytree(path, tmp_path / "listed")
+    (tmp_path / "listed" / "view.json").write_text("[1, 2]")
+    with pytest.raises(SoftcacheError, match="is not a softcache-view of version 1"):
+        View(tmp_path / "listed")
+    data = (path / "rows.arrow").read_bytes()
+    (path / "rows.arrow").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SoftcacheError, match="does not match its sha256"):
+        View(path)
+    with pytest.raises(SoftcacheError, match=r"rows.arrow does not read \(.*\); the view is damaged"):
+        View(path, verify=False).rows(np.array([0]))
+    (path / "student_of.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(SoftcacheError, match=r"student_of.npy does not read"):
+        View(path, verify=False).student_of
 
 
 def test_the_view_command(setting, tmp_path):
@@ -291,6 +342,7 @@ def test_a_cross_run_resumes_exactly(setting, tmp_path, monkeypatch):
     (dict(tail="renorm"), "--tail is for a student with the teacher's tokenizer"),
     (dict(loss="rkl"), "--loss is for a student with the teacher's tokenizer"),
     (dict(eval_store="x", eval_fraction=0.0), "--eval-store is not read through a view yet"),
+    (dict(fused_linear="on"), "--fused-linear on is for a student with the teacher's tokenizer"),
 ])
 def test_cross_settings_that_do_not_go_together(setting, tmp_path, overrides, message):
     with pytest.raises(SoftcacheError, match=message):
@@ -417,3 +469,16 @@ def test_two_jobs_building_one_view_at_once_end_with_one_whole_view(setting, tmp
     view = build_view(store, setting["tokenizer"], tmp_path / "v", progress=False)
     assert view.manifest["sha256"] == View(other).manifest["sha256"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "v"]  # no partial directory left
+
+
+def test_a_view_row_pointing_outside_its_sequence_is_one_line():
+    from softcache.cross_data import student_batch
+
+    teacher = {"mask": torch.ones(1, 4, dtype=torch.bool), "target_ids": torch.zeros(1, 4, 2, dtype=torch.long),
+               "target_logprobs": torch.zeros(1, 4, 2)}
+    for field, value in (("home", 4), ("teacher_pos", 7), ("home", -1)):
+        student = {"ids": np.zeros((1, 3), dtype=np.int64), "home": np.zeros((1, 3), dtype=np.int64),
+                   "teacher_pos": np.full((1, 3), -1, dtype=np.int64), "lengths": np.array([3])}
+        student[field][0, 1] = value
+        with pytest.raises(SoftcacheError, match="a view row points outside its store sequence"):
+            student_batch(teacher, student, np.array([True]), torch.arange(4), 10, "projection")
