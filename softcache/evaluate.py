@@ -12,6 +12,7 @@ tokens; KL and agreement are against the teacher's targets carried over to the s
 
 from __future__ import annotations
 
+import functools
 import math
 
 ECE_BINS = 15
@@ -37,8 +38,6 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     ``bits_per_byte``, ``tokens``. ``tail``: how KL treats the mass outside the stored ids (default: the
     default of the store's target kind, softcache.kinds; through a ``view``, always the tail bucket).
     """
-    from transformers import AutoTokenizer
-
     from softcache.store import open_store
 
     opened = open_store(store)
@@ -56,8 +55,7 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     else:
         dataset = StoreDataset(store, batch_size, **options)
         tokenizer_path = opened.tokenizer_path
-    pieces = token_bytes(AutoTokenizer.from_pretrained(tokenizer_path))
-    byte_lengths = torch.tensor([0 if p is None else len(p) for p in pieces] + [0], device=device)
+    byte_lengths = torch.tensor(_byte_lengths(str(tokenizer_path)), device=device)
     sums = torch.zeros(6, dtype=torch.float64)  # ce, ce count, kl, kd count, agreements, bytes predicted
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # positions, confidence sum, correct sum
     for batch in DataLoader(dataset, batch_size=None, num_workers=0):
@@ -83,6 +81,16 @@ def evaluate(model, store: str, start: int = 0, stop: int | None = None, batch_s
     return {"ce": ce_mean, "perplexity": math.exp(min(ce_mean, 700)), "kl": kl / max(kd_count, 1),
             "top1_agreement": agree / max(kd_count, 1), "ece": ece,
             "bits_per_byte": ce / math.log(2) / predicted if predicted else math.nan, "tokens": int(ce_count)}
+
+
+@functools.lru_cache(maxsize=4)
+def _byte_lengths(tokenizer_path: str) -> tuple[int, ...]:
+    """Bytes of text of each token id of the tokenizer at ``tokenizer_path``, then a 0 for ids beyond it. Read
+    once per process: a run evaluates every --eval-every steps with the same tokenizer."""
+    from transformers import AutoTokenizer
+
+    pieces = token_bytes(AutoTokenizer.from_pretrained(tokenizer_path))
+    return tuple(0 if p is None else len(p) for p in pieces) + (0,)
 
 
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
