@@ -131,9 +131,9 @@ class StudentJob:
         self.adapter = None
         """peft's wrapper of the student when it trains a LoRA adapter (--lora-r), else None."""
         self.frozen_sha256: str | None = None
+        """With an adapter: the sha256 of the student's frozen weights (softcache.lora.frozen_sha256)."""
         self.view: View | None = None
         """The store in the student's tokens, for a student with another tokenizer (--tokenizers cross)."""
-        """With an adapter: the sha256 of the student's frozen weights (softcache.lora.frozen_sha256)."""
 
     # ---- set-up steps --------------------------------------------------------------------------
 
@@ -196,10 +196,6 @@ class StudentJob:
                                               progress=config.progress, verify=False))
         view = open_view(config.view, self.store, tokenizer, f"--student {config.student}",
                          verify=config.verify_shards)
-        if self.store.k >= view.student_vocab:
-            raise SoftcacheError(f"--view {config.view}: the store holds {self.store.k} ids per position and the "
-                                 f"student's tokenizer has {view.student_vocab}; the projection needs a student "
-                                 "vocabulary larger than k")
         note(self.ranks, f"--view {config.view}: {view.counts.describe()}")
         return view
 

@@ -144,12 +144,17 @@ class View:
         return self.counts.sequences
 
     def check_store(self, store, flag: str = "--view") -> None:
-        """Refuse a view built from another store's content or tokenizer."""
+        """Refuse a view built from another store's content or tokenizer, or one whose student vocabulary has
+        no room for a projected row's tail (softcache.cross_losses.project_targets)."""
         built = self.manifest["store"]
         if built["tokenizer_fingerprint"] != store.tokenizer.fingerprint or built["content_sha256"] != _digest(store):
             raise SoftcacheError(f"{flag} {self.path} was built from another store (content sha256 "
                                  f"{built['content_sha256'][:16]}, not {_digest(store)[:16]}); build a view of this "
                                  "store with softcache view")
+        if store.k >= self.student_vocab:
+            raise SoftcacheError(f"{flag} {self.path}: the store holds {store.k} ids per position and the student's "
+                                 f"tokenizer has {self.student_vocab}; projecting the teacher's targets needs a student "
+                                 "vocabulary larger than that")
 
     def check_tokenizer(self, fingerprint: str, what: str, flag: str) -> None:
         if fingerprint != self.manifest["student"]["tokenizer_fingerprint"]:

@@ -185,6 +185,11 @@ def test_a_damaged_or_foreign_view_is_refused(setting, tmp_path):
     (damaged / "view.json").write_text(json.dumps(manifest))
     with pytest.raises(SoftcacheError, match="was built from another store"):
         View(damaged, verify=False).check_store(store)
+    manifest = json.loads((path / "view.json").read_text())
+    manifest["student"]["size"] = store.k  # a student vocabulary no larger than the cached ids per position
+    (damaged / "view.json").write_text(json.dumps(manifest))
+    with pytest.raises(SoftcacheError, match="the store holds 8 ids per position and the student's tokenizer has 8"):
+        View(damaged, verify=False).check_store(store)
     # Nothing half-built is left beside the view.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "v"]
 
