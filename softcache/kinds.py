@@ -102,11 +102,11 @@ class TopP(TargetKind):
 
 class Sampled(TargetKind):
     name = "sampled"
-    help = "--samples draws from the teacher, stored as unique ids with counts (unbiased)"
+    help = "--samples draws from the teacher (--draws), stored as unique ids with counts (unbiased)"
     value_codes = ("counts",)
     default_tail = "none"
     fixed_length = False
-    fields = ("samples", "seed")
+    fields = ("samples", "seed", "draws")
 
     def width(self, targets, vocab_size):
         return min(targets.samples, vocab_size)
@@ -118,20 +118,25 @@ class Sampled(TargetKind):
         from softcache.targets import sampled_targets, sequence_seed
 
         seeds = [sequence_seed(targets.seed, first_sequence + b) for b in range(logits.shape[0])]
-        return sampled_targets(logits, targets.samples, seeds, targets.temperature, labels)
+        return sampled_targets(logits, targets.samples, seeds, targets.temperature, labels,
+                               draws=targets.draws or "independent")
 
     def manifest_notes(self):
         return {"values": "count / samples estimates the teacher's probability without bias; no tail",
                 "tail": "none"}
 
     def describe(self, targets):
-        return f"{targets.samples} sampled draws (unique ids with counts, seed {targets.seed})"
+        return (f"{targets.samples} {targets.draws or 'independent'} sampled draws (unique ids with counts, "
+                f"seed {targets.seed})")
 
 
 TARGET_KINDS: dict[str, TargetKind] = {kind.name: kind for kind in (TopK(), TopP(), Sampled())}
 """Every target kind by name, in the order ``--help`` lists them."""
 
 POSITION_NOTE = _POSITION
+
+DRAWS = ("systematic", "independent")
+"""How sampled targets draw (``--draws``): see softcache.targets.sampled_targets."""
 
 
 def target_kind(name: str) -> TargetKind:

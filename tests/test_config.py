@@ -21,7 +21,7 @@ from softcache.config import (CROSS_LOSSES, DTYPES, FUSED_LINEAR, RESUMABLE_CHAN
 from softcache.demo import DemoConfig
 from softcache.documents import LONG, PACKINGS
 from softcache.errors import SoftcacheError
-from softcache.kinds import TARGET_KINDS
+from softcache.kinds import DRAWS, TARGET_KINDS
 from softcache.losses import DIVERGENCES, TAILS
 from softcache.mixture import MIX_STOPS
 from softcache.settings import load_settings, settings_of
@@ -37,7 +37,7 @@ REGISTRIES = {
     ("cache", "input_shape"): ("auto", *InputShape), ("cache", "train_on"): ("auto", *TrainOn),
     ("cache", "packing"): ("auto", *PACKINGS), ("cache", "long"): ("auto", *LONG), ("train", "report_to"): TRACKERS,
     ("cache", "mix_stop"): tuple(MIX_STOPS), ("train", "tokenizers"): TOKENIZER_MODES,
-    ("train", "cross_loss"): CROSS_LOSSES,
+    ("train", "cross_loss"): CROSS_LOSSES, ("cache", "draws"): DRAWS,
 }
 REQUIRED = {"cache": ["--teacher", "t", "--data", "d"], "train": ["--store", "s", "--student", "x"],
             "eval": ["--model", "m", "--store", "s"]}

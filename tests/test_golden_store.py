@@ -31,8 +31,10 @@ JOBS = {
     "topk-zarr-default": {},
     "topk-arrow-plain-float16": {"format": "arrow", "ids": "plain", "values": "float16", "temperature": 0.7},
     "topp-zarr-bitpack": {"targets": "topp", "top_p": 0.8, "ids": "bitpack"},
-    "sampled-zarr": {"targets": "sampled", "samples": 12, "seed": 3},
-    "sampled-arrow-plain": {"format": "arrow", "targets": "sampled", "samples": 7, "ids": "plain"},
+    "sampled-zarr": {"targets": "sampled", "samples": 12, "seed": 3, "draws": "independent"},
+    "sampled-arrow-plain": {"format": "arrow", "targets": "sampled", "samples": 7, "ids": "plain",
+                            "draws": "independent"},
+    "sampled-zarr-systematic": {"targets": "sampled", "samples": 12, "seed": 3},
 }
 
 

@@ -16,7 +16,7 @@ from softcache.store.encoding import VALUE_CODES
 from softcache.store.manifest import TargetsSection
 
 PACKAGE = Path(__file__).parent.parent / "softcache"
-SETTINGS = {"k": 6, "top_p": 0.7, "samples": 9, "seed": 4}
+SETTINGS = {"k": 6, "top_p": 0.7, "samples": 9, "seed": 4, "draws": "systematic"}
 
 
 @pytest.mark.parametrize("name", list(TARGET_KINDS))

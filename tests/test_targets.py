@@ -1,9 +1,12 @@
+import functools
 import math
 
 import pytest
 import torch
 
-from softcache.targets import sampled_targets, sequence_seed, topk_logprobs, topp_targets
+import softcache.targets
+from softcache.targets import extract_targets, sequence_seed, topk_logprobs, topp_targets
+from softcache.targets import sampled_targets as _sampled_targets
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
@@ -74,10 +77,12 @@ def test_topp_keeps_the_fewest_ids_reaching_p(p):
     assert torch.equal(targets.ids, torch.where(real, targets.ids, targets.ids[..., :1]))
 
 
-def test_sampled_targets_count_draws_and_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("draws", ["systematic", "independent"])
+def test_sampled_targets_count_draws_and_do_not_depend_on_the_batch(draws):
     torch.manual_seed(5)
     logits = torch.randn(3, 20, 30) * 2
     seeds = [sequence_seed(7, i) for i in range(3)]
+    sampled_targets = functools.partial(_sampled_targets, draws=draws)
     whole = sampled_targets(logits, samples=50, seeds=seeds, chunk_rows=8)
     assert whole.ids.shape == (3, 20, 30)  # width min(samples, V)
     assert torch.all(whole.counts.sum(-1) == 50)
@@ -93,7 +98,9 @@ def test_sampled_targets_count_draws_and_do_not_depend_on_the_batch():
     assert not torch.equal(other.counts[0], whole.counts[1])
 
 
-def test_sampled_targets_are_unbiased():
+@pytest.mark.parametrize("draws", ["systematic", "independent"])
+def test_sampled_targets_are_unbiased(draws):
+    sampled_targets = functools.partial(_sampled_targets, draws=draws)
     torch.manual_seed(6)
     logits = torch.randn(1, 4, 25) * 1.5
     temperature = 1.5
@@ -107,3 +114,53 @@ def test_sampled_targets_are_unbiased():
     # Standard error of the mean of count/20 over 400 trials is at most sqrt(0.25 / 8000) = 0.0056.
     assert (estimate - teacher).abs().max() < 0.03
     torch.testing.assert_close(estimate.sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("vocab", [30, 192, 1000])  # 192 = 3 blocks of softcache.targets.BLOCK ids
+def test_systematic_draws_give_each_id_the_floor_or_ceiling_of_its_share(vocab):
+    """N systematic draws give an id of probability p exactly floor(Np) or ceil(Np) of them, on both
+    search paths (blocks when V is a multiple of BLOCK, one cumulative sum otherwise), at any temperature."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(2, 40, vocab) * 4
+    logits[0, 0] = -1e4  # one id holds all the mass but one in a million
+    logits[0, 0, 7] = 0
+    for samples, temperature in ((16, 1.0), (50, 0.7), (7, 2.0)):
+        t = _sampled_targets(logits, samples, [3, 4], temperature=temperature, chunk_rows=16)
+        p = torch.softmax(logits.double() / temperature, -1)
+        drawn = torch.zeros_like(p).scatter_add_(-1, t.ids, t.counts.double())
+        assert torch.all((drawn >= torch.floor(samples * p - 1e-6)) & (drawn <= torch.ceil(samples * p + 1e-6)))
+        assert torch.all(t.counts.sum(-1) == samples)
+    assert t.ids[0, 0, 0] == 7 and t.lengths[0, 0] == 1
+
+
+def test_systematic_draws_are_the_same_on_both_search_paths(monkeypatch):
+    logits = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(1)) * 3
+    blocks = _sampled_targets(logits, 20, [5, 6], chunk_rows=8)
+    monkeypatch.setattr(softcache.targets, "BLOCK", 100)  # 256 is not a multiple: one cumulative sum
+    whole = _sampled_targets(logits, 20, [5, 6], chunk_rows=8)
+    assert torch.equal(blocks.ids, whole.ids) and torch.equal(blocks.counts, whole.counts)
+
+
+def test_systematic_draws_have_less_error_than_independent_ones():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 64, 500) * 2.5
+    p = torch.softmax(logits.double(), -1)
+    error = {}
+    for draws in ("systematic", "independent"):
+        t = _sampled_targets(logits, 30, [1], draws=draws)
+        estimate = torch.zeros_like(p).scatter_add_(-1, t.ids, t.counts.double() / 30)
+        error[draws] = ((estimate - p) ** 2).sum(-1).mean()
+    assert error["systematic"] < error["independent"] / 2
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(4096, 1), (4096, 16), (49152, 64), (49152, 300), (1000, 5)])
+def test_two_level_top_k_is_torch_topk(vocab, k, monkeypatch):
+    logits = torch.randn(3, 7, vocab, generator=torch.Generator().manual_seed(k)) * 3
+    logits[0, 0, :200] = 5.0  # ties with the top, spread over several blocks
+    fast = extract_targets(logits, k)
+    monkeypatch.setattr(softcache.targets, "BLOCK", vocab + 1)  # never a multiple: torch.topk itself
+    slow = extract_targets(logits, k)
+    assert torch.equal(fast.logprobs, slow.logprobs)
+    untied = torch.ones_like(fast.ids, dtype=torch.bool)
+    untied[0, 0] = False  # tied values may come in another order of ids
+    assert torch.equal(fast.ids[untied], slow.ids[untied])

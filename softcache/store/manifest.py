@@ -187,6 +187,9 @@ class TargetsSection(Section):
     """Draws per position (sampled)."""
     seed: int | None = None
     """Sampling seed (sampled)."""
+    draws: str | None = None
+    """How a sampled store drew (softcache.targets.DRAWS): ``systematic``, or absent for independent
+    draws (every store sampled before systematic draws existed)."""
 
     _AT_LEAST = {"k": 1, "samples": 1}
 
@@ -206,6 +209,8 @@ class TargetsSection(Section):
             raise StoreError(f"{where}.kind is {section.kind!r}, not one of {', '.join(TARGET_KINDS)}")
         if not section.temperature > 0:
             raise StoreError(f"{where}.temperature is {section.temperature}, not greater than 0")
+        if section.draws not in (None, "systematic"):
+            raise StoreError(f"{where}.draws is {section.draws!r}, not 'systematic' (or absent: independent draws)")
         return section
 
     @property
@@ -223,7 +228,8 @@ class TargetsSection(Section):
 
         spec = self.spec
         return {"kind": self.kind, "temperature": self.temperature, "position": POSITION_NOTE,
-                **{name: getattr(self, name) for name in spec.fields}, **spec.manifest_notes()}
+                **{name: getattr(self, name) for name in spec.fields if getattr(self, name) is not None},
+                **spec.manifest_notes()}
 
 
 @dataclass(frozen=True, kw_only=True)
