@@ -213,7 +213,7 @@ def _systematic_draws(weights: torch.Tensor, samples: int, generator: torch.Gene
         points = (steps + u) * (total[:, None] / samples)
         return torch.searchsorted(cumulative, points, right=True).clamp_(max=vocab - 1), total
     grouped = weights.view(n, vocab // BLOCK, BLOCK)
-    block_mass = grouped.sum(-1, dtype=torch.float64)
+    block_mass = grouped.sum(-1).double()  # 64 float32 terms: exact enough, and no float64 copy of the row
     block_end = block_mass.cumsum(-1)
     total = block_end[:, -1]
     points = (steps + u) * (total[:, None] / samples)  # < total: each lands in a block of positive mass

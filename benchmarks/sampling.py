@@ -1,0 +1,280 @@
+"""Sampled targets: bytes per token against quality, systematic draws against independent ones.
+
+Two measurements on the real teacher (SmolLM2-135M-Instruct) and the built-in corpus:
+
+1. The targets' own error, with no student and no seed noise: for each way of sampling, the
+   expected squared error sum_v E[(p_hat_v - p_v)^2] of the stored estimate p_hat against the
+   teacher's full distribution p, and the expected distinct ids per position, computed exactly from
+   the teacher's distribution at every held-out position (N independent draws: (1 - sum p^2) / N;
+   N systematic draws: sum f (1 - f) / N^2 with f = frac(N p)). The KD gradient's noise from the
+   targets is this error, so two ways of sampling with the same error teach alike.
+2. Students, paired by seed (same initialisation and batches), trained on stores that one teacher
+   pass writes, each row with its measured bytes per token: cross-entropy only, the reference
+   sampled store (N = 50 independent draws, the store benchmarks/quality.py found equal to online
+   full-vocabulary KD over five seeds) and systematic stores of fewer draws.
+
+    python benchmarks/sampling.py                   # about 70 minutes on 2 CPU cores (5 seeds)
+    python benchmarks/sampling.py --seeds 0 1       # fewer seeds
+    python benchmarks/sampling.py --report-only     # redraw from results/sampling.json
+
+Stores and runs are reused from --work (delete a run's directory to train it again); the reference
+store and the held-out store are taken from benchmarks/out/cross_tokenizer when that benchmark wrote
+them with the same settings. Writes benchmarks/results/sampling.md, sampling.json and sampling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from softcache.cache_job import cache_many, load_teacher, stream_corpus
+from softcache.config import CacheConfig
+from softcache.demo import STUDENT
+from softcache.store import open_store
+from quality import cached_run
+from student_runs import add_student_arguments
+
+HERE = Path(__file__).parent
+REFERENCE = "independent N=50"
+STORES = {  # row name: the store's sampling flags
+    REFERENCE: {"samples": 50, "draws": "independent"},
+    "systematic N=12": {"samples": 12, "draws": "systematic"},
+    "systematic N=16": {"samples": 16, "draws": "systematic"},
+}
+ERROR_DRAWS = (8, 12, 16, 20, 24, 32, 50, 100)
+
+
+def store_config(work: Path, name: str, seq_len: int, max_sequences: int | None, split: str = "train",
+                 **targets) -> CacheConfig:
+    return CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split=split, out=str(work / name),
+                       seq_len=seq_len, batch_size=8, max_sequences=max_sequences, progress=False, **targets)
+
+
+SAME = ("teacher", "data", "split", "seq_len", "max_sequences", "targets", "k", "samples", "seed", "temperature")
+
+
+def reuse(work: Path, name: str, other: Path, config: CacheConfig) -> None:
+    """Link the cross-tokenizer benchmark's store of the same settings instead of writing it again."""
+    link = work / name
+    if link.exists() or not (other / "manifest.json").exists():
+        return
+    manifest = open_store(other).manifest
+    wanted = config.targets_section().to_dict()
+    if all(manifest["config"].get(key) == getattr(config, key) for key in SAME) and manifest["targets"] == wanted:
+        link.symlink_to(other.resolve(), target_is_directory=True)
+
+
+def write_stores(work: Path, seq_len: int, max_sequences: int | None) -> dict:
+    """Every training store (one teacher pass for those missing) and the held-out top-64 store."""
+    other = HERE / "out" / "cross_tokenizer"
+    configs = {name: store_config(work, f"{name.replace(' ', '-').replace('=', '')}-train", seq_len, max_sequences,
+                                  targets="sampled", **flags) for name, flags in STORES.items()}
+    heldout = store_config(work, "top64-heldout", seq_len, max_sequences, split="heldout", k=64)
+    if max_sequences is None:
+        reuse(work, Path(configs[REFERENCE].out).name, other / "train-store", configs[REFERENCE])
+        reuse(work, "top64-heldout", other / "heldout-store", heldout)
+    record = work / "teacher_pass.json"
+    passes = json.loads(record.read_text()) if record.exists() else []
+    missing = [c for c in configs.values() if not (Path(c.out) / "manifest.json").exists()
+               or open_store(c.out).manifest["totals"].get("sequences") != open_store(c.out).layout.num_sequences]
+    if missing:
+        results = cache_many(missing)
+        passes.append({"stores": [Path(c.out).name for c in missing], "seconds": results[0].seconds})
+        record.write_text(json.dumps(passes))
+    if not (Path(heldout.out) / "manifest.json").exists():
+        cache_many([heldout])
+    return {"configs": configs, "heldout": Path(heldout.out), "passes": passes}
+
+
+def target_error(heldout: CacheConfig, sequences: int = 16) -> dict:
+    """Expected squared error and distinct ids per position of each way of sampling, exactly, over the
+    teacher's distributions at ``sequences`` held-out sequences."""
+    teacher = load_teacher(heldout)
+    corpus = stream_corpus(dataclasses.replace(heldout, max_sequences=sequences), teacher.tokenizer)
+    rows = corpus.shard(0, corpus.num_sequences)[0]
+    sums = {}
+    positions = 0
+    with torch.inference_mode():
+        for lo in range(0, len(rows), 4):
+            ids = torch.from_numpy(rows[lo:lo + 4].astype(np.int64)).to(teacher.device)
+            logits = teacher.model(input_ids=ids, use_cache=False).logits
+            for chunk in logits.reshape(-1, logits.shape[-1]).split(128):
+                p = torch.softmax(chunk.double(), -1)
+                squares = (p * p).sum(-1)
+                positions += len(p)
+                for n in ERROR_DRAWS:
+                    fraction = torch.frac(n * p)
+                    for draws, error, distinct in (
+                            ("independent", (1 - squares) / n, -torch.expm1(n * torch.log1p(-p)).sum(-1)),
+                            ("systematic", (fraction * (1 - fraction)).sum(-1) / n ** 2,
+                             torch.clamp(n * p, max=1).sum(-1))):
+                        total = sums.setdefault(f"{draws} N={n}", [0.0, 0.0])
+                        total[0] += float(error.sum())
+                        total[1] += float(distinct.sum())
+    return {"positions": positions,
+            "rows": {name: {"error": e / positions, "distinct": d / positions} for name, (e, d) in sums.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_student_arguments(parser, "every row is trained with each seed")
+    parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
+    parser.add_argument("--work", default=str(HERE / "out" / "sampling"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student_config = work / "student.json"
+    student_config.write_text(json.dumps(STUDENT))
+    stores = write_stores(work, args.seq_len, args.max_sequences)
+    error_file = work / "target_error.json"
+    if not error_file.exists():
+        error_file.write_text(json.dumps(target_error(store_config(work, "unused", 512, None, split="heldout"),
+                                                      16 if args.max_sequences is None else 2)))
+    plan = [("ce", stores["configs"][REFERENCE], 0.0)] + [(name, config, args.alpha)
+                                                         for name, config in stores["configs"].items()]
+    seeded = {}
+    for seed in args.seeds:  # seed by seed, so that a stopped run leaves whole seeds to report
+        for name, config, alpha in plan:
+            out = work / f"{name.replace(' ', '-').replace('=', '')}-seed{seed}"
+            row = cached_run(Path(config.out), stores["heldout"], student_config, out, args.steps, args.batch_size,
+                             args.lr, seed, alpha, None)
+            row["bytes_per_token"] = None if alpha == 0 else open_store(config.out).manifest["totals"]["bytes_per_token"]
+            seeded.setdefault(str(seed), {})[name] = row
+            print(seed, name, f"CE {row['ce']:.4f}", flush=True)
+    results = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "steps": args.steps, "alpha": args.alpha, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "lr": args.lr, "seeds": args.seeds, "teacher_passes": stores["passes"],
+        "train_tokens": open_store(stores["configs"][REFERENCE].out).layout.num_tokens,
+        "stores": {name: {**STORES[name], "bytes_per_token": open_store(c.out).manifest["totals"]["bytes_per_token"],
+                          "entries_per_position": entries(c.out)} for name, c in stores["configs"].items()},
+        "target_error": json.loads(error_file.read_text()),
+        "seeded": seeded,
+    }
+    write_report(results)
+
+
+def entries(root: str) -> float:
+    store = open_store(root)
+    lengths = [store.read_columns(np.arange(first, min(first + 64, len(store))))["target_lengths"]
+               for first in range(0, len(store), 64)]
+    return float(np.concatenate(lengths).mean())
+
+
+def paired(seeded: dict, name: str, reference: str) -> tuple[float, float]:
+    differences = [rows[name]["ce"] - rows[reference]["ce"] for rows in seeded.values()]
+    return statistics.mean(differences), statistics.stdev(differences) / math.sqrt(len(differences))
+
+
+def write_report(results: dict) -> None:
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    (out / "sampling.json").write_text(json.dumps(results, indent=2) + "\n")
+    seeded, stores, error = results["seeded"], results["stores"], results["target_error"]
+    names = ["ce", *stores]
+    seeds = " / ".join(seeded)
+    lines = [
+        "# Sampled targets: bytes per token against quality",
+        "",
+        f"Teacher SmolLM2-135M-Instruct on builtin:python-docs; CPU: {results['machine']}. "
+        "Produced by `python benchmarks/sampling.py`.",
+        "",
+        "## The targets' own error (no student, no seed noise)",
+        "",
+        f"Expected squared error sum_v E[(p_hat_v - p_v)^2] of each way of sampling against the teacher's full "
+        f"distribution, and expected distinct ids per position, computed exactly at {error['positions']:,} held-out "
+        f"positions. {matching(error['rows'])}",
+        "",
+        "| draws | N | squared error | distinct ids / position |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, row in sorted(error["rows"].items(), key=lambda item: (item[0].split()[0], int(item[0].split("=")[1]))):
+        draws, n = name.split(" N=")
+        lines.append(f"| {draws} | {n} | {row['error']:.4f} | {row['distinct']:.2f} |")
+    lines += [
+        "",
+        "## Students",
+        "",
+        f"A 16 M-parameter Llama student (`softcache.demo.STUDENT`), {results['steps']} steps of "
+        f"{results['batch_size']} x {results['seq_len']} tokens, lr {results['lr']}, alpha {results['alpha']} for "
+        f"every KD row, over {results['train_tokens']:,} training tokens; held-out CE on the top-64 held-out store. "
+        f"Seeds {seeds}: each seed is another initialisation and batch order, the same for every row. Differences "
+        "are paired by seed, in nats, negative is better, mean ± standard error over the seeds. Bytes per token "
+        "are the stores' own (zarr, default codec, input ids included).",
+        "",
+        f"| student | bytes/token | ids / position | held-out CE, seeds {seeds} | mean CE | minus CE-only's "
+        f"| minus {REFERENCE}'s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in names:
+        ces = [rows[name]["ce"] for rows in seeded.values()]
+        size = f"{stores[name]['bytes_per_token']:.1f}" if name in stores else ""
+        ids = f"{stores[name]['entries_per_position']:.2f}" if name in stores else ""
+        versus = [("", "") if name == reference else paired(seeded, name, reference) for reference in ("ce", REFERENCE)]
+        cells = ["" if mean == "" else f"{mean:+.3f} ± {se:.3f}" for mean, se in versus]
+        lines.append(f"| {name} | {size} | {ids} | {' / '.join(f'{c:.3f}' for c in ces)} | "
+                     f"{statistics.mean(ces):.3f} | {cells[0]} | {cells[1]} |")
+    errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE]
+    if errors:
+        lines += ["", f"The paired differences' standard errors here are {min(errors):.3f} to {max(errors):.3f} "
+                      f"nats: with {len(seeded)} seeds this regime resolves a difference of about "
+                      f"{2 * max(errors):.2f} nats (two standard errors) between two stores."]
+    lines += ["", "![bytes per token against held-out CE](sampling.png)", ""]
+    (out / "sampling.md").write_text("\n".join(lines))
+    plot(results, out / "sampling.png")
+    print("\n".join(lines))
+
+
+def matching(rows: dict) -> str:
+    """A sentence: the fewest systematic draws with no more error than 50 independent ones."""
+    reference = rows[REFERENCE]
+    fewer = [(int(name.split("=")[1]), row) for name, row in rows.items()
+             if name.startswith("systematic") and row["error"] <= reference["error"]]
+    if not fewer:
+        return ""
+    n, row = min(fewer, key=lambda item: item[0])
+    return (f"{n} systematic draws have no more error than 50 independent ones ({row['error']:.4f} against "
+            f"{reference['error']:.4f}) with {row['distinct']:.1f} distinct ids per position instead of "
+            f"{reference['distinct']:.1f}.")
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed; no plot (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeded, stores = results["seeded"], results["stores"]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for name, store in stores.items():
+        mean, se = paired(seeded, name, "ce")
+        colour = "#cc6677" if name == REFERENCE else "#4477aa"
+        ax.errorbar(store["bytes_per_token"], mean, yerr=se, fmt="o", color=colour, capsize=4)
+        ax.annotate(name, (store["bytes_per_token"], mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axhline(0.0, color="#999999", linewidth=1, label="cross-entropy only")
+    ax.axvline(16.0, color="#dddddd", linewidth=1, linestyle="--", label="16 bytes/token")
+    ax.set_xlabel("bytes per token of the store")
+    ax.set_ylabel("held-out CE minus CE-only's, paired by seed (nats)")
+    ax.set_title(f"Mean ± s.e. over {len(seeded)} seeds; lower is better", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1] == "--report-only":
+        write_report(json.loads((HERE / "results" / "sampling.json").read_text()))
+    else:
+        main()
