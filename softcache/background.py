@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ class BackgroundWriter:
         self._filled: dict[int, int] = {}
         self._nll: dict[int, dict] = {}
         self._error: BaseException | None = None
+        self.cpu_seconds = 0.0
+        """CPU seconds the writer's thread has spent on batches (host copies, encoding, shard writes)."""
         self._thread = threading.Thread(target=self._run, name="softcache-writer", daemon=True)
 
     def __enter__(self) -> BackgroundWriter:
@@ -79,10 +82,12 @@ class BackgroundWriter:
         while (item := self._queue.get()) is not _STOP:
             if self._error is not None:
                 continue  # drain so the teacher loop is never blocked
+            started = time.thread_time()
             try:
                 self._store(*item)
             except BaseException as err:  # surfaced in the teacher loop
                 self._error = err
+            self.cpu_seconds += time.thread_time() - started
 
     def _store(self, shard, first, input_ids, targets, nll_sum, nll_count, event) -> None:
         if event is not None:

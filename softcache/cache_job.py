@@ -32,6 +32,7 @@ from softcache.corpus_documents import Recipe, pack_rows
 from softcache.corpus_stream import StreamedCorpus, corpus_key, index_corpus, read_index, save_index
 from softcache.distributed import Ranks, barrier, broadcast, on_main, process_group
 from softcache.errors import SoftcacheError
+from softcache.head import KeptHead
 from softcache.logs import note, notes
 from softcache.models import max_positions, output_vocab, resolve_device, resolve_dtype
 from softcache.packing import forward_documents, uses_varlen
@@ -212,6 +213,8 @@ class TeacherJob:
         self.corpus = corpus
         self.writers: list[StoreWriter] = []
         self.seconds = 0.0
+        self.stats: dict[str, float] = {}
+        """What the pass cost besides the forward (see :func:`teacher_loop`'s ``stats``)."""
         self._held = contextlib.ExitStack()  # the open writers: leaving the job releases their locks
 
     def __enter__(self) -> TeacherJob:
@@ -274,7 +277,7 @@ class TeacherJob:
         with _progress(self.configs[0], total, disable=not self.ranks.main) as bar:
             started = time.perf_counter()
             teacher_loop(self.teacher.model, self.corpus, jobs, self.configs[0].batch_size,
-                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine)
+                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine, stats=self.stats)
             self.seconds = time.perf_counter() - started
         barrier(self.ranks)  # every rank's shards are durable
 
@@ -323,7 +326,8 @@ def cache_many(configs: Sequence[CacheConfig]) -> list[CacheResult]:
 
 
 def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[StoreWriter, CacheConfig]],
-                 batch_size: int, device: torch.device, on_batch=None, shards: list[int] | None = None) -> None:
+                 batch_size: int, device: torch.device, on_batch=None, shards: list[int] | None = None,
+                 stats: dict | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
@@ -341,6 +345,13 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
         device: where the input ids go (:attr:`Teacher.device`); the labels follow the logits.
         on_batch: called with the batch's token count after each forward pass.
         shards: write only these shard indices (this rank's part of a multi-rank job).
+        stats: a dict to add this loop's costs besides the forward to: ``targets_seconds`` (wall seconds
+            of extracting the targets and handing them off; on an accelerator, of queueing that work)
+            and ``writer_cpu_seconds`` (CPU seconds of the background writers: copies to the host,
+            encoding, compression, checksums and writes).
+
+    On a CPU, the output layer writes into a buffer kept across batches where the model allows it
+    (softcache.head): the same logits without a fresh allocation per batch.
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
@@ -353,7 +364,15 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
     targets = [config.targets_section() for _, config in jobs]
     varlen = uses_varlen(model)
     with contextlib.ExitStack() as stack, torch.inference_mode():
-        background = [stack.enter_context(BackgroundWriter(writer)) for writer, _ in jobs]
+        head = KeptHead.for_model(model, device)
+        if head is not None:
+            stack.enter_context(head.capturing())
+        background = [BackgroundWriter(writer) for writer, _ in jobs]
+        if stats is not None:  # registered first, so run last: once every writer has flushed
+            stack.callback(lambda: stats.__setitem__(
+                "writer_cpu_seconds", stats.get("writer_cpu_seconds", 0.0) + sum(b.cpu_seconds for b in background)))
+        for writer_thread in background:
+            stack.enter_context(writer_thread)
         ahead = stack.enter_context(_ShardsAhead(corpus, layout, pending))
         for index in pending:
             wanted = [(b, t) for b, t, store_todo in zip(background, targets, todo) if index in store_todo]
@@ -375,11 +394,16 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
                     rows["segments"] = torch.from_numpy(segments[lo - first:hi - first])
                     logits = forward_documents(functools.partial(model, use_cache=False), ids,
                                                rows["segments"].to(device, non_blocking=True), varlen).logits
+                if head is not None:
+                    logits = head.logits(*ids.shape)
                 labels = labels.to(logits.device)  # a no-op unless a placed teacher's head is elsewhere
+                started = time.perf_counter()
                 for writer_thread, section in wanted:
                     extracted = section.spec.extract(logits, labels, section, first_sequence=lo)
                     writer_thread.submit(index, lo, host_ids, {**for_storage(extracted), **rows},
                                          -extracted.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
+                if stats is not None:
+                    stats["targets_seconds"] = stats.get("targets_seconds", 0.0) + time.perf_counter() - started
                 del logits
                 if on_batch is not None:
                     on_batch(ids.numel())
