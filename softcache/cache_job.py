@@ -397,11 +397,13 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
                 if head is not None:
                     logits = head.logits(*ids.shape)
                 labels = labels.to(logits.device)  # a no-op unless a placed teacher's head is elsewhere
+                # Positions with a label, counted on the host (asking the device would wait for it every batch).
+                labelled = int(host_ids[:, :-1].size if teach is None else teach[lo - first:hi - first, :-1].sum())
                 started = time.perf_counter()
                 for writer_thread, section in wanted:
                     extracted = section.spec.extract(logits, labels, section, first_sequence=lo)
                     writer_thread.submit(index, lo, host_ids, {**for_storage(extracted), **rows},
-                                         -extracted.label_logprobs.sum(dtype=torch.float64), int((labels >= 0).sum()))
+                                         -extracted.label_logprobs.sum(dtype=torch.float64), labelled)
                 if stats is not None:
                     stats["targets_seconds"] = stats.get("targets_seconds", 0.0) + time.perf_counter() - started
                 del logits
