@@ -185,6 +185,7 @@ def info(store: str, as_json: bool) -> None:
         ("tokenizer", lambda: f"vocab {opened.tokenizer.vocab_size:,}, fingerprint {opened.tokenizer.fingerprint[:16]}"),
         ("targets", lambda: f"{targets.describe()} at temperature {targets.temperature:g} "
                             f"(ids {encoding.ids}, values {encoding.values}, codec {_codec(opened.format.codec)})"),
+        ("kind", lambda: f"{targets.kind}: {targets.spec.trade_off}"),
         ("sequences", lambda: f"{summary['sequences']:,} of {opened.layout.num_sequences:,} x "
                               f"{opened.layout.seq_len} tokens = {summary['tokens']:,} tokens"),
         ("shards", lambda: f"{len(opened.shards)} of {opened.layout.num_shards} "

@@ -41,6 +41,8 @@ class TargetKind:
     """Every position keeps exactly ``k`` entries (no lengths column on disk)."""
     fields: tuple[str, ...]
     """Settings of the manifest's targets section this kind uses, besides kind and temperature."""
+    trade_off: str
+    """One sentence for ``softcache info``: what the kind gives up or keeps, and where that was measured."""
 
     def width(self, targets: TargetsSection, vocab_size: int) -> int:
         """Entries per position of the padded arrays (the encoding's k)."""
@@ -73,6 +75,8 @@ class TopK(TargetKind):
     default_tail = "bucket"
     fixed_length = True
     fields = ("k",)
+    trade_off = ("biased: the mass outside the k ids is one bucket and its shape is lost; top-64 (134 bytes/token) "
+                 "gained nothing over cross-entropy in benchmarks/results/quality.md, hence sampled by default")
 
     def extract(self, logits, labels, targets, first_sequence):
         from softcache.targets import extract_targets
@@ -90,6 +94,7 @@ class TopP(TargetKind):
     default_tail = "bucket"
     fixed_length = False
     fields = ("k", "top_p")
+    trade_off = "biased as top-k is: the mass outside the kept ids is one bucket and its shape is lost"
 
     def extract(self, logits, labels, targets, first_sequence):
         from softcache.targets import topp_targets
@@ -107,6 +112,8 @@ class Sampled(TargetKind):
     default_tail = "none"
     fixed_length = False
     fields = ("samples", "seed", "draws")
+    trade_off = ("unbiased: count / N is the teacher's probability in expectation, so the student learns the whole "
+                 "distribution; the default, for the best quality per byte in benchmarks/results/sampling.md")
 
     def width(self, targets, vocab_size):
         return min(targets.samples, vocab_size)

@@ -32,7 +32,7 @@ def test_cache_info_verify_convert(base_args, tmp_path):
     assert info.exit_code == 0
     words = " ".join(info.output.split())
     for expected in ("state complete", "top-8 log-probs", "vocab 384", "12 of 12 x 32 tokens", "3 of 3",
-                     "teacher CE"):
+                     "teacher CE", "kind topk: biased"):
         assert expected in words
     machine = json.loads(run("info", store, "--json").output)
     assert machine["summary"]["sequences"] == 12 and machine["targets"]["k"] == 8

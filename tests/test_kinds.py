@@ -23,6 +23,7 @@ SETTINGS = {"k": 6, "top_p": 0.7, "samples": 9, "seed": 4, "draws": "systematic"
 def test_every_kind_owns_what_the_rest_needs(name):
     kind = TARGET_KINDS[name]
     assert kind.name == name and kind.help and kind.value_codes and set(kind.value_codes) <= set(VALUE_CODES)
+    assert kind.trade_off and "\n" not in kind.trade_off
     assert kind.default_tail in TAILS
     assert set(kind.fields) <= {f.name for f in dataclasses.fields(TargetsSection)}
     section = TargetsSection.for_kind(name, 0.8, **SETTINGS)
