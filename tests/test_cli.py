@@ -130,9 +130,11 @@ def test_sampled_store_from_the_command_line(base_args, tmp_path):
     result = run(*base_args, "--out", store, "--targets", "sampled", "--samples", 20, "--seed", 5)
     assert result.exit_code == 0, result.output
     words = " ".join(run("info", store).output.split())
-    assert "20 sampled draws (unique ids with counts, seed 5)" in words and "values counts" in words
+    assert "20 systematic sampled draws (unique ids with counts, seed 5)" in words and "values counts" in words
     again = run(*base_args, "--out", store, "--targets", "sampled", "--samples", 20, "--seed", 6)
     assert again.exit_code == 1 and "targets.seed: store has 5, this run 6" in again.output
+    other = run(*base_args, "--out", store, "--targets", "sampled", "--samples", 20, "--seed", 5, "--draws", "independent")
+    assert other.exit_code == 1 and "targets.draws" in other.output and len(other.output.splitlines()) == 1
 
 
 def test_python_dash_m_and_debug_traceback(tmp_path):
