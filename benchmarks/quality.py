@@ -28,7 +28,6 @@ Writes benchmarks/results/quality.md, quality.json and quality.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -51,7 +50,7 @@ from softcache.store import open_store
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
-from student_runs import add_student_arguments
+from student_runs import student_benchmark_setup
 
 HERE = Path(__file__).parent
 
@@ -142,15 +141,7 @@ def run_dir(work: Path, name: str, seed: int, first_seed: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_student_arguments(parser, "every row is trained with the first; the rows in SEEDED with each of the others")
-    parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
-    parser.add_argument("--work", default=str(HERE / "out" / "quality"))
-    args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    student_config = work / "student.json"
-    student_config.write_text(json.dumps(STUDENT))
+    args, work, student_config = student_benchmark_setup(__doc__, "every row is trained with the first; the rows in SEEDED with each of the others", HERE / "out" / "quality")
 
     passes = teacher_pass(work, args.seq_len, 8, args.max_sequences)
     heldout = work / "top64-heldout"

@@ -15,6 +15,7 @@ Two measurements on the real teacher (SmolLM2-135M-Instruct) and the built-in co
 
     python benchmarks/sampling.py                   # about 70 minutes on 2 CPU cores (5 seeds)
     python benchmarks/sampling.py --seeds 0 1       # fewer seeds
+    python benchmarks/sampling.py --finished-only   # report the runs already trained
     python benchmarks/sampling.py --report-only     # redraw from results/sampling.json
 
 Stores and runs are reused from --work (delete a run's directory to train it again); the reference
@@ -24,7 +25,6 @@ them with the same settings. Writes benchmarks/results/sampling.md, sampling.jso
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -39,12 +39,11 @@ import torch
 
 from softcache.cache_job import cache_many, load_teacher, stream_corpus
 from softcache.config import CacheConfig
-from softcache.demo import STUDENT
 from softcache.store import open_store
 from softcache.store.convert import convert_store
 from softcache.store.zarr_format import DEFAULT_CODEC
 from quality import cached_run
-from student_runs import add_student_arguments
+from student_runs import student_benchmark_setup
 
 HERE = Path(__file__).parent
 REFERENCE = "independent N=50"
@@ -128,26 +127,24 @@ def target_error(heldout: CacheConfig, sequences: int = 16) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_student_arguments(parser, "every row is trained with each seed")
-    parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
-    parser.add_argument("--work", default=str(HERE / "out" / "sampling"))
-    args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    student_config = work / "student.json"
-    student_config.write_text(json.dumps(STUDENT))
+    args, work, student_config = student_benchmark_setup(
+        __doc__, "every row is trained with each seed", HERE / "out" / "sampling",
+        lambda parser: parser.add_argument("--finished-only", action="store_true",
+                                           help="report the runs already trained; train nothing"))
     stores = write_stores(work, args.seq_len, args.max_sequences)
     error_file = work / "target_error.json"
     if not error_file.exists():
         error_file.write_text(json.dumps(target_error(store_config(work, "unused", 512, None, split="heldout"),
                                                       16 if args.max_sequences is None else 2)))
-    plan = [("ce", stores["configs"][REFERENCE], 0.0)] + [(name, config, args.alpha)
-                                                         for name, config in stores["configs"].items()]
+    # CE-only last: a seed stopped part-way still pairs the stores with each other.
+    plan = [(name, config, args.alpha) for name, config in stores["configs"].items()] + [
+        ("ce", stores["configs"][REFERENCE], 0.0)]
     seeded = {}
     for seed in args.seeds:  # seed by seed, so that a stopped run leaves whole seeds to report
         for name, config, alpha in plan:
             out = work / f"{name.replace(' ', '-').replace('=', '')}-seed{seed}"
+            if args.finished_only and not (out / "final").is_dir():
+                continue
             row = cached_run(Path(config.out), stores["heldout"], student_config, out, args.steps, args.batch_size,
                              args.lr, seed, alpha, None)
             row["bytes_per_token"] = None if alpha == 0 else open_store(config.out).manifest["totals"]["bytes_per_token"]
@@ -187,8 +184,10 @@ def entries(root: str) -> float:
 
 
 def paired(seeded: dict, name: str, reference: str) -> tuple[float, float]:
-    """Mean of this row's CE minus the reference's over the seeds, and its standard error (NaN with one seed)."""
-    differences = [rows[name]["ce"] - rows[reference]["ce"] for rows in seeded.values()]
+    """Mean of this row's CE minus the reference's over the seeds that trained both, and its standard
+    error (NaN with one such seed)."""
+    differences = [rows[name]["ce"] - rows[reference]["ce"] for rows in seeded.values()
+                   if name in rows and reference in rows]
     error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
     return statistics.mean(differences), error
 
@@ -234,13 +233,14 @@ def write_report(results: dict) -> None:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in names:
-        ces = [rows[name]["ce"] for rows in seeded.values()]
+        ces = [rows[name]["ce"] for rows in seeded.values() if name in rows]
         size = f"{stores[name]['bytes_per_token']:.1f}" if name in stores else ""
         ids = f"{stores[name]['entries_per_position']:.2f}" if name in stores else ""
         versus = [("", "") if name == reference else paired(seeded, name, reference) for reference in ("ce", REFERENCE)]
         cells = ["" if mean == "" else f"{mean:+.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
                  for mean, se in versus]
-        lines.append(f"| {name} | {size} | {ids} | {' / '.join(f'{c:.3f}' for c in ces)} | "
+        shown = " / ".join(f"{rows[name]['ce']:.3f}" if name in rows else "-" for rows in seeded.values())
+        lines.append(f"| {name} | {size} | {ids} | {shown} | "
                      f"{statistics.mean(ces):.3f} | {cells[0]} | {cells[1]} |")
     errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE and len(seeded) > 1]
     if errors:

@@ -8,6 +8,8 @@ their tables read alike; the defaults are the demo's.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -20,3 +22,23 @@ def add_student_arguments(parser: argparse.ArgumentParser, seeds_help: str) -> N
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help=seeds_help)
     parser.add_argument("--seq-len", type=int, default=256)
+
+
+def student_benchmark_setup(doc: str, seeds_help: str, work: Path, more=None) -> tuple[argparse.Namespace, Path, Path]:
+    """The command line of a benchmark that trains students of the demo's shape (the arguments above,
+    --max-sequences and --work, defaulting to ``work``, and what ``more(parser)`` adds): ``(args, work
+    directory, student config)``, the directory made and the demo's student config written into it."""
+    from softcache.demo import STUDENT
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_student_arguments(parser, seeds_help)
+    parser.add_argument("--max-sequences", type=int, default=None, help="cut the corpus (quick checks only)")
+    parser.add_argument("--work", default=str(work))
+    if more is not None:
+        more(parser)
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    student_config = work / "student.json"
+    student_config.write_text(json.dumps(STUDENT))
+    return args, work, student_config
