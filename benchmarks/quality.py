@@ -50,7 +50,7 @@ from softcache.store import open_store
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
-from student_runs import student_benchmark_setup
+from student_runs import pyplot, student_benchmark_setup
 
 HERE = Path(__file__).parent
 
@@ -276,13 +276,9 @@ def paired(seeded: dict, name: str, reference: str) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     seeded = results["seeded"]
     rows = seeded[str(results["seed"])]

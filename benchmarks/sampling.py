@@ -43,7 +43,7 @@ from softcache.store import open_store
 from softcache.store.convert import convert_store
 from softcache.store.zarr_format import DEFAULT_CODEC
 from quality import cached_run
-from student_runs import student_benchmark_setup
+from student_runs import pyplot, student_benchmark_setup
 
 HERE = Path(__file__).parent
 REFERENCE = "independent N=50"
@@ -267,13 +267,9 @@ def matching(rows: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     seeded, stores = results["seeded"], results["stores"]
     fig, ax = plt.subplots(figsize=(7, 4.4))

@@ -42,3 +42,16 @@ def student_benchmark_setup(doc: str, seeds_help: str, work: Path, more=None) ->
     student_config = work / "student.json"
     student_config.write_text(json.dumps(STUDENT))
     return args, work, student_config
+
+
+def pyplot():
+    """matplotlib's pyplot on a file-only backend, or None (with a line saying so) where it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
