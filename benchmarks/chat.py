@@ -198,9 +198,10 @@ def teacher_speed(teacher, subset, config, rounds: int) -> dict:
             started = time.perf_counter()
             bare_forward(model, subset.input_ids, segments, 4, device)
             seconds[mode].append(time.perf_counter() - started)
-        seconds["cache job, chat store (top-64)"].append(timed_job([config("speed-chat", k=64)], teacher, subset))
+        seconds["cache job, chat store (top-64)"].append(
+            timed_job([config("speed-chat", k=64)], teacher, subset)["seconds"])
         seconds["cache job, text store of the same tokens (top-64)"].append(
-            timed_job([config("speed-text", k=64)], teacher, as_text(subset)))
+            timed_job([config("speed-text", k=64)], teacher, as_text(subset))["seconds"])
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
     masked = seconds["forward, document mask"]
     return {"seconds": seconds,
