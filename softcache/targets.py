@@ -179,7 +179,7 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
                 chunk_draws, total = _systematic_draws(weights, samples, generator)
             else:
                 chunk_draws = torch.multinomial(weights, samples, replacement=True, generator=generator).sort(-1).values
-                total = weights.sum(-1, dtype=torch.float64) if label_values is not None else None
+                total = weights.sum(-1) if label_values is not None else None  # float32, as these stores were written
             if label_values is not None:
                 y = labels[b, start : start + chunk_rows]
                 lse_1 = (peak.squeeze(-1) + total.log().float() if temperature == 1.0
