@@ -281,7 +281,7 @@ class CacheConfig:
 
         return TargetsSection.for_kind(self.targets, self.temperature, k=self.k, top_p=self.top_p,
                                        samples=self.samples, seed=self.seed,
-                                       draws=None if self.draws == "independent" else self.draws)
+                                       draws=TargetsSection.draws_field(self.draws))
 
     def encoding(self, vocab_size: int):
         """The store's :class:`~softcache.store.encoding.Encoding` for a teacher with ``vocab_size`` ids."""

@@ -126,14 +126,14 @@ class Sampled(TargetKind):
 
         seeds = [sequence_seed(targets.seed, first_sequence + b) for b in range(logits.shape[0])]
         return sampled_targets(logits, targets.samples, seeds, targets.temperature, labels,
-                               draws=targets.draws or "independent")
+                               draws=targets.draw_mode)
 
     def manifest_notes(self):
         return {"values": "count / samples estimates the teacher's probability without bias; no tail",
                 "tail": "none"}
 
     def describe(self, targets):
-        return (f"{targets.samples} {targets.draws or 'independent'} sampled draws (unique ids with counts, "
+        return (f"{targets.samples} {targets.draw_mode} sampled draws (unique ids with counts, "
                 f"seed {targets.seed})")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from softcache.errors import StoreError
 from softcache.kinds import TARGET_KINDS, target_kind
 from softcache.losses import TAILS
 from softcache.store.encoding import VALUE_CODES
@@ -76,3 +77,22 @@ def test_no_module_but_the_registry_decides_by_a_kind_name():
                     found += [f"{path.relative_to(PACKAGE)}:{node.lineno}" for n in names
                               if isinstance(n, ast.Constant) and n.value in TARGET_KINDS]
     assert found == []
+
+
+def test_a_sampled_section_without_draws_is_an_old_store_of_independent_draws():
+    old = {"kind": "sampled", "temperature": 1.0, "samples": 9, "seed": 4}
+    section = TargetsSection.from_dict(old)
+    assert section.draw_mode == "independent" and "9 independent sampled draws" in section.describe()
+    assert "draws" not in section.to_dict()  # written back as it was
+    independent = TargetsSection.for_kind("sampled", 1.0, **{**SETTINGS, "draws": TargetsSection.draws_field("independent")})
+    assert independent.to_dict() == TargetsSection.for_kind("sampled", 1.0, **{**SETTINGS, "draws": None}).to_dict()
+
+
+@pytest.mark.parametrize("draws", ["independent", "stratified", 3, None])
+def test_a_manifest_names_its_draws_or_says_nothing(draws):
+    data = {"kind": "sampled", "temperature": 1.0, "samples": 9, "seed": 4, "draws": draws}
+    if draws is None:
+        assert TargetsSection.from_dict(data).draw_mode == "independent"
+        return
+    with pytest.raises(StoreError, match="targets.draws is"):
+        TargetsSection.from_dict(data)

@@ -202,16 +202,26 @@ class TargetsSection(Section):
 
     @classmethod
     def from_dict(cls, data, where: str = "targets") -> TargetsSection:
-        from softcache.kinds import TARGET_KINDS
+        from softcache.kinds import DRAWS, TARGET_KINDS
 
         section = super().from_dict(data, where)
         if section.kind not in TARGET_KINDS:
             raise StoreError(f"{where}.kind is {section.kind!r}, not one of {', '.join(TARGET_KINDS)}")
         if not section.temperature > 0:
             raise StoreError(f"{where}.temperature is {section.temperature}, not greater than 0")
-        if section.draws not in (None, "systematic"):
+        if section.draws is not None and (section.draws not in DRAWS or cls.draws_field(section.draws) is None):
             raise StoreError(f"{where}.draws is {section.draws!r}, not 'systematic' (or absent: independent draws)")
         return section
+
+    @property
+    def draw_mode(self) -> str:
+        """How a sampled store drew (softcache.kinds.DRAWS), ``draws`` being absent for independent draws."""
+        return self.draws or "independent"
+
+    @classmethod
+    def draws_field(cls, mode: str) -> str | None:
+        """The ``draws`` field for draw mode ``mode``: absent for independent draws, as stores before had it."""
+        return None if mode == "independent" else mode
 
     @property
     def spec(self):
