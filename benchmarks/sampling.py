@@ -156,6 +156,8 @@ def main() -> None:
         "lr": args.lr, "seeds": args.seeds, "teacher_passes": stores["passes"],
         "train_tokens": open_store(stores["configs"][REFERENCE].out).layout.num_tokens,
         "stores": {name: {**STORES[name], "bytes_per_token": default_codec_bytes(Path(c.out), work),
+                          "as_written": {"codec": open_store(c.out).manifest["storage"].get("codec"),
+                                         "bytes_per_token": open_store(c.out).manifest["totals"]["bytes_per_token"]},
                           "entries_per_position": entries(c.out)} for name, c in stores["configs"].items()},
         "target_error": json.loads(error_file.read_text()),
         "seeded": seeded,
@@ -242,6 +244,14 @@ def write_report(results: dict) -> None:
         shown = " / ".join(f"{rows[name]['ce']:.3f}" if name in rows else "-" for rows in seeded.values())
         lines.append(f"| {name} | {size} | {ids} | {shown} | "
                      f"{statistics.mean(ces):.3f} | {cells[0]} | {cells[1]} |")
+    rewritten = [(name, store) for name, store in stores.items()
+                 if "as_written" in store and store["as_written"]["codec"] != DEFAULT_CODEC]
+    if rewritten:
+        lines += ["", "The same stores as their teacher pass wrote them, with the codec of the time: " + "; ".join(
+            f"{name} {store['as_written']['bytes_per_token']:.2f} bytes/token with {store['as_written']['codec']} "
+            f"against {store['bytes_per_token']:.2f} with the default {DEFAULT_CODEC} "
+            f"({store['bytes_per_token'] / store['as_written']['bytes_per_token'] - 1:+.1%})"
+            for name, store in rewritten) + "."]
     errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE and len(seeded) > 1]
     if errors:
         lines += ["", f"The paired differences' standard errors here are {min(errors):.3f} to {max(errors):.3f} "

@@ -2,8 +2,7 @@
 
 ``model(...).logits`` allocates the [B, L, V] logits afresh at every batch. On a CPU the kernel then
 maps and zero-fills every page of that allocation as the output layer first writes it: 400 MB for
-4 x 512 positions of a 49,152-id vocabulary, about a quarter of a second of one core per batch on
-the benchmark machine, a few percent of SmolLM2-135M's forward. A teacher job runs thousands of
+4 x 512 positions of a 49,152-id vocabulary, every batch. A teacher job runs thousands of
 batches of one shape, so :class:`KeptHead` takes the hidden states where they enter the output
 layer, lets the layer return nothing, and writes the layer's matrix product into a buffer kept
 from batch to batch, with the same kernel and therefore the same bits.
