@@ -50,7 +50,7 @@ from softcache.store import open_store
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
-from student_runs import pyplot, student_benchmark_setup
+from student_runs import pyplot, store_complete, student_benchmark_setup
 
 HERE = Path(__file__).parent
 
@@ -75,9 +75,7 @@ def teacher_pass(work: Path, seq_len: int, batch_size: int, max_sequences: int |
                                  out=str(work / f"{name}-train"), seq_len=seq_len, batch_size=batch_size,
                                  max_sequences=max_sequences, progress=False, **fields)
                for name, fields in TRAIN_STORES.items()}
-    missing = {name: config for name, config in configs.items()  # absent, or stopped part-way (resumed)
-               if not ((Path(config.out) / "manifest.json").exists()
-                       and open_store(config.out, allow_incomplete=True).complete)}
+    missing = {name: config for name, config in configs.items() if not store_complete(config.out)}
     if not missing:
         return passes
     job = TeacherJob(list(missing.values()))  # what `softcache cache` runs, for several stores at once

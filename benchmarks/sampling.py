@@ -43,7 +43,7 @@ from softcache.store import open_store
 from softcache.store.convert import convert_store
 from softcache.store.zarr_format import DEFAULT_CODEC
 from quality import cached_run
-from student_runs import pyplot, student_benchmark_setup
+from student_runs import pyplot, store_complete, student_benchmark_setup
 
 HERE = Path(__file__).parent
 REFERENCE = "independent N=50"
@@ -86,13 +86,12 @@ def write_stores(work: Path, seq_len: int, max_sequences: int | None) -> dict:
         reuse(work, "top64-heldout", other / "heldout-store", heldout)
     record = work / "teacher_pass.json"
     passes = json.loads(record.read_text()) if record.exists() else []
-    missing = [c for c in configs.values() if not (Path(c.out) / "manifest.json").exists()
-               or open_store(c.out).manifest["totals"].get("sequences") != open_store(c.out).layout.num_sequences]
+    missing = [c for c in configs.values() if not store_complete(c.out)]
     if missing:
         results = cache_many(missing)
         passes.append({"stores": [Path(c.out).name for c in missing], "seconds": results[0].seconds})
         record.write_text(json.dumps(passes))
-    if not (Path(heldout.out) / "manifest.json").exists():
+    if not store_complete(heldout.out):
         cache_many([heldout])
     return {"configs": configs, "heldout": Path(heldout.out), "passes": passes}
 

@@ -55,3 +55,10 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def store_complete(root) -> bool:
+    """Whether a teacher job finished the store at ``root`` (absent, or stopped part-way: False, to be resumed)."""
+    from softcache.store import open_store
+
+    return (Path(root) / "manifest.json").exists() and open_store(root, allow_incomplete=True).complete
