@@ -202,12 +202,14 @@ def _systematic_draws(weights: torch.Tensor, samples: int, generator: torch.Gene
     Draw j of a row is the id whose interval of the cumulative weights holds (j + u) / samples of the
     row's sum, u uniform in [0, 1) per row. The search runs in two levels, over block sums (in
     float64, so that no id's interval is lost to rounding against the row's sum) and then inside the
-    few blocks the draws land in, so no cumulative sum of V values is formed.
+    few blocks the draws land in, so no cumulative sum of V values is formed. Where the draws would
+    gather more values than the row holds (samples x BLOCK > V) or V is not a multiple of BLOCK, one
+    cumulative sum over the row is cheaper and is used instead.
     """
     n, vocab = weights.shape
     u = torch.rand(n, 1, dtype=torch.float64, generator=generator, device=weights.device)
     steps = torch.arange(samples, dtype=torch.float64, device=weights.device)
-    if vocab % BLOCK:
+    if vocab % BLOCK or samples * BLOCK > vocab:
         cumulative = weights.double().cumsum(-1)
         total = cumulative[:, -1]
         points = (steps + u) * (total[:, None] / samples)

@@ -116,7 +116,7 @@ def test_sampled_targets_are_unbiased(draws):
     torch.testing.assert_close(estimate.sum(-1), torch.ones(4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("vocab", [30, 192, 1000])  # 192 = 3 blocks of softcache.targets.BLOCK ids
+@pytest.mark.parametrize("vocab", [30, 192, 4096])  # blocks of softcache.targets.BLOCK ids: 4096 searches by block
 def test_systematic_draws_give_each_id_the_floor_or_ceiling_of_its_share(vocab):
     """N systematic draws give an id of probability p exactly floor(Np) or ceil(Np) of them, on both
     search paths (blocks when V is a multiple of BLOCK, one cumulative sum otherwise), at any temperature."""
@@ -134,9 +134,9 @@ def test_systematic_draws_give_each_id_the_floor_or_ceiling_of_its_share(vocab):
 
 
 def test_systematic_draws_are_the_same_on_both_search_paths(monkeypatch):
-    logits = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(1)) * 3
+    logits = torch.randn(2, 24, 4096, generator=torch.Generator().manual_seed(1)) * 3
     blocks = _sampled_targets(logits, 20, [5, 6], chunk_rows=8)
-    monkeypatch.setattr(softcache.targets, "BLOCK", 100)  # 256 is not a multiple: one cumulative sum
+    monkeypatch.setattr(softcache.targets, "BLOCK", 100)  # 4096 is not a multiple: one cumulative sum
     whole = _sampled_targets(logits, 20, [5, 6], chunk_rows=8)
     assert torch.equal(blocks.ids, whole.ids) and torch.equal(blocks.counts, whole.counts)
 
@@ -164,3 +164,14 @@ def test_two_level_top_k_is_torch_topk(vocab, k, monkeypatch):
     untied = torch.ones_like(fast.ids, dtype=torch.bool)
     untied[0, 0] = False  # tied values may come in another order of ids
     assert torch.equal(fast.ids[untied], slow.ids[untied])
+
+
+def test_many_draws_search_the_whole_row_instead_of_gathering_more_than_it_holds(monkeypatch):
+    """samples x BLOCK values gathered per row would outgrow the row (10^5 draws: 1.6 GB a chunk)."""
+    seen = []
+    searchsorted = torch.searchsorted
+    monkeypatch.setattr(torch, "searchsorted", lambda sorted_, points, **kw: seen.append(sorted_.shape[-1])
+                        or searchsorted(sorted_, points, **kw))
+    logits = torch.randn(1, 3, 4096, generator=torch.Generator().manual_seed(2))
+    t = _sampled_targets(logits, 1000, [1])
+    assert seen == [4096] and torch.all(t.counts.sum(-1) == 1000)
