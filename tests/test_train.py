@@ -435,6 +435,32 @@ def test_a_full_disk_while_checkpointing_is_one_error_keeping_the_older_checkpoi
     assert run_train(config).steps == 2
 
 
+def test_a_ctrl_c_while_a_checkpoint_is_written_finishes_it_then_stops(train_config, tmp_path, monkeypatch):
+    """SIGINT halfway through torch.save would surface as torch's RuntimeError about stream positions (a
+    traceback, not the one line): the checkpoint is finished first, and the run stops naming it."""
+    import os
+    import signal
+
+    from softcache import checkpoint
+    from softcache.errors import Interrupted
+
+    original, calls = checkpoint._Writer.write, {"n": 0}
+
+    def write(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside the first checkpoint's zip records
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, data)
+
+    monkeypatch.setattr(checkpoint._Writer, "write", write)
+    with pytest.raises(Interrupted, match=r"^interrupted at step 2 of 6; rerun with --resume to continue from the "
+                                          r"checkpoint of step 2$"):
+        run_train(train_config())
+    run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000002.pt"]
+    assert checkpoint.load(run / "checkpoints" / "step-000000002.pt")["step"] == 2
+
+
 @pytest.mark.parametrize("error", ["OSError", "SafetensorError"])  # safetensors' writer wraps the OSError
 def test_a_full_disk_while_saving_the_model_is_one_error_and_no_final(train_config, tmp_path, monkeypatch, error):
     import errno
