@@ -8,8 +8,9 @@ One process, one loaded teacher, the same packed batches. Each round runs, back 
   arrow  -- the same into an arrow store;
   sampled -- the cache job into zarr stores of sampled targets: 12 and 50 systematic draws per
             position, and 50 independent ones (how sampled stores drew before).
-Rounds are interleaved so that machine noise hits every mode alike; medians are reported, and
-each job's ratio to the bare forward of the same round.
+Every job runs between two bare forwards, and its ratio is to their mean, so that a machine whose
+speed drifts moves the job and its reference alike; rounds repeat the sequence and medians over
+rounds are reported.
 
 Then the zarr store's content is rewritten with other codecs (same data, checked by content digest)
 to compare bytes per token and read throughput. The stores use the default target encoding; every
@@ -154,24 +155,37 @@ def main() -> None:
     packed = pack_corpus(base, teacher.tokenizer)
     assert np.array_equal(packed.input_ids, input_ids), "the streamed shards are the packed rows"
     runs = {mode: [] for mode in ("bare", *MODES)}  # per round: seconds, cpu_seconds and the job's stats
+    around = {mode: [] for mode in MODES}  # per round: the mean of the bare passes just before and after the job
     rebuild = []  # seconds of the zarr job's shard rebuilds, per round
-    for round_ in range(args.rounds):
+
+    def bare() -> dict:
         started, cpu = time.perf_counter(), time.process_time()
         bare_forward(model, input_ids, args.batch_size, device)
-        runs["bare"].append({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu})
+        return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
+
+    for round_ in range(args.rounds):
+        # Every job runs between two bare passes and is compared with their mean: a machine whose speed drifts
+        # during a round (a neighbour starting, the CPU's clock) moves a job and its reference alike.
         # The streamed and packed jobs swap places every round: the one run second ran ~3% faster in either
         # order on this machine, as large as the difference being measured.
         order = list(MODES) if round_ % 2 == 0 else ["packed", "zarr", *list(MODES)[2:]]
+        before = bare()
+        runs["bare"].append(before)
         for mode in order:
             corpus.seconds.clear()
             runs[mode].append(cache_job(teacher, packed if mode == "packed" else corpus, base, work / f"job-{mode}",
                                         **MODES[mode][1]))
             if mode == "zarr":
                 rebuild.append(sum(corpus.seconds))
+            after = bare()
+            runs["bare"].append(after)
+            around[mode].append({key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds")})
+            before = after
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {r[-1]['seconds']:.1f} s" for m, r in runs.items()), flush=True)
     seconds = {m: [r["seconds"] for r in rs] for m, rs in runs.items()}
-    ratios = {m: statistics.median(s / b for s, b in zip(seconds[m], seconds["bare"])) for m in MODES}
-    cpu_ratios = {m: statistics.median(r["cpu_seconds"] / b["cpu_seconds"] for r, b in zip(runs[m], runs["bare"]))
+    round_ratios = {m: [r["seconds"] / b["seconds"] for r, b in zip(runs[m], around[m])] for m in MODES}
+    ratios = {m: statistics.median(r) for m, r in round_ratios.items()}
+    cpu_ratios = {m: statistics.median(r["cpu_seconds"] / b["cpu_seconds"] for r, b in zip(runs[m], around[m]))
                   for m in MODES}
     per_1000 = {m: {key: statistics.median(r[key] for r in runs[m]) / tokens * 1000
                     for key in ("targets_seconds", "writer_cpu_seconds")} for m in MODES}
@@ -197,7 +211,7 @@ def main() -> None:
         "teacher": args.teacher, "tokens_per_pass": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "k": args.k, "rounds": args.rounds, "seconds": seconds, "runs": runs,
         "median_seconds": {m: statistics.median(s) for m, s in seconds.items()},
-        "median_ratio_to_bare": ratios, "median_cpu_ratio_to_bare": cpu_ratios, "per_1000_tokens": per_1000,
+        "median_ratio_to_bare": ratios, "round_ratios_to_bare": round_ratios, "median_cpu_ratio_to_bare": cpu_ratios, "per_1000_tokens": per_1000,
         "modes": {m: label for m, (label, _) in MODES.items()}, "median_streamed_to_packed": streamed_to_packed,
         "rebuild_seconds": rebuild, "storage": storage,
         "encoding": open_store(work / "job-zarr").manifest["encoding"],
@@ -226,21 +240,24 @@ def write_report(results: dict) -> None:
         f"(seq_len {results['seq_len']}, batch {results['batch_size']}, k {results['k']}), "
         f"{results['rounds']} interleaved rounds, medians. Produced by `python benchmarks/cache_job.py`.",
         "",
-        "Ratios are each round's job over the same round's bare forward, the median over rounds: of wall time, "
+        "Each job runs between two bare forwards; its ratio is to their mean, the median over rounds (the range "
+        "over rounds beside it): of wall time, "
         "and of the process's CPU time (every thread), which a busy neighbour on a shared machine disturbs less. "
         "Besides the forward, per 1,000 tokens (medians): the targets' extraction in the teacher loop (wall "
         "seconds), and the background writer's CPU seconds (host copies, encoding, compression, checksums, "
         "writes), the figures that carry over to a machine with more cores or a GPU.",
         "",
-        "| mode | median s / pass | tokens/s | wall ratio to bare forward | CPU-time ratio | targets s / 1k tokens "
-        "| writer CPU s / 1k tokens |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| bare forward | {med['bare']:.2f} | {tokens / med['bare']:,.0f} | 1.000 | 1.000 | | |",
+        "| mode | median s / pass | tokens/s | wall ratio to bare forward | range over rounds | CPU-time ratio "
+        "| targets s / 1k tokens | writer CPU s / 1k tokens |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| bare forward | {med['bare']:.2f} | {tokens / med['bare']:,.0f} | 1.000 | | 1.000 | | |",
     ]
     for mode, label in results.get("modes", {}).items():
         cost = results["per_1000_tokens"][mode]
+        spread = results["round_ratios_to_bare"][mode]
         lines.append(f"| cache job, {label} | {med[mode]:.2f} | {tokens / med[mode]:,.0f} | "
-                     f"{results['median_ratio_to_bare'][mode]:.3f} | {results['median_cpu_ratio_to_bare'][mode]:.3f} | "
+                     f"{results['median_ratio_to_bare'][mode]:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
+                     f"{results['median_cpu_ratio_to_bare'][mode]:.3f} | "
                      f"{cost['targets_seconds']:.3f} | {cost['writer_cpu_seconds']:.4f} |")
     if "median_streamed_to_packed" in results:
         rebuilt = statistics.median(results["rebuild_seconds"])
@@ -249,9 +266,8 @@ def write_report(results: dict) -> None:
                       "thread beside the teacher.",
                   "", f"The job streaming its corpus against the same job given it packed in memory, median of the "
                       f"rounds' ratios: {results['median_streamed_to_packed']:.3f}. Per round (s): "
-                      + "; ".join(f"bare {b:.1f}, zarr {z:.1f}, packed {p:.1f}" for b, z, p in
-                                  zip(results["seconds"]["bare"], results["seconds"]["zarr"],
-                                      results["seconds"]["packed"])) + "."]
+                      + "; ".join(f"zarr {z:.1f}, packed {p:.1f}" for z, p in
+                                  zip(results["seconds"]["zarr"], results["seconds"]["packed"])) + "."]
     lines += [
         "",
         f"## Bytes per token and read throughput (same content: top-{results['k']}, ids "
