@@ -10,8 +10,8 @@ from softcache.demo import DemoConfig, run_demo
 
 
 def test_demo_runs_and_reruns(tiny_teacher, tmp_path, capsys):
-    config = DemoConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher), seq_len=128, steps=2, batch_size=2,
-                        max_sequences=24, progress=False)
+    config = DemoConfig(out=str(tmp_path / "demo"), teacher=str(tiny_teacher), seq_len=64, steps=2, batch_size=2,
+                        max_sequences=8, progress=False)
     result = run_demo(config)
     names = [row["model"] for row in result.rows]
     assert names[0].startswith("teacher") and names[1] == "student, cross-entropy only"

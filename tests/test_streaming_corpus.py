@@ -118,7 +118,7 @@ def test_a_streaming_job_writes_the_same_store_and_resumes(cache_config, files, 
 
     from conftest import interrupted
 
-    options = dict(data=str(files), max_sequences=None, seq_len=64)
+    options = dict(data=str(files), max_sequences=None, seq_len=64, batch_size=16, shard_size=48)  # ~1,100 rows
     run_cache(cache_config(out=str(tmp_path / "mapped"), **options))
     config = cache_config(out=str(tmp_path / "streamed"), streaming=True, **options)
     interrupted(monkeypatch, StoreWriter, "write_shard", 4, lambda: run_cache(config))
