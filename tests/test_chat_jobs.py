@@ -88,6 +88,7 @@ def test_cache_info_train_resume_and_eval_on_a_chat_corpus(tiny_teacher, chat_da
     assert json.loads(evaluated.output)["tokens"] == int(teaching.sum())
 
 
+@pytest.mark.slow  # 20 s; two ranks: test_distributed.py, chat rows: the tests above
 def test_two_rank_chat_job_writes_the_one_rank_store(tiny_teacher, chat_data, tmp_path):
     data, template = chat_data
     one = CliRunner().invoke(main, cache_args(tiny_teacher, data, template, tmp_path / "one", "--targets", "sampled",

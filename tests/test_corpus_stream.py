@@ -37,11 +37,11 @@ def text_dir(tmp_path_factory):
     """Three files of paragraphs (JSON lines, one with empty rows, and a .txt file) and one long document."""
     paragraphs = [p for topic in python_docs()[:40] for p in topic.split("\n\n")]
     root = tmp_path_factory.mktemp("texts")
-    rows = [{"text": t} for t in paragraphs[:300]]
+    rows = [{"text": t} for t in paragraphs[:150]]
     rows[5]["text"] = rows[77]["text"] = ""
     (root / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "b.txt").write_text(python_docs()[3] * 3)  # one document longer than most rows
-    (root / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paragraphs[300:700]))
+    (root / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in paragraphs[150:350]))
     return root
 
 

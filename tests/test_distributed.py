@@ -29,19 +29,23 @@ def cache_args(config) -> list:
             config.samples, "--no-progress"]
 
 
-def test_two_rank_teacher_job_writes_the_one_rank_store(cache_config, tmp_path):
+def test_two_rank_teacher_job_writes_the_one_rank_store_at_a_url(cache_config, tmp_path, monkeypatch):
+    """Two ranks write the store of one rank, byte for byte in content, to a URL as to a directory."""
     one = cache_config(targets="sampled", samples=10, out=str(tmp_path / "one"))
     run_cache(one)
-    two = cache_config(targets="sampled", samples=10, out=str(tmp_path / "two"))
+    two = cache_config(targets="sampled", samples=10, out=f"file://{tmp_path / 'bucket' / 'store'}")
+    monkeypatch.setenv("SOFTCACHE_CACHE", str(tmp_path / "mirror"))
     result = torchrun(*cache_args(two))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote 24 sequences") == 1  # one summary, from rank 0
-    a, b = open_store(one.out), open_store(two.out)
+    assert not (tmp_path / "bucket" / "store" / "progress").exists()
+    a, b = open_store(one.out), open_store(str(tmp_path / "bucket" / "store"))
     assert b.complete and b.verify() == []
     assert a.manifest["totals"]["content_sha256"] == b.manifest["totals"]["content_sha256"]
     assert [s.content_sha256 for s in a.shards] == [s.content_sha256 for s in b.shards]
 
 
+@pytest.mark.slow  # 17 s; a one-rank resume: test_crash.py and test_cache_job.py, two ranks: the test above
 def test_two_ranks_resume_an_interrupted_store(cache_config, tmp_path, monkeypatch):
     reference = cache_config(out=str(tmp_path / "reference"))
     run_cache(reference)
@@ -188,22 +192,6 @@ dist.destroy_process_group()
     seen = sorted(ranks[0]["first_tokens"] + ranks[1]["first_tokens"])
     expected = sorted(open_store(store).read(0, 24)["input_ids"][:, 0].tolist())
     assert seen == expected  # every sequence once, none twice
-
-
-def test_two_ranks_write_a_store_at_a_url(cache_config, tmp_path):
-    local = cache_config(out=str(tmp_path / "local"))
-    run_cache(local)
-    remote = cache_config(out=f"file://{tmp_path / 'bucket' / 'store'}")
-    env_cache = str(tmp_path / "mirror")
-    os.environ["SOFTCACHE_CACHE"] = env_cache
-    try:
-        result = torchrun(*cache_args(remote))
-    finally:
-        del os.environ["SOFTCACHE_CACHE"]
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not (tmp_path / "bucket" / "store" / "progress").exists()
-    assert (open_store(str(tmp_path / "bucket" / "store")).manifest["totals"]["content_sha256"]
-            == open_store(local.out).manifest["totals"]["content_sha256"])
 
 
 @pytest.mark.slow  # multi-process or whole-demo; pytest -m slow

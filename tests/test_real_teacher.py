@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from softcache import open_store
-from softcache.cache_job import run_cache
+from softcache.cache_job import TeacherJob, load_teacher
 from softcache.config import CacheConfig
-from softcache.teacher import load_model, resolve_source
+from softcache.teacher import resolve_source
 
 pytestmark = pytest.mark.real_teacher
 
@@ -34,7 +34,8 @@ def test_smollm2_cache_roundtrip(smollm2, tmp_path):
     config = CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", out=str(tmp_path / "store"),
                          seq_len=256, max_sequences=8, k=16, batch_size=4, shard_size=4, progress=False,
                          values="float16")
-    result = run_cache(config)
+    teacher = load_teacher(config)  # the job's own loader, once: a GGUF load takes most of this test's time
+    result, = TeacherJob([config], teacher=teacher).run()
     store = open_store(config.out)
     assert len(store) == 8 and store.verify() == []
     m = store.manifest
@@ -44,9 +45,8 @@ def test_smollm2_cache_roundtrip(smollm2, tmp_path):
     assert "2,048 tokens" in result.summary()
 
     data = store.read(0, 2)
-    model = load_model(smollm2, torch.device("cpu"), torch.float32, progress=False)
-    with torch.inference_mode():
-        logits = model(input_ids=torch.from_numpy(data["input_ids"])).logits
+    with torch.inference_mode():  # the model's own forward, not the job's kept output layer
+        logits = teacher.model(input_ids=torch.from_numpy(data["input_ids"])).logits
     reference = torch.log_softmax(logits.float(), dim=-1).topk(16, dim=-1)
     order = np.argsort(reference.indices.numpy(), axis=-1)  # delta-coded ids come back in id order
     np.testing.assert_array_equal(data["target_ids"], np.take_along_axis(reference.indices.numpy(), order, -1))

@@ -453,9 +453,14 @@ def test_a_ctrl_c_while_a_checkpoint_is_written_finishes_it_then_stops(train_con
         return original(self, data)
 
     monkeypatch.setattr(checkpoint._Writer, "write", write)
-    with pytest.raises(Interrupted, match=r"^interrupted at step 2 of 6; rerun with --resume to continue from the "
-                                          r"checkpoint of step 2$"):
-        run_train(train_config())
+    # Ctrl-C handled as in a foreground job, whatever this process inherited (a shell's background job ignores it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Interrupted, match=r"^interrupted at step 2 of 6; rerun with --resume to continue from "
+                                              r"the checkpoint of step 2$"):
+            run_train(train_config())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     run = tmp_path / "run"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000002.pt"]
     assert checkpoint.load(run / "checkpoints" / "step-000000002.pt")["step"] == 2
