@@ -141,7 +141,7 @@ def main() -> None:
     work = Path(args.work)
 
     base = CacheConfig(teacher=args.teacher, data="builtin:python-docs", out=str(work / "unused"), seq_len=args.seq_len,
-                       max_sequences=args.sequences, k=args.k, batch_size=args.batch_size, shard_size=args.shard_size,
+                       max_sequences=args.sequences, targets="topk", k=args.k, batch_size=args.batch_size, shard_size=args.shard_size,
                        device=args.device, progress=False)
     teacher = load_teacher(base)
     corpus = TimedShards(stream_corpus(base, teacher.tokenizer))

@@ -155,7 +155,7 @@ def main() -> None:
     subset = dataclasses.replace(train, input_ids=train.input_ids[:args.sequences], teach=train.teach[:args.sequences],
                                  segments=train.segments[:args.sequences])
     if "bytes" in args.parts:  # 1: chat and text stores of the same tokens
-        kinds = {"top64": {"k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
+        kinds = {"top64": {"targets": "topk", "k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
         sizes = {}
         for shape, corpus in (("chat", subset), ("text", as_text(subset))):
             configs = [config(f"bytes-{shape}-{name}", **fields) for name, fields in kinds.items()]
@@ -168,7 +168,7 @@ def main() -> None:
                        rounds=args.rounds)
     if "students" in args.parts:  # 3: on the whole training split and the held-out split
         stores = {"train": config("train-sampled50", targets="sampled", samples=50),
-                  "heldout": config("heldout-top64", split="heldout", k=64)}
+                  "heldout": config("heldout-top64", split="heldout", targets="topk", k=64)}
         for split, store_config in stores.items():
             if not ((Path(store_config.out) / "manifest.json").exists() and open_store(store_config.out).complete):
                 started = time.perf_counter()
@@ -199,9 +199,9 @@ def teacher_speed(teacher, subset, config, rounds: int) -> dict:
             bare_forward(model, subset.input_ids, segments, 4, device)
             seconds[mode].append(time.perf_counter() - started)
         seconds["cache job, chat store (top-64)"].append(
-            timed_job([config("speed-chat", k=64)], teacher, subset)["seconds"])
+            timed_job([config("speed-chat", targets="topk", k=64)], teacher, subset)["seconds"])
         seconds["cache job, text store of the same tokens (top-64)"].append(
-            timed_job([config("speed-text", k=64)], teacher, as_text(subset))["seconds"])
+            timed_job([config("speed-text", targets="topk", k=64)], teacher, as_text(subset))["seconds"])
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
     masked = seconds["forward, document mask"]
     return {"seconds": seconds,

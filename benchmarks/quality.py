@@ -56,7 +56,8 @@ HERE = Path(__file__).parent
 
 
 TRAIN_STORES = {  # name: CacheConfig fields of the store's targets
-    "top8": {"k": 8}, "top16": {"k": 16}, "top64": {"k": 64}, "top1024": {"k": 1024},
+    "top8": {"targets": "topk", "k": 8}, "top16": {"targets": "topk", "k": 16}, "top64": {"targets": "topk", "k": 64},
+    "top1024": {"targets": "topk", "k": 1024},
     "sampled16": {"targets": "sampled", "samples": 16}, "sampled50": {"targets": "sampled", "samples": 50},
     "sampled100": {"targets": "sampled", "samples": 100}, "sampled200": {"targets": "sampled", "samples": 200},
 }
@@ -145,7 +146,7 @@ def main() -> None:
     heldout = work / "top64-heldout"
     heldout_seconds = work / "heldout_pass.json"
     result = run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split="heldout",
-                                   out=str(heldout), seq_len=args.seq_len, k=64, batch_size=8,
+                                   out=str(heldout), seq_len=args.seq_len, targets="topk", k=64, batch_size=8,
                                    max_sequences=args.max_sequences, progress=False))
     if not result.already_complete:  # a reused store keeps the time of the pass that wrote it
         heldout_seconds.write_text(json.dumps({"seconds": result.seconds}))

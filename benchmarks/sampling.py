@@ -80,7 +80,7 @@ def write_stores(work: Path, seq_len: int, max_sequences: int | None) -> dict:
     other = HERE / "out" / "cross_tokenizer"
     configs = {name: store_config(work, f"{name.replace(' ', '-').replace('=', '')}-train", seq_len, max_sequences,
                                   targets="sampled", **flags) for name, flags in STORES.items()}
-    heldout = store_config(work, "top64-heldout", seq_len, max_sequences, split="heldout", k=64)
+    heldout = store_config(work, "top64-heldout", seq_len, max_sequences, split="heldout", targets="topk", k=64)
     if max_sequences is None:
         reuse(work, Path(configs[REFERENCE].out).name, other / "train-store", configs[REFERENCE])
         reuse(work, "top64-heldout", other / "heldout-store", heldout)

@@ -138,9 +138,10 @@ def cache(**options) -> None:
     a sharded, checksummed store.
 
     For every position i of every packed sequence the store holds the teacher's distribution over the
-    next token in compact form (--targets): by default its k most likely ids with log-probabilities
-    normalised over the full vocabulary, so the mass outside them is known exactly; or top-p ids; or
-    unbiased sampled ids with counts. The store records how it is coded; training reads it back with
+    next token in compact form (--targets): by default --samples draws from it, kept as unique ids
+    with counts (unbiased: the student learns the whole distribution); or its k most likely ids with
+    log-probabilities normalised over the full vocabulary, so the mass outside them is known exactly;
+    or top-p ids. The store records how it is coded; training reads it back with
     no settings to copy. Interrupt it at any time: the same command resumes after the last complete
     shard and produces the same shard files as an uninterrupted run.
 

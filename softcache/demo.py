@@ -108,7 +108,7 @@ def _run(config: DemoConfig) -> DemoResult:
     stores, names = {}, {"train": f"store-train-{kind}{config.targets}", "heldout": f"store-heldout{'-chat' * config.chat}"}
     for split in ("train", "heldout"):
         log.info(f"== teacher job: {config.teacher} over {data} ({split} topics)")
-        targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {}
+        targets = {"targets": config.targets, "samples": config.samples} if split == "train" else {"targets": "topk"}
         result = run_cache(CacheConfig(teacher=config.teacher, data=data, split=split,
                                        out=str(out / names[split]), seq_len=seq_len, k=config.k,
                                        batch_size=8, max_sequences=config.max_sequences, progress=config.progress,

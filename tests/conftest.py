@@ -117,7 +117,7 @@ def cache_config(tiny_teacher, corpus_file, tmp_path):
 
     def build(**overrides) -> CacheConfig:
         options = dict(teacher=str(tiny_teacher), data=str(corpus_file), out=str(tmp_path / "store"),
-                       seq_len=32, max_sequences=24, k=8, batch_size=4, shard_size=5, progress=False)
+                       seq_len=32, max_sequences=24, targets="topk", k=8, batch_size=4, shard_size=5, progress=False)
         options.update(overrides)
         return CacheConfig(**options)
 

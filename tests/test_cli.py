@@ -19,7 +19,7 @@ def run(*args):
 @pytest.fixture
 def base_args(tiny_teacher, corpus_file):
     return ["cache", "--teacher", tiny_teacher, "--data", corpus_file, "--seq-len", 32, "--max-sequences", 12,
-            "--k", 8, "--batch-size", 4, "--shard-size", 4, "--no-progress"]
+            "--targets", "topk", "--k", 8, "--batch-size", 4, "--shard-size", 4, "--no-progress"]
 
 
 def test_cache_info_verify_convert(base_args, tmp_path):
@@ -51,6 +51,16 @@ def test_cache_info_verify_convert(base_args, tmp_path):
 
     again = run(*base_args, "--out", store)
     assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_the_default_targets_are_24_systematic_draws_and_info_says_why(tiny_teacher, corpus_file, tmp_path):
+    result = run("cache", "--teacher", tiny_teacher, "--data", corpus_file, "--out", tmp_path / "store", "--seq-len", 32,
+                 "--max-sequences", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    targets = json.loads(run("info", tmp_path / "store", "--json").output)["targets"]
+    assert targets["kind"] == "sampled" and targets["samples"] == 24 and targets["draws"] == "systematic"
+    words = " ".join(run("info", tmp_path / "store").output.split())
+    assert "kind sampled: unbiased" in words and "the default, for the best quality per byte" in words
 
 
 def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):

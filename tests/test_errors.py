@@ -20,7 +20,7 @@ from conftest import edit_manifest, with_digest_everywhere, with_shard
 def world(tiny_teacher, corpus_file, tmp_path_factory):
     """Everything the mistakes below are made with: a teacher, corpora, stores, students, runs."""
     root = tmp_path_factory.mktemp("mistakes")
-    base = ["--teacher", str(tiny_teacher), "--seq-len", 32, "--max-sequences", 12, "--k", 8, "--batch-size", 4,
+    base = ["--teacher", str(tiny_teacher), "--seq-len", 32, "--max-sequences", 12, "--targets", "topk", "--k", 8, "--batch-size", 4,
             "--shard-size", 4, "--no-progress"]
     store = root / "store"
     assert run("cache", *base, "--data", corpus_file, "--out", store).exit_code == 0

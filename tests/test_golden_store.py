@@ -28,7 +28,7 @@ from conftest import store_files
 
 GOLDEN = Path(__file__).parent / "data" / "golden_stores.json"
 JOBS = {
-    "topk-zarr-default": {},
+    "topk-zarr": {},  # the tests' cache_config: top-8
     "topk-arrow-plain-float16": {"format": "arrow", "ids": "plain", "values": "float16", "temperature": 0.7},
     "topp-zarr-bitpack": {"targets": "topp", "top_p": 0.8, "ids": "bitpack"},
     "sampled-zarr": {"targets": "sampled", "samples": 12, "seed": 3, "draws": "independent"},

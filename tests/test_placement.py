@@ -220,7 +220,8 @@ def test_a_gguf_teacher_placed_on_cpu_and_disk_writes_the_same_store(tmp_path):
 
     def config(out: str, **placement) -> CacheConfig:
         return CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", out=str(tmp_path / out), seq_len=64,
-                           max_sequences=4, k=16, batch_size=2, shard_size=2, progress=False, **placement)
+                           max_sequences=4, targets="topk", k=16, batch_size=2, shard_size=2, progress=False,
+                           **placement)
 
     run_cache(config("fits"))
     (tmp_path / "offload").mkdir()

@@ -32,7 +32,7 @@ def smollm2():
 
 def test_smollm2_cache_roundtrip(smollm2, tmp_path):
     config = CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", out=str(tmp_path / "store"),
-                         seq_len=256, max_sequences=8, k=16, batch_size=4, shard_size=4, progress=False,
+                         seq_len=256, max_sequences=8, targets="topk", k=16, batch_size=4, shard_size=4, progress=False,
                          values="float16")
     teacher = load_teacher(config)  # the job's own loader, once: a GGUF load takes most of this test's time
     result, = TeacherJob([config], teacher=teacher).run()

@@ -34,7 +34,7 @@ def setting(tmp_path_factory, corpus_file):
     root = tmp_path_factory.mktemp("cross")
     teacher = make_teacher(root / "teacher", seed=1)
     run_cache(CacheConfig(teacher=str(teacher), data=str(corpus_file), out=str(root / "store"), seq_len=32,
-                          max_sequences=40, k=8, batch_size=8, shard_size=8, progress=False))
+                          max_sequences=40, targets="topk", k=8, batch_size=8, shard_size=8, progress=False))
     student = root / "student"
     tokenizer = train_tokenizer(student, 300)
     (student / "config.json").write_text(json.dumps({
