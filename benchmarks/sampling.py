@@ -51,6 +51,7 @@ STORES = {  # row name: the store's sampling flags
     REFERENCE: {"samples": 50, "draws": "independent"},
     "systematic N=12": {"samples": 12, "draws": "systematic"},
     "systematic N=16": {"samples": 16, "draws": "systematic"},
+    "systematic N=24": {"samples": 24, "draws": "systematic"},  # softcache cache's default
 }
 ERROR_DRAWS = (8, 12, 16, 20, 24, 32, 50, 100)
 
@@ -189,6 +190,8 @@ def paired(seeded: dict, name: str, reference: str) -> tuple[float, float]:
     error (NaN with one such seed)."""
     differences = [rows[name]["ce"] - rows[reference]["ce"] for rows in seeded.values()
                    if name in rows and reference in rows]
+    if not differences:
+        return math.nan, math.nan
     error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
     return statistics.mean(differences), error
 
@@ -238,11 +241,11 @@ def write_report(results: dict) -> None:
         size = f"{stores[name]['bytes_per_token']:.1f}" if name in stores else ""
         ids = f"{stores[name]['entries_per_position']:.2f}" if name in stores else ""
         versus = [("", "") if name == reference else paired(seeded, name, reference) for reference in ("ce", REFERENCE)]
-        cells = ["" if mean == "" else f"{mean:+.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+        cells = ["" if mean == "" or math.isnan(mean) else f"{mean:+.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
                  for mean, se in versus]
         shown = " / ".join(f"{rows[name]['ce']:.3f}" if name in rows else "-" for rows in seeded.values())
-        lines.append(f"| {name} | {size} | {ids} | {shown} | "
-                     f"{statistics.mean(ces):.3f} | {cells[0]} | {cells[1]} |")
+        mean_ce = f"{statistics.mean(ces):.3f}" if ces else ""
+        lines.append(f"| {name} | {size} | {ids} | {shown} | {mean_ce} | {cells[0]} | {cells[1]} |")
     rewritten = [(name, store) for name, store in stores.items()
                  if "as_written" in store and store["as_written"]["codec"] != DEFAULT_CODEC]
     if rewritten:
@@ -251,7 +254,8 @@ def write_report(results: dict) -> None:
             f"against {store['bytes_per_token']:.2f} with the default {DEFAULT_CODEC} "
             f"({store['bytes_per_token'] / store['as_written']['bytes_per_token'] - 1:+.1%})"
             for name, store in rewritten) + "."]
-    errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE and len(seeded) > 1]
+    errors = [error for name in stores if name != REFERENCE
+              if not math.isnan(error := paired(seeded, name, REFERENCE)[1])]
     if errors:
         lines += ["", f"The paired differences' standard errors here are {min(errors):.3f} to {max(errors):.3f} "
                       f"nats: with {len(seeded)} seeds this regime resolves a difference of about "
@@ -284,6 +288,8 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for name, store in stores.items():
         mean, se = paired(seeded, name, "ce")
+        if math.isnan(mean):
+            continue
         colour = "#cc6677" if name == REFERENCE else "#4477aa"
         ax.errorbar(store["bytes_per_token"], mean, yerr=None if math.isnan(se) else se, fmt="o", color=colour,
                     capsize=4)

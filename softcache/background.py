@@ -9,6 +9,7 @@ instead of filling memory; an error in the thread is raised in the teacher loop 
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+from softcache.errors import SoftcacheError
 from softcache.store import StoreWriter
 from softcache.store.encoding import concat, encode
 
@@ -92,6 +94,12 @@ class BackgroundWriter:
     def _store(self, shard, first, input_ids, targets, nll_sum, nll_count, event) -> None:
         if event is not None:
             event.synchronize()
+        if math.isnan(float(nll_sum)):  # the sum over the batch's labelled positions: any NaN row makes it NaN
+            raise SoftcacheError(
+                f"the teacher's logits are NaN in sequences {first:,} to {first + len(input_ids) - 1:,}: their targets "
+                "would be meaningless (sampled draws still look valid), so shard {shard} is not written; a float16 "
+                "teacher can overflow: rerun with --dtype bfloat16 or float32 (the shards already written are kept)"
+                .replace("{shard}", str(shard)))
         _, count = self.writer.layout.shard_bounds(shard)
         arrays = {name: None if t is None else t.numpy() for name, t in targets.items()}
         part = encode(self.writer.encoding, input_ids, **arrays)

@@ -102,6 +102,27 @@ def test_sampled_store_is_unbiased_and_independent_of_the_batch_size(cache_confi
     assert open_store(c.out).manifest["totals"]["content_sha256"] != store_a.manifest["totals"]["content_sha256"]
 
 
+@pytest.mark.parametrize("targets", ["sampled", "topk"])
+def test_a_teacher_with_nan_logits_is_refused_before_its_shard_is_written(cache_config, tiny_teacher, tmp_path, targets):
+    """One NaN logit makes a row's targets meaningless, and sampled draws from it would still look valid."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    broken = tmp_path / "nan-teacher"
+    shutil.copytree(tiny_teacher, broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")  # id 5's logit is NaN at every position
+    model.save_pretrained(broken)
+    config = cache_config(teacher=str(broken), targets=targets)
+    with pytest.raises(SoftcacheError, match=r"^the teacher's logits are NaN in sequences 0 to 3: their targets would "
+                                             r"be meaningless .*, so shard 0 is not written; a float16 teacher can "
+                                             r"overflow: rerun with --dtype bfloat16 or float32"):
+        run_cache(config)
+    assert not open_store(config.out, allow_incomplete=True).complete
+
+
 def test_manifest_describes_the_store(cache_config):
     from transformers import AutoTokenizer
 
