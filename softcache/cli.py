@@ -148,7 +148,7 @@ def cache(**options) -> None:
     \b
     Example:
       softcache cache --teacher builtin:smollm2 --data builtin:python-docs \\
-          --out runs/smol-top64 --seq-len 512 --max-sequences 64
+          --out runs/smol --seq-len 512 --max-sequences 64
     """
     from softcache.cache_job import run_cache
     from softcache.distributed import launched_as_main

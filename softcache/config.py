@@ -151,7 +151,7 @@ class CacheConfig:
     targets: str = setting("sampled", choices=TARGET_KINDS,
                            help=" ".join(f"{name}: {kind.help}." for name, kind in TARGET_KINDS.items())
                            + " sampled by default: unbiased, so the student learns the whole distribution "
-                             "(benchmarks/results/quality.md: top-64 did no better than cross-entropy)")
+                             "(benchmarks/results/quality.md: top-64 did no better than cross-entropy).")
     k: int = setting(64, ge=1, help="Ids per position (topk), or at most (topp).")
     top_p: float = setting(0.95, gt=0, le=1, help="Mass a topp position keeps (then at most --k ids).")
     samples: int = setting(24, ge=1, help="Draws per position (sampled). 24 systematic draws have less error "

@@ -180,6 +180,7 @@ def test_the_fused_loss_under_fsdp_with_a_tied_head_gives_the_one_rank_losses(tr
     same_run(tmp_path / "fused", tmp_path / "one")
 
 
+@pytest.mark.slow  # 30 s with its fixture; an unsharded run killed mid-checkpoint: test_crash.py
 def test_a_run_stopped_mid_checkpoint_resumes_from_the_one_before_exactly(
         trained_store, students, references, stopped_mid_checkpoint, tmp_path):  # noqa: F811
     run = tmp_path / "run"

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cache(tiny_teacher, corpus_file, out: Path, corpus=None, **overrides) -> str:
-    options = dict(teacher=str(tiny_teacher), data=str(corpus_file), out=str(out), seq_len=32, max_sequences=24, k=8,
-                   batch_size=4, shard_size=5, progress=False)
+    options = dict(teacher=str(tiny_teacher), data=str(corpus_file), out=str(out), seq_len=32, max_sequences=24,
+                   targets="topk", k=8, batch_size=4, shard_size=5, progress=False)
     options.update(overrides)
     config = CacheConfig(**options)
     TeacherJob(config, corpus=corpus).run() if corpus is not None else run_cache(config)
