@@ -13,7 +13,7 @@ Two measurements on the real teacher (SmolLM2-135M-Instruct) and the built-in co
    sampled store (N = 50 independent draws, the store benchmarks/quality.py found equal to online
    full-vocabulary KD over five seeds) and systematic stores of fewer draws.
 
-    python benchmarks/sampling.py                   # about 70 minutes on 2 CPU cores (5 seeds)
+    python benchmarks/sampling.py                   # about 3 hours on 2 CPU cores (5 seeds x 5 rows)
     python benchmarks/sampling.py --seeds 0 1       # fewer seeds
     python benchmarks/sampling.py --finished-only   # report the runs already trained
     python benchmarks/sampling.py --report-only     # redraw from results/sampling.json
