@@ -173,6 +173,11 @@ def test_changed_settings_are_refused(cache_config):
         run_cache(cache_config(max_sequences=12))
     with pytest.raises(StoreError, match=r"storage\.format"):
         run_cache(cache_config(format="arrow"))
+    # A top-k store met by a job of the default kind (as an old top-k store meets the new default): the kind
+    # alone, not the dozen fields that follow from it.
+    with pytest.raises(StoreError, match=r"holds a different store \(targets\.kind: store has \"topk\", this run "
+                                         r"\"sampled\"\); use another directory"):
+        run_cache(cache_config(targets="sampled"))
 
 
 def test_teacher_problems_name_the_flag(cache_config, tmp_path):

@@ -407,10 +407,15 @@ def read_sections(manifest: dict, path: Path) -> dict:
 
 
 def identity_differences(existing: dict, wanted: dict) -> list[str]:
-    """Human-readable differences between two manifests' identity sections."""
+    """Human-readable differences between two manifests' identity sections. Where the target kinds differ,
+    that one line stands for every targets and encoding field that follows from the kind."""
     differences: list[str] = []
     for section in IDENTITY:
         _diff(existing.get(section), wanted.get(section), section, differences)
+    kinds = [(manifest.get("targets") or {}).get("kind") for manifest in (existing, wanted)]
+    if kinds[0] != kinds[1]:
+        differences = [line for line in differences if not line.startswith(("targets.", "encoding."))
+                       or line.startswith("targets.kind:")]
     return differences
 
 
