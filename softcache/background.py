@@ -94,19 +94,19 @@ class BackgroundWriter:
     def _store(self, shard, first, input_ids, targets, nll_sum, nll_count, event) -> None:
         if event is not None:
             event.synchronize()
-        if math.isnan(float(nll_sum)):  # the sum over the batch's labelled positions: any NaN row makes it NaN
+        nll_value = float(nll_sum)
+        if math.isnan(nll_value):  # the sum over the batch's labelled positions: any NaN row makes it NaN
             raise SoftcacheError(
                 f"the teacher's logits are NaN in sequences {first:,} to {first + len(input_ids) - 1:,}: their targets "
-                "would be meaningless (sampled draws still look valid), so shard {shard} is not written; a float16 "
-                "teacher can overflow: rerun with --dtype bfloat16 or float32 (the shards already written are kept)"
-                .replace("{shard}", str(shard)))
+                f"would be meaningless (sampled draws still look valid), so shard {shard} is not written; a float16 "
+                "teacher can overflow: rerun with --dtype bfloat16 or float32 (the shards already written are kept)")
         _, count = self.writer.layout.shard_bounds(shard)
         arrays = {name: None if t is None else t.numpy() for name, t in targets.items()}
         part = encode(self.writer.encoding, input_ids, **arrays)
         self._parts.setdefault(shard, []).append((first, part))
         self._filled[shard] = self._filled.get(shard, 0) + len(input_ids)
         nll = self._nll.setdefault(shard, {"sum": 0.0, "count": 0})
-        nll["sum"] += float(nll_sum)
+        nll["sum"] += nll_value
         nll["count"] += nll_count
         if self._filled[shard] == count:
             columns = concat([p for _, p in sorted(self._parts.pop(shard), key=lambda item: item[0])])
