@@ -254,8 +254,8 @@ def write_report(results: dict) -> None:
             f"against {store['bytes_per_token']:.2f} with the default {DEFAULT_CODEC} "
             f"({store['bytes_per_token'] / store['as_written']['bytes_per_token'] - 1:+.1%})"
             for name, store in rewritten) + "."]
-    errors = [error for name in stores if name != REFERENCE
-              if not math.isnan(error := paired(seeded, name, REFERENCE)[1])]
+    errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE]
+    errors = [error for error in errors if not math.isnan(error)]
     if errors:
         lines += ["", f"The paired differences' standard errors here are {min(errors):.3f} to {max(errors):.3f} "
                       f"nats: with {len(seeded)} seeds this regime resolves a difference of about "
