@@ -54,6 +54,8 @@ def save(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
             writer = _Writer(handle)
             torch.save(state, writer)
     except (OSError, RuntimeError) as err:
+        if _stopped_by_ctrl_c(err):  # torch reports a Ctrl-C inside torch.save as a RuntimeError about positions
+            raise KeyboardInterrupt from None
         cause = writer.error if writer is not None and writer.error is not None else err
         if not isinstance(cause, OSError):
             raise
@@ -63,6 +65,17 @@ def save(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     for old in sorted(directory.glob("step-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _stopped_by_ctrl_c(err: BaseException) -> bool:
+    """Whether ``err`` was raised while a KeyboardInterrupt was being handled (its context chain holds one)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__context__
+    return False
 
 
 class _Writer:

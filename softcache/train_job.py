@@ -426,7 +426,7 @@ class StudentJob:
                     _append_metrics(self.out / METRICS, record)
                     self.tracker.log(record)
                 if works and (self.step % config.checkpoint_every == 0 or done):
-                    with _interrupts_held():  # a Ctrl-C halfway through torch.save would tear it: it waits
+                    with _interrupts_held():  # a first Ctrl-C waits for the checkpoint to be whole
                         self.checkpoint()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
