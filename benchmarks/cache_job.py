@@ -16,7 +16,7 @@ Then the zarr store's content is rewritten with other codecs (same data, checked
 to compare bytes per token and read throughput. The stores use the default target encoding; every
 encoding's size and fidelity is in benchmarks/encodings.py.
 
-    python benchmarks/cache_job.py                # SmolLM2-135M-Instruct, CPU, ~35 minutes
+    python benchmarks/cache_job.py                # SmolLM2-135M-Instruct, CPU, ~50 minutes at 300 tokens/s
     python benchmarks/cache_job.py --rounds 6 --sequences 64
     python benchmarks/cache_job.py --device cuda  # on a GPU machine (writes cache_job_cuda.*)
 

@@ -409,8 +409,9 @@ def measure(args) -> dict:
     results = committed(Path(args.results))
     vocab = results["vocab"]
     layout = Layout(config.shard_size, config.seq_len, config.shard_size)
-    encodings = {"top-64": config.encoding(vocab),
-                 "sampled N=50": dataclasses.replace(config, targets="sampled").encoding(vocab)}
+    # The two kinds the committed results measured, whatever the defaults are.
+    encodings = {"top-64": dataclasses.replace(config, targets="topk", k=64).encoding(vocab),
+                 "sampled N=50": dataclasses.replace(config, targets="sampled", samples=50).encoding(vocab)}
     with tempfile.TemporaryDirectory(prefix="capacity-plan-") as scratch:
         scratch = Path(scratch)
         started = time.perf_counter()
@@ -474,13 +475,14 @@ def show(value: float, unit: str) -> str:
 def report(data: dict, args) -> list[str]:
     c, m, p = data["committed"], data["measured"], data["plan"]
     d, kinds, fits = p["defaults"], c["kinds"], p["fits"]
+    kind_flag = f"--samples {d['samples']}" if d["targets"] == "sampled" else f"--k {d['k']}"
     lines = [
         "# Capacity plan: 1B, 100B and 1T tokens",
         "",
         f"Produced by `python benchmarks/capacity_plan.py` in {m['seconds']:.0f} s ({data['machine']}, shared: load "
         f"average {data['load_average'][0]:.1f}). Defaults read from `CacheConfig`: --seq-len {d['seq_len']}, "
         f"--shard-size {d['shard_size']} ({d['tokens_per_shard']:,} tokens a shard), --format {d['format']}, "
-        f"--targets {d['targets']} --k {d['k']}. *measured*: by this script, through softcache's own code; "
+        f"--targets {d['targets']} {kind_flag}. *measured*: by this script, through softcache's own code; "
         "*committed*: from the benchmark results beside this file; *published*: from the sources at the end. "
         "Larger stores are extrapolated linearly from the measured points.",
         "",

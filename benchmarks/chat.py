@@ -155,7 +155,9 @@ def main() -> None:
     subset = dataclasses.replace(train, input_ids=train.input_ids[:args.sequences], teach=train.teach[:args.sequences],
                                  segments=train.segments[:args.sequences])
     if "bytes" in args.parts:  # 1: chat and text stores of the same tokens
-        kinds = {"top64": {"targets": "topk", "k": 64}, "sampled50": {"targets": "sampled", "samples": 50}}
+        # Independent draws, as the stores of results/chat.md were written (before systematic draws).
+        kinds = {"top64": {"targets": "topk", "k": 64},
+                 "sampled50": {"targets": "sampled", "samples": 50, "draws": "independent"}}
         sizes = {}
         for shape, corpus in (("chat", subset), ("text", as_text(subset))):
             configs = [config(f"bytes-{shape}-{name}", **fields) for name, fields in kinds.items()]
@@ -167,7 +169,7 @@ def main() -> None:
         results.update(teacher_speed(teacher, subset, config, args.rounds), speed_sequences=args.sequences,
                        rounds=args.rounds)
     if "students" in args.parts:  # 3: on the whole training split and the held-out split
-        stores = {"train": config("train-sampled50", targets="sampled", samples=50),
+        stores = {"train": config("train-sampled50", targets="sampled", samples=50, draws="independent"),
                   "heldout": config("heldout-top64", split="heldout", targets="topk", k=64)}
         for split, store_config in stores.items():
             if not ((Path(store_config.out) / "manifest.json").exists() and open_store(store_config.out).complete):

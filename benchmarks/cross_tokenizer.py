@@ -75,8 +75,9 @@ def student_tokenizer(directory: Path, vocab: int):
 
 def stores(work: Path, seq_len: int, samples: int, max_sequences: int | None) -> dict:
     out = {}
-    for name, split, fields in (("train", "train", {"targets": "sampled", "samples": samples}),
-                                ("heldout", "heldout", {"targets": "topk", "k": 64})):
+    # Independent draws: results/cross_tokenizer.md's training store was written before systematic draws.
+    train = {"targets": "sampled", "samples": samples, "draws": "independent"}
+    for name, split, fields in (("train", "train", train), ("heldout", "heldout", {"targets": "topk", "k": 64})):
         result = run_cache(CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", split=split,
                                        out=str(work / f"{name}-store"), seq_len=seq_len, batch_size=8,
                                        max_sequences=max_sequences, progress=False, **fields))
