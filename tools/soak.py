@@ -98,8 +98,9 @@ def shard_files(root: Path) -> dict[str, bytes]:
 
 
 def cache_command(teacher: str, data: str, out: Path) -> list[str]:
+    """A teacher job of the default target kind, in many small shards (many points to be killed at)."""
     return ["cache", "--teacher", teacher, "--data", data, "--out", str(out), "--seq-len", "16", "--max-sequences",
-            "200", "--k", "8", "--batch-size", "2", "--shard-size", "4", "--no-progress"]
+            "200", "--batch-size", "2", "--shard-size", "4", "--no-progress"]
 
 
 def train_command(store: Path, student: Path, out: Path) -> list[str]:
