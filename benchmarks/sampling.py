@@ -286,14 +286,15 @@ def plot(results: dict, path: Path) -> None:
 
     seeded, stores = results["seeded"], results["stores"]
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    for name, store in stores.items():
+    for number, (name, store) in enumerate(stores.items()):
         mean, se = paired(seeded, name, "ce")
         if math.isnan(mean):
             continue
         colour = "#cc6677" if name == REFERENCE else "#4477aa"
         ax.errorbar(store["bytes_per_token"], mean, yerr=None if math.isnan(se) else se, fmt="o", color=colour,
                     capsize=4)
-        ax.annotate(name, (store["bytes_per_token"], mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(name, (store["bytes_per_token"], mean), textcoords="offset points",  # neighbours above and below
+                    xytext=(6, 6 if number % 2 else -12), fontsize=8)
     ax.axhline(0.0, color="#999999", linewidth=1, label="cross-entropy only")
     ax.axvline(16.0, color="#dddddd", linewidth=1, linestyle="--", label="16 bytes/token")
     ax.set_xlabel("bytes per token of the store")

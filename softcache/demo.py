@@ -1,9 +1,9 @@
 """The main job in one command: run the teacher once, train two students, show that distillation pays.
 
 On the built-in Python-docs corpus, split into train and held-out topics, with the built-in
-SmolLM2-135M-Instruct teacher: cache both splits (the training split as sampled targets, 50 draws
-per position, which did best in benchmarks/results/quality.md at 32 bytes per token; the held-out
-split as top-64, to measure KL to the teacher), then train two students of the same small
+SmolLM2-135M-Instruct teacher: cache both splits (the training split as sampled targets with `softcache cache`'s
+default draws, benchmarks/results/sampling.md; the held-out split as top-64, to measure KL to the
+teacher), then train two students of the same small
 configuration from the same initialisation for the same steps on the same batches, one with
 cross-entropy only and one distilled from the store, and compare everyone's held-out loss.
 Everything lands in one run directory; a rerun reuses the stores and the finished students.
@@ -51,9 +51,10 @@ class DemoConfig:
     chat_seq_len: int = 512
     """Tokens per sequence of the chat demo: a conversation of builtin:python-docs-chat is 150-450 tokens."""
     targets: str = setting("sampled", choices=("sampled", "topk"),
-                           help="The training store's targets: 50 sampled draws per position (unbiased, 32 "
-                                "bytes/token), or the top 64 ids (134 bytes/token).")
-    samples: int = 50
+                           help="The training store's targets: softcache cache's default sampled draws per "
+                                "position (unbiased, about 21 bytes/token), or the top 64 ids (134 bytes/token).")
+    samples: int = CacheConfig.samples
+    """Draws per position of a sampled training store: softcache cache's default."""
     k: int = 64
     """Ids per position of a topk training store, and of the held-out store."""
     steps: int = setting(120, ge=1, help="Optimiser steps of each student.")
