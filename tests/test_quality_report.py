@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARK.parent))  # its sibling modules, as when it runs as a script
-    try:
-        spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARK)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARK.parent))
-    return module
+    return load_benchmark("quality")
 
 
 def _row(ce: float, seconds: float = 10.0, size: float | None = None) -> dict:
