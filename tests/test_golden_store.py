@@ -101,9 +101,9 @@ def _problems(got: dict, recorded: dict) -> list[str]:
             problems.append(f"{name}: shard file bytes changed")
         elif have["content_sha256"] != want["content_sha256"]:
             problems.append(f"{name}: content digest changed")
-        elif want.get("manifest_sha256") and have["manifest_sha256"] != want["manifest_sha256"]:
+        elif "manifest_sha256" in want and have["manifest_sha256"] != want["manifest_sha256"]:
             problems.append(f"{name}: manifest bytes changed")
-        elif want.get("teacher_ce") and have["teacher_ce"] != pytest.approx(want["teacher_ce"], rel=1e-6):
+        elif "teacher_ce" in want and have["teacher_ce"] != pytest.approx(want["teacher_ce"], rel=1e-6):
             problems.append(f"{name}: teacher CE changed")
     return problems
 
@@ -112,10 +112,11 @@ def test_fixed_jobs_write_the_recorded_bytes(cache_config, tiny_teacher, corpus_
     """The jobs' digests equal those recorded on one of the machines the file lists (under this torch):
     every CPU whose arithmetic differs gets its own record, and a change of format breaks them all."""
     digests = _digests(cache_config, tiny_teacher, corpus_file, tmp_path)
-    golden = json.loads(GOLDEN.read_text())
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"torch": None, "machines": []}
     if os.environ.get("SOFTCACHE_WRITE_GOLDEN"):
         keep = golden["torch"] == torch.__version__ and os.environ["SOFTCACHE_WRITE_GOLDEN"] != "fresh"
         others = [m for m in golden["machines"] if m["cpu"] != _cpu()] if keep else []
+        GOLDEN.parent.mkdir(exist_ok=True)
         golden = {"torch": torch.__version__, "machines": [*others, {"cpu": _cpu(), "jobs": digests}]}
         GOLDEN.write_text(json.dumps(golden, indent=2) + "\n")
     if golden["torch"] != torch.__version__:
