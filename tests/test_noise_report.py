@@ -30,6 +30,11 @@ def test_summary_resolves_in_one_cpu_hour(noise):
             for seed, step in differences.items()}
     s = noise.summary({"held_out_ce": runs, "seconds_per_step": 1.5, "steps": 120})
     assert s["cost"] == pytest.approx(3.0)  # 120 steps of 1.5 s, in minutes
+    assert s["seeds"] == 3 and s["gain_seeds"] == 3
+    runs["3"] = {"ce": 6.6, reference: 6.4}  # a seed that trained only the two references
+    partial = noise.summary({"held_out_ce": runs, "seconds_per_step": 1.5, "steps": 120})
+    assert partial["seeds"] == 3 and partial["gain_seeds"] == 4
+    del runs["3"]
     assert s["gain"] == pytest.approx(0.22) and s["gain_se"] == pytest.approx(0.02 / math.sqrt(3))
     # The pairs (reference, x) and (reference, y) spread by 0.02; x and y are equal in every seed.
     assert list(s["pair_noise"].values()) == [pytest.approx(0.02), pytest.approx(0.02), pytest.approx(0.0, abs=1e-12)]
