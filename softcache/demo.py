@@ -1,10 +1,10 @@
 """The main job in one command: run the teacher once, train two students, show that distillation pays.
 
 On the built-in Python-docs corpus, split into train and held-out topics, with the built-in
-SmolLM2-135M-Instruct teacher: cache both splits (the training split as sampled targets with `softcache cache`'s
-default draws, benchmarks/results/sampling.md; the held-out split as top-64, to measure KL to the
-teacher), then train two students of the same small
-configuration from the same initialisation for the same steps on the same batches, one with
+SmolLM2-135M-Instruct teacher: cache both splits (the training split as sampled targets with
+`softcache cache`'s default draws, benchmarks/results/sampling.md; the held-out split as top-64, to
+measure KL to the teacher), then train two students of the same small configuration from the same
+initialisation for the same steps on the same batches, one with
 cross-entropy only and one distilled from the store, and compare everyone's held-out loss.
 Everything lands in one run directory; a rerun reuses the stores and the finished students.
 
