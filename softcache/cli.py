@@ -21,6 +21,7 @@ from softcache.errors import Interrupted, SoftcacheError
 from softcache.logs import show_on_stderr
 from softcache.settings import Setting, check_settings, load_settings, settings_of
 from softcache.store import FORMATS
+from softcache.store.encoding import SORTED_IDS
 from softcache.version import __version__
 
 
@@ -326,18 +327,21 @@ def verify(store: str) -> None:
 @click.argument("dest", type=click.Path())
 @click.option("--format", "format_", type=click.Choice(tuple(FORMATS)), required=True,
               help="Format of the new store.")
+@click.option("--ids", type=click.Choice(SORTED_IDS), default=None,
+              help="Id code of the new store: delta or ranked (smaller), which hold the same content "
+                   "[default: the source's].")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def convert(source: str, dest: str, format_: str, progress: bool) -> None:
-    """Rewrite the complete store SOURCE as DEST in another format, with identical content (the
-    content digest is checked). Resumable like a teacher job."""
+def convert(source: str, dest: str, format_: str, ids: str | None, progress: bool) -> None:
+    """Rewrite the complete store SOURCE as DEST in another format or id code, with identical content
+    (the content digest is checked). Resumable like a teacher job."""
     from tqdm.auto import tqdm
 
     from softcache.store import open_store
     from softcache.store.convert import convert_store
 
     total = open_store(source).layout.num_shards
-    with tqdm(total=total, unit="shard", desc="convert", disable=not progress, file=sys.stderr) as bar:
-        manifest = convert_store(source, dest, format_, on_shard=lambda _: bar.update(1))
+    with tqdm(total=total, unit="shard", desc="convert", disable=not progress, file=sys.stderr, delay=1) as bar:
+        manifest = convert_store(source, dest, format_, on_shard=lambda _: bar.update(1), ids=ids)
     totals = manifest["totals"]
     click.echo(f"converted {source} -> {dest} ({format_}): {totals['sequences']:,} sequences, "
                f"{totals['bytes_per_token']:.1f} bytes/token, content sha256 {totals['content_sha256'][:16]} (equal)")

@@ -41,9 +41,11 @@ FUSED_LINEAR = ("auto", "on", "off")
 # --fused-linear auto: fuse on CPU only above this much float32 logits per micro-batch. On CPU the fused
 # loss takes 10% of the memory but 1.3-1.5x the time of the unfused one (benchmarks/results/fused_loss.md).
 FUSE_ABOVE_BYTES = 2 << 30
-# Default id code, chosen by measurement (benchmarks/results/encodings.md); each target kind names its
-# default value code (softcache.kinds).
-DEFAULT_IDS = "delta"
+# Default id code per format, chosen by measurement (benchmarks/results/encodings.md): ranked where the
+# format compresses (zarr: 7-10% fewer bytes than delta), delta where it does not (arrow: the same bytes, and
+# shards that stay memory-mapped instead of being re-ranked into memory). Each target kind names its default
+# value code (softcache.kinds).
+DEFAULT_IDS = {"zarr": "ranked", "arrow": "delta"}
 # numpy's and torch's global seeds are 32-bit unsigned (np.random.seed refuses anything else).
 MAX_SEED = 2**32 - 1
 # More DataLoader workers than this only add processes: a worker reads whole shards.
@@ -165,8 +167,10 @@ class CacheConfig:
              "(unbiased, about a third of independent draws' error at N = 50). independent: N draws with "
              "replacement (stores written before systematic draws; keep it to resume one).")
     ids: str | None = setting(None, choices=ID_CODES,
-                              help="Id code: plain (uint16/int32), delta (sorted, gaps; compresses best), bitpack "
-                                   f"(ceil(log2 V) bits; for vocabularies above 65,536) [default: {DEFAULT_IDS}].")
+                              help="Id code: plain (uint16/int32), delta (sorted, gaps), ranked (as delta, of each id's "
+                                   "rank by frequency in its shard's input ids; compresses best), bitpack (ceil(log2 V) "
+                                   "bits; for vocabularies above 65,536) [default: "
+                                   f"{', '.join(f'{code} for {name}' for name, code in DEFAULT_IDS.items())}].")
     values: str | None = setting(None, choices=VALUE_CODES,
                                  help="Value code: float16 log-probs, or log8 (1 byte, tail kept exact; mean KL to "
                                       "float32 ~1e-4 nats) "
@@ -293,7 +297,8 @@ class CacheConfig:
 
         targets = self.targets_section()
         kind = targets.spec
-        return Encoding(kind.name, kind.width(targets, vocab_size), vocab_size, self.ids or DEFAULT_IDS,
+        ids = self.ids or DEFAULT_IDS.get(self.format, "delta")
+        return Encoding(kind.name, kind.width(targets, vocab_size), vocab_size, ids,
                         self.values or kind.value_codes[0], targets.samples)
 
     def to_dict(self) -> dict:

@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from softcache.cli import main
+from conftest import store_files
 
 
 def run(*args):
@@ -61,6 +63,33 @@ def test_the_default_targets_are_24_systematic_draws_and_info_says_why(tiny_teac
     assert targets["kind"] == "sampled" and targets["samples"] == 24 and targets["draws"] == "systematic"
     words = " ".join(run("info", tmp_path / "store").output.split())
     assert "kind sampled: unbiased" in words and "the default, for the best quality per byte" in words
+
+
+def test_ranked_ids_from_the_job_and_by_conversion_hold_the_same_content(base_args, tmp_path):
+    from softcache.store import open_store
+
+    sampled = ["--targets", "sampled", "--samples", 12, "--shard-size", 5]
+    ranked, delta = tmp_path / "ranked", tmp_path / "delta"
+    assert run(*base_args, *sampled, "--out", ranked, "--ids", "ranked").exit_code == 0
+    assert run(*base_args, *sampled, "--out", delta, "--ids", "delta").exit_code == 0
+    a, b = open_store(ranked), open_store(delta)
+    assert a.manifest["format_version"] == 5 and b.manifest["format_version"] == 3
+    assert a.totals.content_sha256 == b.totals.content_sha256 and a.verify() == []
+    assert all(np.array_equal(x, y) for x, y in zip(a.read(0, 12).values(), b.read(0, 12).values()))
+    assert "ids ranked" in " ".join(run("info", ranked).output.split())
+    # Converted either way, the content digest is checked equal; the ranks are on disk only.
+    back = run("convert", ranked, tmp_path / "back", "--format", "arrow", "--ids", "delta", "--no-progress")
+    assert back.exit_code == 0 and "(equal)" in back.output, back.output
+    assert open_store(tmp_path / "back").encoding.ids == "delta"
+    again = run("convert", tmp_path / "back", tmp_path / "again", "--format", "zarr", "--ids", "ranked", "--no-progress")
+    assert again.exit_code == 0 and "(equal)" in again.output
+    assert store_files(tmp_path / "again")["data.zarr/shards/00001/target_ids/c/0"] == \
+        store_files(ranked)["data.zarr/shards/00001/target_ids/c/0"]
+    # A code whose columns differ in memory is no conversion of the same content.
+    assert run(*base_args, *sampled, "--out", tmp_path / "plain", "--ids", "plain").exit_code == 0
+    refused = run("convert", tmp_path / "plain", tmp_path / "no", "--format", "zarr", "--ids", "ranked")
+    assert refused.exit_code == 1 and refused.output.startswith("error: --ids ranked: a conversion keeps the content")
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "no" / "manifest.json").exists()
 
 
 def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):

@@ -225,8 +225,10 @@ WRONG = [None, "x", -1, 0, 10**12, 1.5, float("inf"), [], {}, True]
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("pristine")
     layout = make(9, 4, 3, 3)[0]
-    for name, encoding in (("zarr", Encoding("topp", 3, 300, ids="delta")), ("arrow", Encoding("topk", 3, 300))):
-        write_store(root / name, name, layout, encoding, teacher_nll=True)
+    for name, format_name, encoding in (("zarr", "zarr", Encoding("topp", 3, 300, ids="delta")),
+                                        ("arrow", "arrow", Encoding("topk", 3, 300)),
+                                        ("ranked", "arrow", Encoding("topp", 3, 300, ids="ranked"))):
+        write_store(root / name, format_name, layout, encoding, teacher_nll=True)
     return root
 
 
@@ -281,7 +283,7 @@ def test_fuzz_manifest_fields(pristine, tmp_path_factory, format_name, field, ho
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(format_name=st.sampled_from(["zarr", "arrow"]), pick=st.integers(0, 10**6), offset=st.integers(0, 10**9),
+@given(format_name=st.sampled_from(["zarr", "arrow", "ranked"]), pick=st.integers(0, 10**6), offset=st.integers(0, 10**9),
        bit=st.integers(0, 7), checksums=st.booleans())
 def test_fuzz_shard_bytes(pristine, tmp_path_factory, format_name, pick, offset, bit, checksums):
     root = tmp_path_factory.mktemp("fuzz") / "s"

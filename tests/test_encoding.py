@@ -213,3 +213,116 @@ def test_document_starts_roundtrip_and_are_checked():
         assert problem in column_problem(encoding, 8, 3, damaged)
     # The step from one sequence's last start to the next one's first may go down.
     assert starts.values[1] > starts.values[2]
+
+
+# ---- the ranked id code: a shard's own ranking, applied on disk only --------------------------------
+
+def shard_data(rng, encoding, count=4, length=12, masked=False) -> dict:
+    """encode()'s arguments for a shard whose target ids are mostly the shard's frequent input ids."""
+    k, vocab = encoding.k, encoding.vocab_size
+    frequent = rng.choice(vocab, min(vocab, 3 * k), replace=False)
+    input_ids = frequent[rng.zipf(1.3, (count, length)) % len(frequent)]
+    data = targets(rng, (count, length), k, vocab, ragged=not encoding.fixed_length)
+    mostly_frequent = np.stack([rng.choice(frequent, k, replace=False) if rng.random() < 0.8 else row
+                                for row in data["ids"].reshape(-1, k)]).reshape(data["ids"].shape)
+    real = data["values"] > -np.inf
+    ids = np.where(real, mostly_frequent, mostly_frequent[..., :1])
+    values = data["values"]
+    if encoding.values == "counts":
+        values = np.where(real, rng.integers(1, encoding.samples, values.shape), 0)
+    teach = rng.random((count, length)) < 0.5 if masked else None
+    return {"input_ids": input_ids, "ids": ids, "values": values, "lengths": data["lengths"], "teach": teach}
+
+
+def shard_columns(rng, encoding, **shape) -> dict:
+    return encode(encoding, **shard_data(rng, encoding, **shape))
+
+
+@pytest.mark.parametrize("kind,values_code,samples", [("topk", "log8", None), ("topp", "float16", None),
+                                                      ("sampled", "counts", 40), ("sampled", "counts", 70000)])
+@pytest.mark.parametrize("vocab", [300, 70000])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ranked_ids_are_delta_in_memory_and_ranks_on_disk(kind, values_code, samples, vocab, masked):
+    from softcache.store.encoding import from_disk, shard_ranking, to_disk
+
+    rng = np.random.default_rng(vocab + (samples or 0))
+    k = 6
+    ranked = Encoding(kind, k, vocab, "ranked", values_code, samples, masked=masked)
+    delta = Encoding(kind, k, vocab, "delta", values_code, samples, masked=masked)
+    data = shard_data(rng, ranked, masked=masked)
+    columns = encode(ranked, **data)
+    # encode gives delta's columns; the ranking exists only on disk, and comes off exactly.
+    same = encode(delta, **data)
+    for name in columns:
+        assert _equal(columns[name], same[name]), name
+    disk = to_disk(ranked, columns)
+    assert not np.array_equal(disk["target_ids"].values, columns["target_ids"].values)
+    assert disk["target_ids"].values.dtype == columns["target_ids"].values.dtype
+    back = from_disk(ranked, disk)
+    for name in columns:
+        assert _equal(back[name], columns[name]), name
+    # On disk each position holds its ids' ranks, ascending, with the values that belong to them.
+    ranking = shard_ranking(vocab, columns["input_ids"])
+    disk_ids, disk_values = decode(delta, disk)
+    ids, values = decode(ranked, columns)
+    held = columns["target_lengths"] > 0 if masked else np.ones(columns["input_ids"].shape, dtype=bool)
+    assert canonical(ranking[disk_ids][held], disk_values[held]) == canonical(ids[held], values[held])
+    assert to_disk(delta, columns) is columns and from_disk(delta, columns) is columns
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, Ragged):
+        return np.array_equal(a.values, b.values) and np.array_equal(a.offsets, b.offsets) and a.values.dtype == b.values.dtype
+    return np.array_equal(a, b) and a.dtype == b.dtype
+
+
+def test_the_ranking_puts_the_shards_frequent_input_ids_first_and_ties_in_id_order():
+    from softcache.store.encoding import shard_ranking
+
+    ranking = shard_ranking(8, np.array([[5, 5, 5, 2], [2, 7, 0, 5]]))
+    assert ranking.tolist() == [5, 2, 0, 7, 1, 3, 4, 6]
+
+
+def test_ranked_ids_compress_smaller_when_targets_follow_the_input_ids():
+    from numcodecs import Zstd
+
+    from softcache.store.encoding import to_disk
+
+    rng = np.random.default_rng(0)
+    ranked = Encoding("sampled", 16, 49152, "ranked", "counts", 16)
+    columns = shard_columns(rng, ranked, count=16, length=64)
+    size = {name: len(Zstd(level=9).encode(np.ascontiguousarray(c["target_ids"].values)))
+            for name, c in (("delta", columns), ("ranked", to_disk(ranked, columns)))}
+    assert size["ranked"] < 0.8 * size["delta"], size
+
+
+@pytest.mark.parametrize("damage", ["rank past the vocabulary", "gaps that overflow"])
+def test_ranks_outside_the_vocabulary_are_refused(damage):
+    from softcache.store.consistency import loaded_columns
+    from softcache.errors import StoreError
+
+    rng = np.random.default_rng(2)
+    ranked = Encoding("topk", 4, 300, "ranked", "log8")
+    from softcache.store.encoding import to_disk
+
+    disk = to_disk(ranked, shard_columns(rng, ranked))
+    gaps = disk["target_ids"].values.copy()
+    gaps[-1 if damage == "rank past the vocabulary" else 5] = 299 if damage == "rank past the vocabulary" else 65535
+    disk["target_ids"] = Ragged(gaps, disk["target_ids"].offsets)
+    with pytest.raises(StoreError, match="ranks fall outside the vocabulary of 300"):
+        loaded_columns(ranked, 12, 4, disk)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocab=st.integers(2, 200_000), k=st.integers(1, 9), positions=st.integers(1, 12), masked=st.booleans(),
+       kind=st.sampled_from(["topk", "topp", "sampled"]), seed=st.integers(0, 2**32 - 1))
+def test_ranked_disk_form_roundtrips_for_any_shard(vocab, k, positions, masked, kind, seed):
+    from softcache.store.encoding import from_disk, to_disk
+
+    k = min(k, vocab)
+    rng = np.random.default_rng(seed)
+    samples = 5 if kind == "sampled" else None
+    ranked = Encoding(kind, k, vocab, "ranked", "counts" if samples else "float16", samples, masked=masked)
+    columns = shard_columns(rng, ranked, count=2, length=positions, masked=masked)
+    back = from_disk(ranked, to_disk(ranked, columns))
+    assert all(_equal(back[name], columns[name]) for name in columns)

@@ -36,13 +36,14 @@ from conftest import store_files
 
 GOLDEN = Path(__file__).parent / "data" / "golden_stores.json"
 JOBS = {
-    "topk-zarr": {},  # the tests' cache_config: top-8
+    "topk-zarr": {"ids": "delta"},  # the tests' cache_config: top-8
     "topk-arrow-plain-float16": {"format": "arrow", "ids": "plain", "values": "float16", "temperature": 0.7},
     "topp-zarr-bitpack": {"targets": "topp", "top_p": 0.8, "ids": "bitpack"},
-    "sampled-zarr": {"targets": "sampled", "samples": 12, "seed": 3, "draws": "independent"},
+    "sampled-zarr": {"targets": "sampled", "samples": 12, "seed": 3, "draws": "independent", "ids": "delta"},
     "sampled-arrow-plain": {"format": "arrow", "targets": "sampled", "samples": 7, "ids": "plain",
                             "draws": "independent"},
-    "sampled-zarr-systematic": {"targets": "sampled", "samples": 12, "seed": 3},
+    "sampled-zarr-systematic": {"targets": "sampled", "samples": 12, "seed": 3, "ids": "delta"},
+    "sampled-zarr-ranked": {"targets": "sampled", "samples": 12, "seed": 3},  # the default id code
 }
 
 

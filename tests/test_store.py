@@ -11,7 +11,7 @@ import pytest
 from softcache import StoreError, open_store
 from softcache.store import FORMATS, Encoding, Layout, StoreWriter, id_dtype_for
 from softcache.store.convert import convert_store
-from softcache.store.encoding import Ragged, encode
+from softcache.store.encoding import ID_CODES, Ragged, encode
 from softcache.store.manifest import RECORD_SEAL, ShardRecord, sealed
 from softcache.store.registry import storage_section
 
@@ -115,7 +115,7 @@ def test_readers_return_the_columns_written(tmp_path, format_name):
 
 def test_extreme_ids_roundtrip(tmp_path):
     for vocab in (65536, 131073):
-        for ids_code in ("plain", "delta", "bitpack"):
+        for ids_code in ID_CODES:
             layout, encoding = make(2, 3, 2, 2, vocab, ids=ids_code)
             writer = StoreWriter.open(tmp_path / f"{vocab}-{ids_code}", header(layout, encoding, "zarr"))
             targets = random_targets(2, 3, encoding, seed=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from softcache.errors import StoreError
-from softcache.store.consistency import column_problem
+from softcache.store.consistency import loaded_columns
 from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import atomic_file
 from softcache.store.layout import Layout
@@ -106,9 +106,7 @@ class ArrowReader:
                     columns[name] = flat.reshape(batch.num_rows, self.layout.seq_len)
                 else:
                     columns[name] = Ragged(flat, column.offsets.to_numpy(zero_copy_only=True))
-            if problem := column_problem(self.encoding, self.layout.seq_len, count, columns):
-                raise StoreError(problem)
-            self._shards[index] = columns
+            self._shards[index] = loaded_columns(self.encoding, self.layout.seq_len, count, columns)
             while len(self._shards) > self.cached_shards:
                 self._shards.popitem(last=False)
         return self._shards[index]

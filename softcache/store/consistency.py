@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from softcache.store.encoding import DOCUMENT_STARTS, RAGGED, Encoding, Ragged
+from softcache.errors import StoreError
+from softcache.store.encoding import DOCUMENT_STARTS, RAGGED, Encoding, Ragged, from_disk
 from softcache.store.layout import Layout
 from softcache.store.manifest import TOKENIZER_DIR, FileEntry, ShardRecord, Totals
 
@@ -173,6 +174,18 @@ def column_problem(encoding: Encoding, seq_len: int, count: int, columns: dict) 
     if columns["input_ids"].size and int(columns["input_ids"].max()) >= encoding.vocab_size:
         return f"has input ids outside the vocabulary of {encoding.vocab_size}"
     return None
+
+
+def loaded_columns(encoding: Encoding, seq_len: int, count: int, columns: dict) -> dict:
+    """A shard's ``columns`` as a format's reader loaded them, checked (:func:`column_problem`) and as
+    the rest of softcache takes them (softcache.store.encoding.from_disk); a :class:`StoreError`
+    naming what is wrong otherwise."""
+    if problem := column_problem(encoding, seq_len, count, columns):
+        raise StoreError(problem)
+    try:
+        return from_disk(encoding, columns)
+    except ValueError as err:
+        raise StoreError(str(err)) from None
 
 
 def _starts_problem(starts: Ragged, count: int, seq_len: int) -> str | None:

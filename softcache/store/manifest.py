@@ -32,15 +32,18 @@ PROGRESS_DIR = "progress"
 TOKENIZER_DIR = "tokenizer"
 WRITER_LOCK = "writer.lock"
 FORMAT_NAME = "softcache-store"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """2 -> 3: the manifest and the progress records carry their own sha256 (their seal).
-3 -> 4: masked and documents stores (encoding.masked, encoding.documents; chat corpora). A store
-that uses neither is written as version 3, which it still is, so older softcache reads it."""
+3 -> 4: masked and documents stores (encoding.masked, encoding.documents; chat corpora).
+4 -> 5: the ranked id code (encoding.ids "ranked").
+A store is written as the oldest version that describes it, so older softcache reads what it can."""
 OLDEST_READABLE = 3
 
 
 def format_version(encoding: dict) -> int:
     """The version a store with this ``encoding`` section is written as: the oldest that describes it."""
+    if encoding.get("ids") == "ranked":
+        return 5
     return 4 if encoding.get("masked") or encoding.get("documents") else 3
 REQUIRED = ("format", "format_version", "complete", "storage", "layout", "encoding", "targets", "teacher", "tokenizer", "corpus", "shards")
 # Sections that must match for a job to resume into an existing store.

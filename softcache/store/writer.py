@@ -30,7 +30,7 @@ from softcache.store.consistency import (
     totals_problems,
 )
 from softcache.store.files import check_file, content_sha256, describe_file, remove_temporaries, write_json
-from softcache.store.encoding import Encoding
+from softcache.store.encoding import Encoding, to_disk
 from softcache.store.layout import Layout
 from softcache.store.manifest import (
     FORMAT_NAME,
@@ -171,7 +171,8 @@ class StoreWriter:
         self._check_columns(columns, count)
         columns = {name: columns[name] for name in self.encoding.columns}
         try:
-            written = self.format.write_shard(self.root, self.layout, self.encoding, index, columns)
+            written = self.format.write_shard(self.root, self.layout, self.encoding, index,
+                                              to_disk(self.encoding, columns))
         except OSError as err:
             raise StoreError(
                 f"could not write shard {index} of {self.root} ({err.strerror or err}); the shards written "

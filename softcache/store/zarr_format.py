@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from softcache.errors import StoreError
-from softcache.store.consistency import array_limit, column_problem
+from softcache.store.consistency import array_limit, loaded_columns
 from softcache.store.encoding import Encoding, Ragged
 from softcache.store.files import TMP_MARK, fsync_path
 from softcache.store.layout import Layout
@@ -128,8 +128,7 @@ class ZarrReader:
                 columns[name] = Ragged(data, self._read(group, f"{name}_offsets", count, "offsets"))
             else:
                 columns[name] = data
-        if problem := column_problem(self.encoding, self.layout.seq_len, count, columns):
-            raise StoreError(problem)
+        columns = loaded_columns(self.encoding, self.layout.seq_len, count, columns)
         self._cache[index] = columns
         while len(self._cache) > self.cached_shards:
             self._cache.popitem(last=False)
