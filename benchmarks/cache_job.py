@@ -63,6 +63,7 @@ CODECS = [
     ("zarr", {"name": "zstd", "level": 3}),
     ("zarr", {"name": "zstd", "level": 9}),
     ("zarr", {"name": "blosc", "cname": "zstd", "level": 3, "shuffle": "shuffle"}),
+    ("zarr", {"name": "blosc", "cname": "zstd", "level": 9, "shuffle": "shuffle"}),
     ("zarr", {"name": "blosc", "cname": "lz4", "level": 5, "shuffle": "shuffle"}),
     ("arrow", None),
 ]

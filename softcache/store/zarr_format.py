@@ -26,11 +26,12 @@ from softcache.store.layout import Layout
 
 GROUP = "data.zarr"
 CHUNK_BYTES = 1 << 24  # largest chunk before compression (blosc caps a chunk at 2 GB)
-# Measured on SmolLM2 targets (benchmarks/results/cache_job.md, benchmarks/results/sampling.md): plain
-# zstd at level 9 is the smallest of the codecs tried (3.0-6.4% under byte-shuffled blosc-zstd-3 for
-# sampled stores, 1.6% for top-64) and reads faster; its compression costs the writer well under 1% of a CPU
-# teacher's time (the writer's CPU seconds per 1,000 tokens in cache_job.md).
-DEFAULT_CODEC = {"name": "zstd", "level": 9}
+# Measured on SmolLM2 targets (benchmarks/results/cache_job.md, benchmarks/results/encodings.md): zstd at
+# level 9 inside blosc, which first splits each array's values into byte planes ("shuffle"), is the smallest
+# codec tried: 5-6% under plain zstd-9 for ranked sampled and top-64 stores (the high bytes of ids and gaps are
+# mostly zero, and a plane of them compresses to almost nothing). Its compression costs the writer well under
+# 1% of a CPU teacher's time (the writer's CPU seconds per 1,000 tokens in cache_job.md).
+DEFAULT_CODEC = {"name": "blosc", "cname": "zstd", "level": 9, "shuffle": "shuffle"}
 
 
 def _codecs(codec: dict) -> list:
