@@ -106,7 +106,7 @@ def load_model(source: TeacherSource, device: torch.device | None, dtype: torch.
     if placement is not None:
         kwargs.update(placement.from_pretrained_kwargs(offload_folder))
     try:
-        with _placement_quiet():
+        with _placement_quiet(), _gguf_bar(progress):
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     except Exception as err:
         placed = "" if placement is None else f" placed by --device-map {placement.name}"
@@ -117,6 +117,28 @@ def load_model(source: TeacherSource, device: torch.device | None, dtype: torch.
         raise SoftcacheError(f"--device-map {placement.name} names {unknown[0]!r}, which is no module of --teacher "
                              f"{source.name} (its modules are named like {_example_module(model)})")
     return model.eval()
+
+
+@contextlib.contextmanager
+def _gguf_bar(progress: bool):
+    """Without transformers' bar over a GGUF file's tensors when ``progress`` is off: that bar is its own
+    tqdm, which ``disable_progress_bar`` does not reach."""
+    if progress or importlib.util.find_spec("gguf") is None:
+        yield
+        return
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+
+    bar = getattr(gguf_loading, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_loading.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = bar
 
 
 @contextlib.contextmanager

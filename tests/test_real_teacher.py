@@ -30,11 +30,13 @@ def smollm2():
     return resolve_source("builtin:smollm2")
 
 
-def test_smollm2_cache_roundtrip(smollm2, tmp_path):
+def test_smollm2_cache_roundtrip(smollm2, tmp_path, capfd):
     config = CacheConfig(teacher="builtin:smollm2", data="builtin:python-docs", out=str(tmp_path / "store"),
                          seq_len=256, max_sequences=8, targets="topk", k=16, batch_size=4, shard_size=4, progress=False,
                          values="float16")
+    capfd.readouterr()
     teacher = load_teacher(config)  # the job's own loader, once: a GGUF load takes most of this test's time
+    assert "GGUF" not in capfd.readouterr().err  # no progress: not even the bar over the GGUF file's tensors
     result, = TeacherJob([config], teacher=teacher).run()
     store = open_store(config.out)
     assert len(store) == 8 and store.verify() == []
