@@ -2,7 +2,7 @@
 
 One teacher pass (SmolLM2-135M-Instruct on the built-in corpus) keeps, per position, the float32
 top-128 log-probabilities (top-16 and top-64 are its prefixes: the same entries a k = 16 or 64 job
-writes), top-p sets derived from them, and sampled draws (N = 16, 50, 100). Each is then encoded
+writes), top-p sets derived from them, and systematic sampled draws (N = 16, 24, 50, 100). Each is then encoded
 with every id and value code, written as a real store (zarr with the default codec, and arrow),
 read back, and compared with the float32 targets it came from:
   bytes/token   the store's data files (everything but the manifest and tokenizer) / tokens
@@ -34,12 +34,13 @@ from softcache.data import StoreDataset
 from softcache.store import Encoding, Layout, StoreWriter, open_store
 from softcache.store.encoding import encode
 from softcache.store.registry import storage_section
+from softcache.store.zarr_format import DEFAULT_CODEC as ZARR_CODEC
 from softcache.targets import extract_targets, sampled_targets, sequence_seed
 
 HERE = Path(__file__).parent
 TOPK = (16, 64, 128)
 TOPP = ((0.9, 128), (0.99, 128))
-SAMPLES = (16, 50, 100)
+SAMPLES = (16, 24, 50, 100)
 
 
 def teacher_targets(model, input_ids: np.ndarray, batch_size: int) -> dict:
@@ -65,7 +66,7 @@ def teacher_targets(model, input_ids: np.ndarray, batch_size: int) -> dict:
 def variants(data: dict, vocab: int):
     """(name, Encoding, encode() keyword arguments) for every kind and code."""
     for k in TOPK:
-        for ids_code in ("plain", "delta", "bitpack"):
+        for ids_code in ("plain", "delta", "bitpack", "ranked"):
             for values in ("float16", "log8"):
                 yield (f"top-{k}", Encoding("topk", k, vocab, ids_code, values),
                        {"ids": data["ids"][..., :k], "values": data["values"][..., :k]})
@@ -75,12 +76,13 @@ def variants(data: dict, vocab: int):
         padding = np.arange(k) >= lengths[..., None]
         ids = np.where(padding, data["ids"][..., :1], data["ids"][..., :k])
         values = np.where(padding, -np.inf, data["values"][..., :k]).astype(np.float32)
-        for values_code in ("float16", "log8"):
-            yield (f"top-p {p} (k <= {k})", Encoding("topp", k, vocab, "delta", values_code),
-                   {"ids": ids, "values": values, "lengths": lengths})
+        for ids_code in ("delta", "ranked"):
+            for values_code in ("float16", "log8"):
+                yield (f"top-p {p} (k <= {k})", Encoding("topp", k, vocab, ids_code, values_code),
+                       {"ids": ids, "values": values, "lengths": lengths})
     for n in SAMPLES:
         ids, counts, lengths = data["sampled"][n]
-        for ids_code in ("plain", "delta"):
+        for ids_code in ("plain", "delta", "ranked"):
             yield (f"sampled N={n}", Encoding("sampled", min(n, vocab), vocab, ids_code, "counts", n),
                    {"ids": ids, "values": counts, "lengths": lengths})
 
@@ -179,7 +181,8 @@ def write_report(results: dict) -> None:
         "",
         f"Teacher {results['teacher']} (vocab {results['vocab']:,}) on builtin:python-docs, "
         f"{results['tokens']:,} tokens (seq_len {results['seq_len']}), one store shard each; CPU: {results['machine']}. "
-        "zarr uses the default codec (blosc zstd-3 + byte shuffle); arrow is uncompressed (read zero-copy). "
+        f"zarr uses the default codec ({ZARR_CODEC['name']}-{ZARR_CODEC['level']}); arrow is uncompressed (read zero-copy). Sampled "
+        "targets are systematic draws. "
         "KL is KL(float32 targets || decoded targets) over the stored ids plus the tail bucket, per position; "
         "sampled targets store exact counts (lossless), so they list entries per position instead. Reader: "
         "`StoreDataset` batches of 4 sequences decoded to torch, 0 workers, zarr. Produced by "

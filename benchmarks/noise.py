@@ -43,10 +43,9 @@ from pathlib import Path
 
 import torch
 
-from sampling import REFERENCE, write_stores
+from sampling import REFERENCE, default_codec_bytes, write_stores
 from quality import cached_run
 from softcache.demo import STUDENT
-from softcache.store import open_store
 from student_runs import pyplot
 
 HERE = Path(__file__).parent
@@ -63,7 +62,7 @@ REGIMES = {  # name: student config, steps, lr (8 x 256 tokens a step, alpha 0.5
 ROWS = ("ce", REFERENCE, "systematic N=16", "systematic N=12")  # trained in every regime
 KD_ROWS = ROWS[1:]
 DEFAULT_ROW = "systematic N=24"  # softcache cache's default: trained in the regime the README recommends
-MORE_ROWS = {"small student, 360 steps": (DEFAULT_ROW,)}
+MORE_ROWS = {"small student, 360 steps": (DEFAULT_ROW,), "small student, 360 steps, lr 0.001": (DEFAULT_ROW,)}
 ALL_ROWS = (*ROWS, DEFAULT_ROW)
 BATCH, SEQ_LEN, ALPHA = 8, 256, 0.5
 
@@ -122,7 +121,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, torch {torch.__version__}, {multiprocessing.cpu_count()} cores",
         "batch": BATCH, "seq_len": SEQ_LEN, "alpha": ALPHA,
-        "bytes_per_token": {row: open_store(store_of[row]).manifest["totals"]["bytes_per_token"]
+        "bytes_per_token": {row: default_codec_bytes(Path(store_of[row]), HERE / "out" / "sampling")
                             for row in ALL_ROWS if row != "ce"},
         "regimes": {name: {"student": student, "steps": steps, "lr": lr, "held_out_ce": runs.get(name, {}),
                            "seconds_per_step": statistics.median(

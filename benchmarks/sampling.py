@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from softcache.cache_job import cache_many, load_teacher, stream_corpus
-from softcache.config import CacheConfig
+from softcache.config import DEFAULT_IDS, CacheConfig
 from softcache.store import open_store
 from softcache.store.convert import convert_store
 from softcache.store.zarr_format import DEFAULT_CODEC
@@ -157,6 +157,7 @@ def main() -> None:
         "train_tokens": open_store(stores["configs"][REFERENCE].out).layout.num_tokens,
         "stores": {name: {**STORES[name], "bytes_per_token": default_codec_bytes(Path(c.out), work),
                           "as_written": {"codec": open_store(c.out).manifest["storage"].get("codec"),
+                                         "ids": open_store(c.out).manifest["encoding"]["ids"],
                                          "bytes_per_token": open_store(c.out).manifest["totals"]["bytes_per_token"]},
                           "entries_per_position": entries(c.out)} for name, c in stores["configs"].items()},
         "target_error": json.loads(error_file.read_text()),
@@ -165,16 +166,24 @@ def main() -> None:
     write_report(results)
 
 
+def written_by_default(manifest: dict) -> bool:
+    """Whether a store's manifest says it is as ``softcache cache`` writes by default: zarr, its default
+    codec and id code."""
+    return (manifest["storage"]["format"] == "zarr" and manifest["storage"]["codec"] == DEFAULT_CODEC
+            and manifest["encoding"]["ids"] == DEFAULT_IDS["zarr"])
+
+
 def default_codec_bytes(root: Path, work: Path) -> float:
-    """Bytes per token of the store ``root`` as the zarr default codec writes it: the store's own figure,
-    or that of a copy rewritten with it (the same content, checked by digest) when another codec wrote it."""
+    """Bytes per token of the store ``root`` as ``softcache cache`` writes it by default (zarr, its default
+    codec and id code): the store's own figure, or that of a copy rewritten so (the same content, checked by
+    digest) when it was written otherwise."""
     manifest = open_store(root).manifest
-    if manifest["storage"]["format"] == "zarr" and manifest["storage"]["codec"] == DEFAULT_CODEC:
+    if written_by_default(manifest):
         return manifest["totals"]["bytes_per_token"]
     copy = work / f"{root.name}-default-codec"
-    if not (copy / "manifest.json").exists():
+    if not (copy / "manifest.json").exists() or not written_by_default(open_store(copy).manifest):
         shutil.rmtree(copy, ignore_errors=True)
-        convert_store(root, copy, "zarr")
+        convert_store(root, copy, "zarr", ids=DEFAULT_IDS["zarr"])
     return open_store(copy).manifest["totals"]["bytes_per_token"]
 
 
@@ -246,13 +255,15 @@ def write_report(results: dict) -> None:
         shown = " / ".join(f"{rows[name]['ce']:.3f}" if name in rows else "-" for rows in seeded.values())
         mean_ce = f"{statistics.mean(ces):.3f}" if ces else ""
         lines.append(f"| {name} | {size} | {ids} | {shown} | {mean_ce} | {cells[0]} | {cells[1]} |")
-    rewritten = [(name, store) for name, store in stores.items()
-                 if "as_written" in store and store["as_written"]["codec"] != DEFAULT_CODEC]
+    rewritten = [(name, store) for name, store in stores.items() if "as_written" in store and (
+        store["as_written"]["codec"] != DEFAULT_CODEC or store["as_written"].get("ids", "delta") != DEFAULT_IDS["zarr"])]
     if rewritten:
-        lines += ["", "The same stores as their teacher pass wrote them, with the codec of the time: " + "; ".join(
+        lines += ["", "The bytes per token above are the stores' as `softcache cache` writes them now (rewritten with "
+                      f"the default codec, {DEFAULT_CODEC}, and the default id code, {DEFAULT_IDS['zarr']}; the same "
+                      "content, checked by digest). As their teacher pass wrote them: " + "; ".join(
             f"{name} {store['as_written']['bytes_per_token']:.2f} bytes/token with {store['as_written']['codec']} "
-            f"against {store['bytes_per_token']:.2f} with the default {DEFAULT_CODEC} "
-            f"({store['bytes_per_token'] / store['as_written']['bytes_per_token'] - 1:+.1%})"
+            f"and {store['as_written'].get('ids', 'delta')} ids "
+            f"({store['bytes_per_token'] / store['as_written']['bytes_per_token'] - 1:+.1%} now)"
             for name, store in rewritten) + "."]
     errors = [paired(seeded, name, REFERENCE)[1] for name in stores if name != REFERENCE]
     errors = [error for error in errors if not math.isnan(error)]
