@@ -76,8 +76,9 @@ def extract_targets(
 
     Equal to ``log_softmax(logits / temperature).topk(k)`` but cheaper: the top-k is taken on the
     logits themselves (the order is the same), in two levels (:func:`_top_rows`), and the
-    log-normaliser reuses the row maximum that top-k already found, so each chunk is read twice and
-    nothing of size V is kept. Chunks are small so that the second read comes from cache. ``logits`` is not modified. Runs under
+    log-normaliser reuses the row maximum that top-k already found (on a CPU, where the maxima allow it,
+    it is not even subtracted: exp(z / T) directly, one pass fewer), and nothing of size V is kept.
+    Chunks are small so that the later reads come from cache. ``logits`` is not modified. Runs under
     ``torch.inference_mode``: clone the outputs before using them in autograd (e.g. online KD).
 
     Args:
@@ -96,19 +97,30 @@ def extract_targets(
     flat_labels = None if labels is None else labels.reshape(-1)
     label_values = None if labels is None else torch.zeros(n, dtype=torch.float32, device=logits.device)
     work = torch.empty(min(chunk_rows, n), vocab, dtype=torch.float32, device=logits.device)
+    # On a CPU, where asking for a value costs no device sync, a chunk whose scaled maxima lie between
+    # UNSHIFTED_FLOOR and this ceiling takes exp(z / T) unshifted (the sum of V of them stays finite in
+    # float32): one pass over the rows fewer.
+    ceiling = 88.0 - math.log(vocab) if logits.device.type == "cpu" else -math.inf
     for start in range(0, n, chunk_rows):
         rows = flat[start : start + chunk_rows].float()
         top_values, top_ids = _top_rows(rows, k)
         peak = top_values[:, :1]
-        shifted = torch.sub(rows, peak, out=work[: len(rows)])  # <= 0, so exp cannot overflow
-        if temperature != 1.0:
-            shifted.div_(temperature)
-        log_normaliser = shifted.exp_().sum(-1, keepdim=True).log_()
-        values[start : start + chunk_rows] = (top_values - peak) / temperature - log_normaliser
+        scaled = peak / temperature
+        if ceiling > UNSHIFTED_FLOOR and UNSHIFTED_FLOOR < scaled.min().item() and scaled.max().item() < ceiling:
+            log_normaliser = _unshifted_weights(rows, temperature, work[: len(rows)]).sum(-1, keepdim=True).log_()
+            values[start : start + chunk_rows] = top_values / temperature - log_normaliser
+            lse_of = log_normaliser  # log-sum-exp of z / T
+        else:
+            shifted = torch.sub(rows, peak, out=work[: len(rows)])  # <= 0, so exp cannot overflow
+            if temperature != 1.0:
+                shifted.div_(temperature)
+            log_normaliser = shifted.exp_().sum(-1, keepdim=True).log_()
+            values[start : start + chunk_rows] = (top_values - peak) / temperature - log_normaliser
+            lse_of = peak + log_normaliser
         ids[start : start + chunk_rows] = top_ids
         if flat_labels is not None:
             y = flat_labels[start : start + chunk_rows]
-            lse_1 = peak + log_normaliser if temperature == 1.0 else torch.logsumexp(rows, dim=-1, keepdim=True)
+            lse_1 = lse_of if temperature == 1.0 else torch.logsumexp(rows, dim=-1, keepdim=True)
             picked = rows.gather(-1, y.clamp_min(0)[:, None]) - lse_1
             label_values[start : start + chunk_rows] = torch.where(y >= 0, picked.squeeze(-1), 0.0)
     shape = (*logits.shape[:-1], k)
@@ -138,6 +150,10 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
     unique ids (ascending) with counts; ``logprobs`` is log(count / samples). Either way each id's
     expected count is ``samples`` times its probability, so count / samples is an unbiased estimate.
 
+    On a CPU the weights of systematic draws are exp(z / T) with no maximum subtracted, where the row sums
+    show that to be safe (:data:`UNSHIFTED_FLOOR`): the row is read once instead of three times, and the
+    draws are those of the shifted weights but for float32 rounding.
+
     ``draws``:
       - ``systematic`` (stratified): one uniform u per position, and the draws are the ids at
         cumulative mass (j + u) / samples, j = 0..samples-1. An id of probability p is drawn
@@ -164,25 +180,31 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
     counts = torch.empty_like(ids)
     label_values = None if labels is None else torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
     work = torch.empty(min(chunk_rows, length), vocab, dtype=torch.float32, device=logits.device)
+    unshifted = draws == "systematic" and logits.device.type == "cpu"
     for b in range(batch):
         generator = torch.Generator(device=logits.device).manual_seed(seeds[b])
         for start in range(0, length, chunk_rows):
             rows = logits[b, start : start + chunk_rows].float()
-            peak = rows.amax(dim=-1, keepdim=True)
-            # Unnormalised weights exp((z - max) / T): the draws normalise them, and at T = 1 their sum
-            # also gives the label's log-probability, so the row is read from memory once.
-            weights = torch.sub(rows, peak, out=work[: len(rows)])
-            if temperature != 1.0:
-                weights.div_(temperature)
-            weights.exp_()
             if draws == "systematic":
-                chunk_draws, total = _systematic_draws(weights, samples, generator)
+                u = torch.rand(len(rows), 1, dtype=torch.float64, generator=generator, device=rows.device)
+                chunk_draws, total, peak = None, None, None
+                if unshifted:  # one pass fewer where it is safe (see _unshifted_weights)
+                    weights = _unshifted_weights(rows, temperature, work[: len(rows)])
+                    chunk_draws, total = _systematic_draws(weights, samples, u)
+                    if not _unshifted_is_safe(total, vocab):
+                        chunk_draws = None
+                if chunk_draws is None:
+                    peak = rows.amax(dim=-1, keepdim=True)
+                    chunk_draws, total = _systematic_draws(_shifted_weights(rows, peak, temperature, work), samples, u)
             else:
+                peak = rows.amax(dim=-1, keepdim=True)
+                weights = _shifted_weights(rows, peak, temperature, work)
                 chunk_draws = torch.multinomial(weights, samples, replacement=True, generator=generator).sort(-1).values
                 total = weights.sum(-1) if label_values is not None else None  # float32, as these stores were written
             if label_values is not None:
                 y = labels[b, start : start + chunk_rows]
-                lse_1 = (peak.squeeze(-1) + total.log().float() if temperature == 1.0
+                log_total = total.log().float()
+                lse_1 = ((log_total if peak is None else peak.squeeze(-1) + log_total) if temperature == 1.0
                          else torch.logsumexp(rows, dim=-1))
                 picked = rows.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1) - lse_1
                 label_values[b, start : start + chunk_rows] = torch.where(y >= 0, picked, 0.0)
@@ -194,20 +216,48 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
     return Targets(ids, logprobs, label_values, lengths, counts)
 
 
-def _systematic_draws(weights: torch.Tensor, samples: int, generator: torch.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Systematic draws from rows of non-negative ``weights`` [n, V]: ``(ids [n, samples] ascending,
-    row sums [n] float64)``.
+UNSHIFTED_FLOOR = -20.0
+"""The largest scaled logit z / T of a row must be above this for its weights to be exp(z / T), with no
+max subtracted: the ids whose weights then underflow (z / T < -87) are below e^-67 of it, draws that
+never happen. Above, a weight or a block's sum that overflows float32 (z / T > 84) shows as an infinite
+row sum, and the row takes the shifted weights instead."""
+
+
+def _shifted_weights(rows: torch.Tensor, peak: torch.Tensor, temperature: float, work: torch.Tensor) -> torch.Tensor:
+    """exp((rows - peak) / T) into ``work``: unnormalised weights that cannot overflow."""
+    weights = torch.sub(rows, peak, out=work[: len(rows)])  # <= 0
+    if temperature != 1.0:
+        weights.div_(temperature)
+    return weights.exp_()
+
+
+def _unshifted_weights(rows: torch.Tensor, temperature: float, work: torch.Tensor) -> torch.Tensor:
+    """exp(rows / T) into ``work``: the row read once instead of three times (its max, the shift, the exp).
+    Only valid where :func:`_unshifted_is_safe` holds of the weights' sums."""
+    if temperature == 1.0:
+        return torch.exp(rows, out=work)
+    return torch.div(rows, temperature, out=work).exp_()
+
+
+def _unshifted_is_safe(total: torch.Tensor, vocab: int) -> bool:
+    """Whether unshifted weights with these row sums (float64) are valid: a finite sum means nothing
+    overflowed, and a sum above V e^UNSHIFTED_FLOOR that some weight is above e^UNSHIFTED_FLOOR. A host
+    check, so CPU only."""
+    return bool(torch.isfinite(total).all()) and bool((total > vocab * math.exp(UNSHIFTED_FLOOR)).all())
+
+
+def _systematic_draws(weights: torch.Tensor, samples: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Systematic draws from rows of non-negative ``weights`` [n, V], given ``u`` [n, 1] float64 uniform in
+    [0, 1): ``(ids [n, samples] ascending, row sums [n] float64)``.
 
     Draw j of a row is the id whose interval of the cumulative weights holds (j + u) / samples of the
-    row's sum, u uniform in [0, 1) per row. The search runs in two levels, over block sums (in
+    row's sum. The search runs in two levels, over block sums (in
     float64, so that no id's interval is lost to rounding against the row's sum) and then inside the
     few blocks the draws land in, so no cumulative sum of V values is formed. Where the draws would
     gather more values than the row holds (samples x BLOCK > V) or V is not a multiple of BLOCK, one
     cumulative sum over the row is cheaper and is used instead.
     """
     n, vocab = weights.shape
-    u = torch.rand(n, 1, dtype=torch.float64, generator=generator, device=weights.device)
     steps = torch.arange(samples, dtype=torch.float64, device=weights.device)
     if vocab % BLOCK or samples * BLOCK > vocab:
         cumulative = weights.double().cumsum(-1)

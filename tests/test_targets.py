@@ -9,10 +9,11 @@ from softcache.targets import extract_targets, sequence_seed, topk_logprobs, top
 from softcache.targets import sampled_targets as _sampled_targets
 
 
+@pytest.mark.parametrize("offset", [0.0, -19.0, 70.0, 200.0, -900.0])  # unshifted exp inside (-20, 77): one pass fewer
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_topk_equals_log_softmax_topk(temperature):
+def test_topk_equals_log_softmax_topk(temperature, offset):
     torch.manual_seed(0)
-    logits = torch.randn(3, 7, 50) * 4
+    logits = torch.randn(3, 7, 50) * 4 + offset
     ids, values = topk_logprobs(logits, k=5, temperature=temperature)
     reference = torch.log_softmax(logits / temperature, dim=-1).topk(5, dim=-1)
     assert ids.shape == values.shape == (3, 7, 5)
@@ -139,6 +140,28 @@ def test_systematic_draws_are_the_same_on_both_search_paths(monkeypatch):
     monkeypatch.setattr(softcache.targets, "BLOCK", 100)  # 4096 is not a multiple: one cumulative sum
     whole = _sampled_targets(logits, 20, [5, 6], chunk_rows=8)
     assert torch.equal(blocks.ids, whole.ids) and torch.equal(blocks.counts, whole.counts)
+
+
+@pytest.mark.parametrize("offset", [0.0, 40.0, 100.0, -15.0, -500.0])
+def test_unshifted_cpu_weights_draw_as_the_shifted_ones_and_fall_back_outside_their_range(monkeypatch, offset):
+    """On a CPU, systematic draws take exp(z / T) with no max subtracted where that is safe; rows whose
+    logits would overflow or underflow fall back to the shifted weights with the same uniforms, and the
+    draws and label log-probabilities are those of the shifted weights throughout."""
+    logits = torch.randn(2, 24, 4096, generator=torch.Generator().manual_seed(3)) * 3 + offset
+    labels = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(4))
+    checked = []
+    safe = softcache.targets._unshifted_is_safe
+    monkeypatch.setattr(softcache.targets, "_unshifted_is_safe", lambda *a: checked.append(safe(*a)) or checked[-1])
+    for temperature in (1.0, 0.8):
+        fast = _sampled_targets(logits, 20, [5, 6], temperature=temperature, labels=labels, chunk_rows=8)
+        with monkeypatch.context() as shifted_only:
+            shifted_only.setattr(softcache.targets, "_unshifted_is_safe", lambda *a: False)
+            slow = _sampled_targets(logits, 20, [5, 6], temperature=temperature, labels=labels, chunk_rows=8)
+        assert torch.equal(fast.ids, slow.ids) and torch.equal(fast.counts, slow.counts)
+        torch.testing.assert_close(fast.label_logprobs, slow.label_logprobs, rtol=0, atol=2e-5)
+        want = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).squeeze(-1).float()
+        torch.testing.assert_close(fast.label_logprobs, want, rtol=0, atol=1e-4)
+    assert all(checked) == (-15 <= offset <= 40), checked  # unshifted where safe, the fallback elsewhere
 
 
 def test_systematic_draws_have_less_error_than_independent_ones():
