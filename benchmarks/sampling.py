@@ -50,8 +50,8 @@ REFERENCE = "independent N=50"
 STORES = {  # row name: the store's sampling flags
     REFERENCE: {"samples": 50, "draws": "independent"},
     "systematic N=12": {"samples": 12, "draws": "systematic"},
-    "systematic N=16": {"samples": 16, "draws": "systematic"},
-    "systematic N=24": {"samples": 24, "draws": "systematic"},  # softcache cache's default
+    "systematic N=16": {"samples": 16, "draws": "systematic"},  # softcache cache's default
+    "systematic N=24": {"samples": 24, "draws": "systematic"},  # the default before
 }
 ERROR_DRAWS = (8, 12, 16, 20, 24, 32, 50, 100)
 

@@ -55,12 +55,12 @@ def test_cache_info_verify_convert(base_args, tmp_path):
     assert again.exit_code == 0 and "already complete" in again.output
 
 
-def test_the_default_targets_are_24_systematic_draws_and_info_says_why(tiny_teacher, corpus_file, tmp_path):
+def test_the_default_targets_are_16_systematic_draws_and_info_says_why(tiny_teacher, corpus_file, tmp_path):
     result = run("cache", "--teacher", tiny_teacher, "--data", corpus_file, "--out", tmp_path / "store", "--seq-len", 32,
                  "--max-sequences", 4, "--no-progress")
     assert result.exit_code == 0, result.output
     targets = json.loads(run("info", tmp_path / "store", "--json").output)["targets"]
-    assert targets["kind"] == "sampled" and targets["samples"] == 24 and targets["draws"] == "systematic"
+    assert targets["kind"] == "sampled" and targets["samples"] == 16 and targets["draws"] == "systematic"
     words = " ".join(run("info", tmp_path / "store").output.split())
     assert "kind sampled: unbiased" in words and "the default, for the best quality per byte" in words
 
