@@ -148,7 +148,7 @@ def test_a_yaml_file_sets_fields_and_flags_win(tmp_path, captured):
                                                                        "topp", 0.8, 16)
     assert got.temperature == 0.2  # YAML 1.1 reads 2e-1 as a string; the float field takes it
     assert got.seq_len == 128 and got.out == str(tmp_path / "flag") and got.progress is False
-    assert got.format == "zarr" and got.samples == 24  # neither in the file nor given: the field defaults
+    assert got.format == "zarr" and got.samples == CacheConfig.samples  # neither in the file nor given: the field defaults
 
 
 def test_a_json_file_sets_fields_and_flags_win(tmp_path, captured):
