@@ -17,6 +17,7 @@ Writes benchmarks/results/encodings.md (and .json).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -33,7 +34,9 @@ from softcache.config import CacheConfig
 from softcache.data import StoreDataset
 from softcache.store import Encoding, Layout, StoreWriter, open_store
 from softcache.store.encoding import encode
+from softcache.store.manifest import CorpusSection, TokenizerSection
 from softcache.store.registry import storage_section
+from softcache.tokenizer import tokenizer_fingerprint
 from softcache.store.zarr_format import DEFAULT_CODEC as ZARR_CODEC
 from softcache.targets import extract_targets, sampled_targets, sequence_seed
 
@@ -87,13 +90,22 @@ def variants(data: dict, vocab: int):
                    {"ids": ids, "values": counts, "lengths": lengths})
 
 
-def write(root: Path, format_name: str, encoding: Encoding, input_ids: np.ndarray, targets: dict) -> float:
-    """Write one store (one shard) and return its bytes per token."""
+def described(teacher, input_ids: np.ndarray) -> dict:
+    """The manifest sections that say where the targets came from: the teacher, its tokenizer, the corpus."""
+    return {"teacher": teacher.identity.to_dict(),
+            "tokenizer": TokenizerSection(fingerprint=tokenizer_fingerprint(teacher.tokenizer),
+                                          vocab_size=teacher.vocab_size).to_dict(),
+            "corpus": CorpusSection(source="builtin:python-docs",
+                                    fingerprint=hashlib.sha256(input_ids.tobytes()).hexdigest()).to_dict()}
+
+
+def write(root: Path, format_name: str, encoding: Encoding, input_ids: np.ndarray, targets: dict,
+          origin: dict) -> float:
+    """Write one store (one shard) and return its bytes per token; ``origin``: :func:`described`."""
     shutil.rmtree(root, ignore_errors=True)
     layout = Layout(len(input_ids), input_ids.shape[1], len(input_ids))
     header = {"storage": storage_section(format_name, layout, encoding), "layout": layout.to_dict(),
-              "encoding": encoding.to_dict(), "targets": {"kind": encoding.kind, "temperature": 1.0},
-              "teacher": {"name": "benchmark"}, "tokenizer": {}, "corpus": {}}
+              "encoding": encoding.to_dict(), "targets": {"kind": encoding.kind, "temperature": 1.0}, **origin}
     writer = StoreWriter.open(root, header)
     writer.write_shard(0, encode(encoding, input_ids, **targets))
     return writer.finish()["totals"]["bytes_per_token"]
@@ -148,6 +160,7 @@ def main() -> None:
     input_ids = pack_corpus(setup, teacher.tokenizer).input_ids
     vocab = teacher.vocab_size
     data = teacher_targets(teacher.model, input_ids, args.batch_size)
+    origin = described(teacher, input_ids)
 
     rows = []
     for name, encoding, targets in variants(data, vocab):
@@ -155,7 +168,7 @@ def main() -> None:
         row = {"targets": name, "ids": encoding.ids, "values": encoding.values}
         for format_name in ("zarr", "arrow"):
             row[f"{format_name}_bytes_per_token"] = write(work / f"{label}-{format_name}", format_name, encoding,
-                                                          input_ids, targets)
+                                                          input_ids, targets, origin)
         if encoding.kind != "sampled":
             row.update(fidelity(work / f"{label}-zarr", targets))
         else:
@@ -181,7 +194,8 @@ def write_report(results: dict) -> None:
         "",
         f"Teacher {results['teacher']} (vocab {results['vocab']:,}) on builtin:python-docs, "
         f"{results['tokens']:,} tokens (seq_len {results['seq_len']}), one store shard each; CPU: {results['machine']}. "
-        f"zarr uses the default codec ({ZARR_CODEC['name']}-{ZARR_CODEC['level']}); arrow is uncompressed (read zero-copy). Sampled "
+        f"zarr uses the default codec ({ZARR_CODEC['name']} {ZARR_CODEC.get('cname', '')}-{ZARR_CODEC['level']}"
+        f"{' + byte shuffle' if ZARR_CODEC.get('shuffle') == 'shuffle' else ''}); arrow is uncompressed (read zero-copy). Sampled "
         "targets are systematic draws. "
         "KL is KL(float32 targets || decoded targets) over the stored ids plus the tail bucket, per position; "
         "sampled targets store exact counts (lossless), so they list entries per position instead. Reader: "

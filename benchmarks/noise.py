@@ -91,7 +91,8 @@ def main() -> None:
                         help=f"regimes to train (the demo's comes from results/sampling.json): "
                              f"{'; '.join(name for name in REGIMES if name != DEMO)}")
     parser.add_argument("--work", default=str(HERE / "out" / "noise"))
-    parser.add_argument("--finished-only", action="store_true", help="report the runs already trained; train nothing")
+    parser.add_argument("--finished-only", action="store_true", help="train nothing; report the runs already trained "
+                                                                      "(every run always is, whatever --seeds and --regimes)")
     args = parser.parse_args()
     if min(args.seeds) < 0:
         parser.error(f"--seeds must be at least 0, got {min(args.seeds)}")
@@ -104,19 +105,26 @@ def main() -> None:
         configs[regime] = work / f"{slug(regime)}-student.json"
         configs[regime].write_text(json.dumps(REGIMES[regime][0]))
 
-    jobs = [(regime, row, seed, store_of[row], stores["heldout"], configs[regime],
-             work / slug(regime) / f"{slug(row)}-seed{seed}", REGIMES[regime][1], REGIMES[regime][2])
-            for seed in args.seeds for regime in args.regimes for row in (*ROWS, *MORE_ROWS.get(regime, ()))]
-    if args.finished_only:
-        jobs = [job for job in jobs if (job[6] / "final").is_dir()]
-    runs, step_seconds = {}, {}
+    def jobs_of(seeds, regimes):
+        return [(regime, row, seed, store_of[row], stores["heldout"], configs[regime],
+                 work / slug(regime) / f"{slug(row)}-seed{seed}", REGIMES[regime][1], REGIMES[regime][2])
+                for seed in seeds for regime in regimes for row in (*ROWS, *MORE_ROWS.get(regime, ()))]
+
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=context, initializer=single_threaded) as pool:
-        for regime, row, seed, result in pool.map(train, jobs):
+        if not args.finished_only:
+            for regime, row, seed, result in pool.map(train, jobs_of(args.seeds, args.regimes)):
+                print(regime, row, seed, f"CE {result['ce']:.4f}", f"{result['seconds']:.0f} s", flush=True)
+        # The report: every run finished here, of any regime and seed, not only those just trained.
+        seeds = sorted({int(path.name.rsplit("-seed", 1)[1]) for path in work.glob("*/*-seed*")
+                        if (path / "final").is_dir()})
+        finished = [job for job in jobs_of(seeds, [name for name in REGIMES if name != DEMO])
+                    if (job[6] / "final").is_dir()]
+        runs, step_seconds = {}, {}
+        for regime, row, seed, result in pool.map(train, finished):  # read back, not trained again
             runs.setdefault(regime, {}).setdefault(str(seed), {})[row] = result["ce"]
             student = json.dumps(REGIMES[regime][0], sort_keys=True)
             step_seconds.setdefault(student, []).append(result["seconds"] / REGIMES[regime][1])
-            print(regime, row, seed, f"CE {result['ce']:.4f}", f"{result['seconds']:.0f} s", flush=True)
     sampled = json.loads((HERE / "results" / "sampling.json").read_text())
     runs[DEMO] = {seed: {row: rows[row]["ce"] for row in ALL_ROWS if row in rows}
                   for seed, rows in sampled["seeded"].items()}
