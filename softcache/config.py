@@ -157,7 +157,7 @@ class CacheConfig:
     k: int = setting(64, ge=1, help="Ids per position (topk), or at most (topp).")
     top_p: float = setting(0.95, gt=0, le=1, help="Mass a topp position keeps (then at most --k ids).")
     samples: int = setting(16, ge=1, help="Draws per position (sampled). 16 systematic draws (14 bytes per token on "
-                                          "SmolLM2) teach students as well as the 50 independent ones (31 bytes) that "
+                                          "SmolLM2) teach students as well as the 50 independent ones (27 bytes) that "
                                           "matched online KD (benchmarks/results/noise.md).")
     seed: int = setting(0, ge=0, le=MAX_SEED, help="Sampling seed; a sequence's draws depend only on it and the sequence's number.")
     draws: str = setting(
