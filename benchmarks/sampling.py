@@ -15,7 +15,7 @@ Two measurements on the real teacher (SmolLM2-135M-Instruct) and the built-in co
 
     python benchmarks/sampling.py                   # about 3 hours on 2 CPU cores (5 seeds x 5 rows)
     python benchmarks/sampling.py --seeds 0 1       # fewer seeds
-    python benchmarks/sampling.py --finished-only   # report the runs already trained
+    python benchmarks/sampling.py --finished-only   # report the runs trained (here, or recorded in sampling.json)
     python benchmarks/sampling.py --report-only     # redraw from results/sampling.json
 
 Stores and runs are reused from --work (delete a run's directory to train it again); the reference
@@ -140,10 +140,14 @@ def main() -> None:
     plan = [(name, config, args.alpha) for name, config in stores["configs"].items()] + [
         ("ce", stores["configs"][REFERENCE], 0.0)]
     seeded = {}
+    recorded_file = HERE / "results" / "sampling.json"  # runs trained on another machine, kept when reporting
+    recorded = json.loads(recorded_file.read_text()).get("seeded", {}) if recorded_file.exists() else {}
     for seed in args.seeds:  # seed by seed, so that a stopped run leaves whole seeds to report
         for name, config, alpha in plan:
             out = work / f"{name.replace(' ', '-').replace('=', '')}-seed{seed}"
             if args.finished_only and not (out / "final").is_dir():
+                if name in recorded.get(str(seed), {}):
+                    seeded.setdefault(str(seed), {})[name] = recorded[str(seed)][name]
                 continue
             row = cached_run(Path(config.out), stores["heldout"], student_config, out, args.steps, args.batch_size,
                              args.lr, seed, alpha, None)
