@@ -100,21 +100,22 @@ def extract_targets(
     # On a CPU, where asking for a value costs no device sync, a chunk whose scaled maxima lie between
     # UNSHIFTED_FLOOR and this ceiling takes exp(z / T) unshifted (the sum of V of them stays finite in
     # float32): one pass over the rows fewer.
-    ceiling = 88.0 - math.log(vocab) if logits.device.type == "cpu" else -math.inf
+    cpu, ceiling = logits.device.type == "cpu", 88.0 - math.log(vocab)
     for start in range(0, n, chunk_rows):
         rows = flat[start : start + chunk_rows].float()
         top_values, top_ids = _top_rows(rows, k)
         peak = top_values[:, :1]
-        scaled = peak / temperature
-        if ceiling > UNSHIFTED_FLOOR and UNSHIFTED_FLOOR < scaled.min().item() and scaled.max().item() < ceiling:
+        if cpu and UNSHIFTED_FLOOR < ceiling:
+            lowest, highest = (peak / temperature).aminmax()
+            unshifted = UNSHIFTED_FLOOR < lowest.item() and highest.item() < ceiling
+        else:
+            unshifted = False
+        if unshifted:
             log_normaliser = _unshifted_weights(rows, temperature, work[: len(rows)]).sum(-1, keepdim=True).log_()
             values[start : start + chunk_rows] = top_values / temperature - log_normaliser
             lse_of = log_normaliser  # log-sum-exp of z / T
         else:
-            shifted = torch.sub(rows, peak, out=work[: len(rows)])  # <= 0, so exp cannot overflow
-            if temperature != 1.0:
-                shifted.div_(temperature)
-            log_normaliser = shifted.exp_().sum(-1, keepdim=True).log_()
+            log_normaliser = _shifted_weights(rows, peak, temperature, work).sum(-1, keepdim=True).log_()
             values[start : start + chunk_rows] = (top_values - peak) / temperature - log_normaliser
             lse_of = peak + log_normaliser
         ids[start : start + chunk_rows] = top_ids
@@ -185,15 +186,13 @@ def sampled_targets(logits: torch.Tensor, samples: int, seeds: list[int], temper
         generator = torch.Generator(device=logits.device).manual_seed(seeds[b])
         for start in range(0, length, chunk_rows):
             rows = logits[b, start : start + chunk_rows].float()
+            peak = None  # None: the weights are unshifted
             if draws == "systematic":
                 u = torch.rand(len(rows), 1, dtype=torch.float64, generator=generator, device=rows.device)
-                chunk_draws, total, peak = None, None, None
                 if unshifted:  # one pass fewer where it is safe (see _unshifted_weights)
                     weights = _unshifted_weights(rows, temperature, work[: len(rows)])
                     chunk_draws, total = _systematic_draws(weights, samples, u)
-                    if not _unshifted_is_safe(total, vocab):
-                        chunk_draws = None
-                if chunk_draws is None:
+                if not unshifted or not _unshifted_is_safe(total, vocab):  # the same u: the same draws
                     peak = rows.amax(dim=-1, keepdim=True)
                     chunk_draws, total = _systematic_draws(_shifted_weights(rows, peak, temperature, work), samples, u)
             else:

@@ -365,7 +365,7 @@ def _decode_ids(encoding: Encoding, column: Ragged, entry_offsets, lengths, star
     if encoding.ids == "plain":
         return flat.astype(np.int64)
     if encoding.ids in SORTED_IDS:
-        return _undo_gaps(flat, lengths, starts)
+        return _undo_gaps(flat, starts)[0]
     bits = encoding.bits
     per_sequence = np.diff(entry_offsets)
     sequence = np.repeat(np.arange(len(per_sequence)), per_sequence)
@@ -391,11 +391,15 @@ def _decode_values(encoding: Encoding, flat: np.ndarray, log_tail: np.ndarray | 
     return (relative + np.repeat(shift, lengths)).astype(np.float32)
 
 
-def _undo_gaps(gaps: np.ndarray, lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """int64 values of positions coded as first value and gaps (``lengths`` > 0 entries each, from ``starts``)."""
+def _undo_gaps(gaps: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, position)``, int64, of positions coded as first value and gaps, each position's entries
+    from its ``starts`` (strictly increasing: every position holds at least one entry) to the next."""
+    position = np.zeros(len(gaps), dtype=np.int64)  # each entry's position: a running count of starts
+    position[starts[1:]] = 1
+    np.cumsum(position, out=position)
     total = np.cumsum(gaps, dtype=np.int64)
     before = total[starts] - gaps[starts].astype(np.int64)  # running sum before each position
-    return total - np.repeat(before, lengths)
+    return total - before[position], position
 
 
 def position_lengths(encoding: Encoding, columns: dict) -> np.ndarray:
@@ -443,19 +447,17 @@ def _recoded(encoding: Encoding, columns: dict, mapping: np.ndarray) -> dict:
     np.cumsum(lengths[:-1], out=starts[1:])
     gaps, offsets = columns["target_ids"]
     values = columns["target_values"]
-    position = np.zeros(len(gaps), dtype=np.int64)  # each entry's position: a running count of starts
-    position[starts[1:]] = 1
-    np.cumsum(position, out=position)
-    total = np.cumsum(gaps, dtype=np.int64)
-    stored = total - (total[starts] - gaps[starts])[position]
+    stored, position = _undo_gaps(gaps, starts)
     vocab = encoding.vocab_size
     if stored.size and (stored.min() < 0 or stored.max() >= vocab):
         raise ValueError(f"has target_ids whose ranks fall outside the vocabulary of {vocab}")
     key = position * vocab + mapping[stored]  # sorting it keeps each entry in its position
     bits = 8 * values.values.dtype.itemsize
-    if bits <= 16:  # the value rides in the key's low bits: one plain sort (fast) instead of an argsort
+    if bits <= 16 and len(lengths) * vocab < 1 << (63 - bits):
+        # The value rides in the key's low bits (room left in int64): a stable sort of nearly sorted keys
+        # (fast) instead of an argsort.
         unsigned = np.dtype(f"uint{bits}")
-        packed = np.sort((key << bits) | values.values.view(unsigned), kind="stable")  # nearly sorted: fast
+        packed = np.sort((key << bits) | values.values.view(unsigned), kind="stable")
         mapped = (packed >> bits) - position * vocab
         moved = (packed & ((1 << bits) - 1)).astype(unsigned).view(values.values.dtype)
     else:
