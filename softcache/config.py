@@ -42,7 +42,7 @@ FUSED_LINEAR = ("auto", "on", "off")
 # loss takes 10% of the memory but 1.3-1.5x the time of the unfused one (benchmarks/results/fused_loss.md).
 FUSE_ABOVE_BYTES = 2 << 30
 # Default id code per format, chosen by measurement (benchmarks/results/encodings.md): ranked where the
-# format compresses (zarr: 7-10% fewer bytes than delta), delta where it does not (arrow: the same bytes, and
+# format compresses (zarr: 5-10% fewer bytes than delta), delta where it does not (arrow: the same bytes, and
 # shards that stay memory-mapped instead of being re-ranked into memory). Each target kind names its default
 # value code (softcache.kinds).
 DEFAULT_IDS = {"zarr": "ranked", "arrow": "delta"}

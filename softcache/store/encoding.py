@@ -35,7 +35,7 @@ Id codes (``ids``):
   vocabulary ordered by how often each id occurs in the shard's own input ids, most often first
   (ties, and the ids that never occur, in id order). The reader rebuilds the ranking from the
   ``input_ids`` column, so it costs no bytes, and the ids a teacher predicts are mostly frequent ones:
-  small ranks, smaller gaps (10% fewer id bytes on SmolLM2's sampled targets,
+  small ranks, smaller gaps (9-10% smaller sampled stores of SmolLM2's targets,
   benchmarks/results/encodings.md). The ranking is a shard's, so :func:`to_disk` applies it when a
   shard is written and :func:`from_disk` takes it off when one is loaded: in memory (what
   :func:`encode` returns and :func:`decode` and the content digest take) a ranked store's columns are
