@@ -92,6 +92,18 @@ def test_ranked_ids_from_the_job_and_by_conversion_hold_the_same_content(base_ar
     assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "no" / "manifest.json").exists()
 
 
+def test_a_store_of_the_old_defaults_is_refused_by_the_new_ones_in_one_line_naming_the_flags(tiny_teacher,
+                                                                                            corpus_file, tmp_path):
+    base = ["cache", "--teacher", tiny_teacher, "--data", corpus_file, "--out", tmp_path / "old", "--seq-len", 32,
+            "--max-sequences", 8, "--batch-size", 4, "--shard-size", 4, "--no-progress"]
+    assert run(*base, "--ids", "delta", "--samples", 24).exit_code == 0  # as softcache wrote by default before
+    refused = run(*base)
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1
+    assert 'encoding.ids: store has "delta", this run "ranked"' in refused.output
+    assert "targets.samples: store has 24, this run 16" in refused.output
+    assert run(*base, "--ids", "delta", "--samples", 24).exit_code == 0  # the README's way back in
+
+
 def test_incomplete_store_in_info_and_verify(base_args, tmp_path, monkeypatch):
     from softcache.store.zarr_format import ZarrFormat
 
