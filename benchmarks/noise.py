@@ -38,7 +38,6 @@ import math
 import multiprocessing
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +45,7 @@ import torch
 from sampling import REFERENCE, default_codec_bytes, write_stores
 from quality import cached_run
 from softcache.demo import STUDENT
-from student_runs import pyplot
+from student_runs import pyplot, run_or_report
 
 HERE = Path(__file__).parent
 SMALL = {**STUDENT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -277,7 +276,4 @@ def plot(results: dict, summaries: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2 and sys.argv[1] == "--report-only":
-        write_report(json.loads((HERE / "results" / "noise.json").read_text()))
-    else:
-        main()
+    run_or_report(main, write_report, "noise")

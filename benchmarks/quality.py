@@ -33,7 +33,6 @@ import math
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from softcache.store import open_store
 from softcache.student import build_student
 from softcache.teacher import load_model, resolve_source
 from softcache.train_job import METRICS, run_train
-from student_runs import pyplot, store_complete, student_benchmark_setup
+from student_runs import pyplot, run_or_report, store_complete, student_benchmark_setup
 
 HERE = Path(__file__).parent
 
@@ -322,7 +321,4 @@ def plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2 and sys.argv[1] == "--report-only":  # redraw from results/quality.json
-        write_report(json.loads((HERE / "results" / "quality.json").read_text()))
-    else:
-        main()
+    run_or_report(main, write_report, "quality")

@@ -31,7 +31,6 @@ import math
 import platform
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from softcache.store import open_store
 from softcache.store.convert import convert_store
 from softcache.store.zarr_format import DEFAULT_CODEC
 from quality import cached_run
-from student_runs import pyplot, store_complete, student_benchmark_setup
+from student_runs import pyplot, run_or_report, store_complete, student_benchmark_setup
 
 HERE = Path(__file__).parent
 REFERENCE = "independent N=50"
@@ -322,7 +321,4 @@ def plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 2 and sys.argv[1] == "--report-only":
-        write_report(json.loads((HERE / "results" / "sampling.json").read_text()))
-    else:
-        main()
+    run_or_report(main, write_report, "sampling")
