@@ -112,7 +112,9 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=context, initializer=single_threaded) as pool:
         if not args.finished_only:
-            for regime, row, seed, result in pool.map(train, jobs_of(args.seeds, args.regimes)):
+            # Each seed and regime once: two workers on one run directory would race for its lock.
+            trained = jobs_of(sorted(set(args.seeds)), list(dict.fromkeys(args.regimes)))
+            for regime, row, seed, result in pool.map(train, trained):
                 print(regime, row, seed, f"CE {result['ce']:.4f}", f"{result['seconds']:.0f} s", flush=True)
         # The report: every run finished here, of any regime and seed, not only those just trained.
         seeds = sorted({int(path.name.rsplit("-seed", 1)[1]) for path in work.glob("*/*-seed*")
