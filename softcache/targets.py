@@ -37,26 +37,41 @@ class Targets(NamedTuple):
 BLOCK = 64
 """Ids per block of the two-level searches below: a row of V logits is seen as V / BLOCK blocks."""
 
+SUB_BLOCK = 8
+"""Values per sub-block of top-k's third level, inside the k blocks that the second level chose."""
+
 
 def _top_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows.topk(k, sorted=True)`` of a [n, V] float32 chunk, as ``(values, indices)``, found in two levels.
+    """``rows.topk(k, sorted=True)`` of a [n, V] float32 chunk, as ``(values, indices)``, found in three levels.
 
     The k-th largest block maximum t is a lower bound of the k-th largest value (k blocks hold a value
     >= t), so every one of the k largest values lies in one of the k blocks with the largest maxima
     (ties with the k-th value aside, which are equal values). One pass over the row finds the block
-    maxima; the exact top-k is then taken over k x BLOCK values instead of V. Falls back to
-    ``topk`` where that would not save work (k close to V / BLOCK) or V is not a multiple of BLOCK.
+    maxima; the same argument then picks k sub-blocks of SUB_BLOCK values among those k x BLOCK
+    candidates, and the exact top-k is taken over k x SUB_BLOCK values instead of V. (The final
+    ``topk`` over all k x BLOCK candidates was the largest cost after the pass over the row.)
+    Falls back to ``topk`` where that would not save work (k close to V / BLOCK) or V is not a
+    multiple of BLOCK.
     """
     n, vocab = rows.shape
-    blocks = vocab // BLOCK
     if vocab % BLOCK or k * BLOCK * 4 > vocab:
         return rows.topk(k, dim=-1, sorted=True)
-    grouped = rows.view(n, blocks, BLOCK)
-    best_blocks = grouped.amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
-    candidates = grouped.gather(1, best_blocks[..., None].expand(n, k, BLOCK)).reshape(n, k * BLOCK)
-    top = candidates.topk(k, dim=-1, sorted=True)
-    ids = best_blocks.gather(1, top.indices // BLOCK) * BLOCK + top.indices % BLOCK
-    return top.values, ids
+    best_blocks = rows.view(n, vocab // BLOCK, BLOCK).amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = _take_blocks(rows, best_blocks, BLOCK)  # [n, k * BLOCK]
+    best_subs = candidates.view(n, -1, SUB_BLOCK).amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    top = _take_blocks(candidates, best_subs, SUB_BLOCK).topk(k, dim=-1, sorted=True)
+    within = best_subs.gather(1, top.indices // SUB_BLOCK) * SUB_BLOCK + top.indices % SUB_BLOCK  # in candidates
+    return top.values, best_blocks.gather(1, within // BLOCK) * BLOCK + within % BLOCK
+
+
+def _take_blocks(rows: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
+    """The blocks of ``width`` consecutive values numbered ``blocks`` [n, j] in each row of ``rows`` [n, m],
+    concatenated per row: [n, j x width]. One ``index_select`` of whole blocks (a gather of single values
+    with an expanded index cost about as much as the top-k after it)."""
+    n, m = rows.shape
+    per_row = m // width
+    flat = blocks + torch.arange(0, n * per_row, per_row, device=rows.device)[:, None]
+    return rows.reshape(n * per_row, width).index_select(0, flat.reshape(-1)).view(n, -1)
 
 
 def topk_logprobs(
@@ -270,7 +285,7 @@ def _systematic_draws(weights: torch.Tensor, samples: int, u: torch.Tensor) -> t
     points = (steps + u) * (total[:, None] / samples)  # < total: each lands in a block of positive mass
     block = torch.searchsorted(block_end, points, right=True).clamp_(max=block_end.shape[1] - 1)
     inside = (points - (block_end.gather(1, block) - block_mass.gather(1, block))).float().clamp_(min=0)
-    within = grouped.gather(1, block[..., None].expand(n, samples, BLOCK)).cumsum(-1)  # [n, samples, BLOCK]
+    within = _take_blocks(weights, block, BLOCK).view(n, samples, BLOCK).cumsum(-1)
     last = within[..., -1:]
     inside = torch.minimum(inside[..., None], torch.nextafter(last, torch.zeros_like(last)))
     offset = torch.searchsorted(within, inside, right=True).squeeze(-1).clamp_(max=BLOCK - 1)
