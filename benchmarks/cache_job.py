@@ -12,6 +12,14 @@ Every job runs between two bare forwards, and its ratio is to their mean, so tha
 speed drifts moves the job and its reference alike; rounds repeat the sequence and medians over
 rounds are reported.
 
+Two ratios per job. The whole pass's, and the steady state's: the time from one batch's forward to
+the next, averaged over the pass (from the first batch's start to the last's), which is what a job of
+thousands of batches converges to. What the whole pass spends beyond its batches at that pace is the
+job's fixed cost, reported in seconds: starting its threads and waiting for the first shard's rows,
+then, after the last forward, that batch's targets and writing the last shard, which no later forward
+overlaps. (The kept output layer's probe runs when the job loads its teacher, as in `softcache cache`,
+outside the timed pass.)
+
 Then the zarr store's content is rewritten with other codecs (same data, checked by content digest)
 to compare bytes per token and read throughput. The stores use the default target encoding; every
 encoding's size and fidelity is in benchmarks/encodings.py.
@@ -69,6 +77,18 @@ CODECS = [
 ]
 
 
+class BatchClock:
+    """The start of every forward pass of ``model`` (a pre-hook): the steady pace of a pass."""
+
+    def __init__(self, model):
+        self.starts: list[float] = []
+        model.register_forward_pre_hook(lambda module, args: self.starts.append(time.perf_counter()))
+
+    def step(self) -> float:
+        """Seconds from one batch's forward to the next, averaged over the pass since the last reset."""
+        return (self.starts[-1] - self.starts[0]) / (len(self.starts) - 1)
+
+
 def bare_forward(model, input_ids: np.ndarray, batch_size: int, device: torch.device) -> None:
     with torch.inference_mode():
         for lo in range(0, len(input_ids), batch_size):
@@ -78,23 +98,27 @@ def bare_forward(model, input_ids: np.ndarray, batch_size: int, device: torch.de
         torch.cuda.synchronize()
 
 
-def cache_job(teacher, corpus, base: CacheConfig, out: Path, **targets) -> dict:
+def cache_job(teacher, corpus, base: CacheConfig, out: Path, clock: BatchClock | None = None, **targets) -> dict:
     """One teacher job's pass and writes into a new store at ``out`` (setup not timed): see :func:`timed_job`."""
-    return timed_job([dataclasses.replace(base, out=str(out), **targets)], teacher, corpus)
+    return timed_job([dataclasses.replace(base, out=str(out), **targets)], teacher, corpus, clock)
 
 
-def timed_job(configs: list[CacheConfig], teacher, corpus) -> dict:
+def timed_job(configs: list[CacheConfig], teacher, corpus, clock: BatchClock | None = None) -> dict:
     """One teacher pass writing ``configs``' stores afresh (loading and opening not timed): its wall
-    ``seconds``, the process's ``cpu_seconds`` (every thread) and the job's own ``stats``."""
+    ``seconds``, the process's ``cpu_seconds`` (every thread), the job's own ``stats`` and, given the
+    teacher's ``clock``, its steady ``step`` (seconds per batch)."""
     for config in configs:
         shutil.rmtree(config.out, ignore_errors=True)
     with TeacherJob(configs, teacher=teacher, corpus=corpus) as job:
         job.load()
         job.open_stores()
+        if clock is not None:
+            clock.starts.clear()
         started, cpu = time.perf_counter(), time.process_time()
         job.write()
         job.finish()
-        return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu, **job.stats}
+        timed = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu, **job.stats}
+        return timed if clock is None else {**timed, "step": clock.step()}
 
 
 class TimedShards:
@@ -152,6 +176,9 @@ def main() -> None:
     print(f"{args.teacher}: {tokens:,} tokens per pass, {args.rounds} rounds, torch threads {torch.get_num_threads()}")
 
     bare_forward(model, input_ids[: args.batch_size], args.batch_size, device)  # warm-up
+    clock = BatchClock(model)
+    batches = -(-len(input_ids) // args.batch_size)
+    assert batches >= 3, "--sequences: at least three batches a pass, to tell the steady pace from the fixed cost"
     packed = pack_corpus(base, teacher.tokenizer)
     assert np.array_equal(packed.input_ids, input_ids), "the streamed shards are the packed rows"
     runs = {mode: [] for mode in ("bare", *MODES)}  # per round: seconds, cpu_seconds and the job's stats
@@ -159,9 +186,10 @@ def main() -> None:
     rebuild = []  # seconds of the zarr job's shard rebuilds, per round
 
     def bare() -> dict:
+        clock.starts.clear()
         started, cpu = time.perf_counter(), time.process_time()
         bare_forward(model, input_ids, args.batch_size, device)
-        return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
+        return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu, "step": clock.step()}
 
     for round_ in range(args.rounds):
         # Every job runs between two bare passes and is compared with their mean: a machine whose speed drifts
@@ -174,17 +202,20 @@ def main() -> None:
         for mode in order:
             corpus.seconds.clear()
             runs[mode].append(cache_job(teacher, packed if mode == "packed" else corpus, base, work / f"job-{mode}",
-                                        **MODES[mode][1]))
+                                        clock, **MODES[mode][1]))
             if mode == "zarr":
                 rebuild.append(sum(corpus.seconds))
             after = bare()
             runs["bare"].append(after)
-            around[mode].append({key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds")})
+            around[mode].append({key: (before[key] + after[key]) / 2 for key in ("seconds", "cpu_seconds", "step")})
             before = after
         print(f"round {round_ + 1}: " + ", ".join(f"{m} {r[-1]['seconds']:.1f} s" for m, r in runs.items()), flush=True)
     seconds = {m: [r["seconds"] for r in rs] for m, rs in runs.items()}
     round_ratios = {m: [r["seconds"] / b["seconds"] for r, b in zip(runs[m], around[m])] for m in MODES}
     ratios = {m: statistics.median(r) for m, r in round_ratios.items()}
+    round_step_ratios = {m: [r["step"] / b["step"] for r, b in zip(runs[m], around[m])] for m in MODES}
+    step_ratios = {m: statistics.median(r) for m, r in round_step_ratios.items()}
+    fixed_seconds = {m: statistics.median(r["seconds"] - batches * r["step"] for r in runs[m]) for m in runs}
     cpu_ratios = {m: statistics.median(r["cpu_seconds"] / b["cpu_seconds"] for r, b in zip(runs[m], around[m]))
                   for m in MODES}
     per_1000 = {m: {key: statistics.median(r[key] for r in runs[m]) / tokens * 1000
@@ -211,7 +242,9 @@ def main() -> None:
         "teacher": args.teacher, "tokens_per_pass": tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "k": args.k, "rounds": args.rounds, "seconds": seconds, "runs": runs,
         "median_seconds": {m: statistics.median(s) for m, s in seconds.items()},
-        "median_ratio_to_bare": ratios, "round_ratios_to_bare": round_ratios, "median_cpu_ratio_to_bare": cpu_ratios, "per_1000_tokens": per_1000,
+        "batches_per_pass": batches, "median_ratio_to_bare": ratios, "median_step_ratio_to_bare": step_ratios,
+        "round_step_ratios_to_bare": round_step_ratios,
+        "median_fixed_seconds": fixed_seconds, "round_ratios_to_bare": round_ratios, "median_cpu_ratio_to_bare": cpu_ratios, "per_1000_tokens": per_1000,
         "modes": {m: label for m, (label, _) in MODES.items()}, "median_streamed_to_packed": streamed_to_packed,
         "rebuild_seconds": rebuild, "storage": storage,
         "encoding": open_store(work / "job-zarr").manifest["encoding"],
@@ -238,26 +271,39 @@ def write_report(results: dict) -> None:
         f"Teacher {results['teacher']} on {results.get('device', 'cpu').upper()} ({results['machine']}); "
         f"{tokens:,} tokens per pass "
         f"(seq_len {results['seq_len']}, batch {results['batch_size']}, k {results['k']}), "
+        + (f"{results['batches_per_pass']} batches a pass, " if "batches_per_pass" in results else "") +
         f"{results['rounds']} interleaved rounds, medians. Produced by `python benchmarks/cache_job.py`.",
         "",
         "Each job runs between two bare forwards; its ratio is to their mean, the median over rounds (the range "
-        "over rounds beside it): of wall time, "
+        "over rounds beside it): of the whole pass's wall time; of the steady state's, the time from one "
+        "batch's forward to the next averaged over the pass, which a job of thousands of batches converges to; "
         "and of the process's CPU time (every thread), which a busy neighbour on a shared machine disturbs less. "
+        "The job's fixed cost is what its pass spends beyond its batches at the steady pace: starting, then "
+        "the last batch's targets and the last shard's write, which no later forward overlaps. "
         "Besides the forward, per 1,000 tokens (medians): the targets' extraction in the teacher loop (wall "
         "seconds), and the background writer's CPU seconds (host copies, encoding, compression, checksums, "
         "writes), the figures that carry over to a machine with more cores or a GPU.",
         "",
-        "| mode | median s / pass | tokens/s | wall ratio to bare forward | range over rounds | CPU-time ratio "
-        "| targets s / 1k tokens | writer CPU s / 1k tokens |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| bare forward | {med['bare']:.2f} | {tokens / med['bare']:,.0f} | 1.000 | | 1.000 | | |",
+    ]
+    steady = "median_step_ratio_to_bare" in results  # runs before the steady-state columns lack them
+    lines += [
+        "| mode | median s / pass | tokens/s | wall ratio to bare forward | range over rounds "
+        + ("| steady-state ratio | range over rounds | fixed s / job " if steady else "")
+        + "| CPU-time ratio | targets s / 1k tokens | writer CPU s / 1k tokens |",
+        "| --- " + "| ---: " * (10 if steady else 7) + "|",
+        f"| bare forward | {med['bare']:.2f} | {tokens / med['bare']:,.0f} | 1.000 | | "
+        + (f"1.000 | | {results['median_fixed_seconds']['bare']:.2f} | " if steady else "") + "1.000 | | |",
     ]
     for mode, label in results.get("modes", {}).items():
         cost = results["per_1000_tokens"][mode]
         spread = results["round_ratios_to_bare"][mode]
-        lines.append(f"| cache job, {label} | {med[mode]:.2f} | {tokens / med[mode]:,.0f} | "
-                     f"{results['median_ratio_to_bare'][mode]:.3f} | {min(spread):.3f}-{max(spread):.3f} | "
-                     f"{results['median_cpu_ratio_to_bare'][mode]:.3f} | "
+        row = (f"| cache job, {label} | {med[mode]:.2f} | {tokens / med[mode]:,.0f} | "
+               f"{results['median_ratio_to_bare'][mode]:.3f} | {min(spread):.3f}-{max(spread):.3f} | ")
+        if steady:
+            steps = results["round_step_ratios_to_bare"][mode]
+            row += (f"{results['median_step_ratio_to_bare'][mode]:.3f} | {min(steps):.3f}-{max(steps):.3f} | "
+                    f"{results['median_fixed_seconds'][mode]:.2f} | ")
+        lines.append(row + f"{results['median_cpu_ratio_to_bare'][mode]:.3f} | "
                      f"{cost['targets_seconds']:.3f} | {cost['writer_cpu_seconds']:.4f} |")
     if "median_streamed_to_packed" in results:
         rebuilt = statistics.median(results["rebuild_seconds"])

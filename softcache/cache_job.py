@@ -212,6 +212,9 @@ class TeacherJob:
         self.teacher = teacher
         self.corpus = corpus
         self.writers: list[StoreWriter] = []
+        self.head: KeptHead | None = None
+        """The teacher's output layer kept in one buffer (softcache.head), probed by :meth:`load`; None where the
+        model's own forward runs."""
         self.seconds = 0.0
         self.stats: dict[str, float] = {}
         """What the pass cost besides the forward (see :func:`teacher_loop`'s ``stats``)."""
@@ -243,6 +246,8 @@ class TeacherJob:
                 raise SoftcacheError(problem)
         if (limit := max_positions(self.teacher.model)) is not None and first.seq_len > limit:
             raise SoftcacheError(f"--seq-len {first.seq_len} exceeds the teacher's {limit:,} positions")
+        # Probed here, with the teacher's loading (two forwards of a few tokens), not at every teacher pass.
+        self.head = KeptHead.for_model(self.teacher.model, self.teacher.device)
 
     def open_stores(self) -> None:
         """Create or resume each store (rank 0; the other ranks join once it has)."""
@@ -277,7 +282,8 @@ class TeacherJob:
         with _progress(self.configs[0], total, disable=not self.ranks.main) as bar:
             started = time.perf_counter()
             teacher_loop(self.teacher.model, self.corpus, jobs, self.configs[0].batch_size,
-                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine, stats=self.stats)
+                         self.teacher.device, on_batch=on_batch or bar.update, shards=mine, stats=self.stats,
+                         head=self.head)
             self.seconds = time.perf_counter() - started
         barrier(self.ranks)  # every rank's shards are durable
 
@@ -327,7 +333,7 @@ def cache_many(configs: Sequence[CacheConfig]) -> list[CacheResult]:
 
 def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[StoreWriter, CacheConfig]],
                  batch_size: int, device: torch.device, on_batch=None, shards: list[int] | None = None,
-                 stats: dict | None = None) -> None:
+                 stats: dict | None = None, head: KeptHead | None = None) -> None:
     """The teacher loop: forward once per batch, targets on the device for each store, hand-off to
     each store's background writer.
 
@@ -349,9 +355,9 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
             of extracting the targets and handing them off; on an accelerator, of queueing that work)
             and ``writer_cpu_seconds`` (CPU seconds of the background writers: copies to the host,
             encoding, compression, checksums and writes).
-
-    On a CPU, the output layer writes into a buffer kept across batches where the model allows it
-    (softcache.head): the same logits without a fresh allocation per batch.
+        head: the model's output layer kept in one buffer (:meth:`KeptHead.for_model`, on a CPU where the
+            model allows it): the same logits without a fresh allocation per batch. None: the model's
+            own forward.
     """
     layout = jobs[0][0].layout
     assert all(writer.layout == layout for writer, _ in jobs), "stores written together share one layout"
@@ -364,7 +370,6 @@ def teacher_loop(model, corpus: PackedCorpus | StreamedCorpus, jobs: list[tuple[
     targets = [config.targets_section() for _, config in jobs]
     varlen = uses_varlen(model)
     with contextlib.ExitStack() as stack, torch.inference_mode():
-        head = KeptHead.for_model(model, device)
         if head is not None:
             stack.enter_context(head.capturing())
         background = [BackgroundWriter(writer) for writer, _ in jobs]

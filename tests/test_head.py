@@ -66,12 +66,20 @@ def test_a_job_with_the_kept_head_writes_what_the_models_own_forward_writes(cach
     assert kept.manifest["totals"]["teacher_ce"] == own.manifest["totals"]["teacher_ce"]
 
 
-def test_the_job_reports_what_it_spent_besides_the_forward(cache_config):
+def test_the_job_probes_its_head_once_with_the_teacher_and_reports_what_it_spent_besides_the_forward(
+        cache_config, monkeypatch):
     config = cache_config()
     with TeacherJob([config]) as job:
         job.load()
+        assert job.head is not None  # probed with the teacher's loading, not in the timed teacher pass
+
+        def probe_again(cls, model, device):
+            raise AssertionError("the teacher pass probed the head again")
+
+        monkeypatch.setattr(KeptHead, "for_model", classmethod(probe_again))
         job.open_stores()
         job.write()
         job.finish()
+    assert job.head.buffer is not None  # the pass wrote its logits into the kept buffer
     assert job.stats["targets_seconds"] > 0 and job.stats["writer_cpu_seconds"] > 0
     assert len(open_store(config.out)) == 24
