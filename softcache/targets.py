@@ -41,23 +41,20 @@ SUB_BLOCK = 8
 """Values per sub-block of top-k's third level, inside the k blocks that the second level chose."""
 
 
-def _top_rows(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows.topk(k, sorted=True)`` of a [n, V] float32 chunk, as ``(values, indices)``, found in three levels.
+def _top_of_blocks(rows: torch.Tensor, maxima: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows.topk(k, sorted=True)`` of [n, V] rows (any float dtype; values come back float32), as
+    ``(values, indices)``, given their block maxima [n, V / BLOCK]: the second and third levels of the search.
 
     The k-th largest block maximum t is a lower bound of the k-th largest value (k blocks hold a value
     >= t), so every one of the k largest values lies in one of the k blocks with the largest maxima
-    (ties with the k-th value aside, which are equal values). One pass over the row finds the block
-    maxima; the same argument then picks k sub-blocks of SUB_BLOCK values among those k x BLOCK
-    candidates, and the exact top-k is taken over k x SUB_BLOCK values instead of V. (The final
-    ``topk`` over all k x BLOCK candidates was the largest cost after the pass over the row.)
-    Falls back to ``topk`` where that would not save work (k close to V / BLOCK) or V is not a
-    multiple of BLOCK.
+    (ties with the k-th value aside, which are equal values). The same argument then picks k sub-blocks
+    of SUB_BLOCK values among those k x BLOCK candidates, and the exact top-k is taken over k x SUB_BLOCK
+    values instead of V. (The final ``topk`` over all k x BLOCK candidates was the largest cost after
+    the pass over the row.)
     """
-    n, vocab = rows.shape
-    if vocab % BLOCK or k * BLOCK * 4 > vocab:
-        return rows.topk(k, dim=-1, sorted=True)
-    best_blocks = rows.view(n, vocab // BLOCK, BLOCK).amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
-    candidates = _take_blocks(rows, best_blocks, BLOCK)  # [n, k * BLOCK]
+    n = rows.shape[0]
+    best_blocks = maxima.topk(k, dim=-1, sorted=False).indices  # [n, k]
+    candidates = _take_blocks(rows, best_blocks, BLOCK).float()  # [n, k * BLOCK]
     best_subs = candidates.view(n, -1, SUB_BLOCK).amax(-1).topk(k, dim=-1, sorted=False).indices  # [n, k]
     top = _take_blocks(candidates, best_subs, SUB_BLOCK).topk(k, dim=-1, sorted=True)
     within = best_subs.gather(1, top.indices // SUB_BLOCK) * SUB_BLOCK + top.indices % SUB_BLOCK  # in candidates
@@ -75,70 +72,103 @@ def _take_blocks(rows: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.
 
 
 def topk_logprobs(
-    logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_rows: int = 64
+    logits: torch.Tensor, k: int, temperature: float = 1.0, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, logprobs)`` of :func:`extract_targets`: the top-k of ``log_softmax(logits / T)``."""
     targets = extract_targets(logits, k, temperature, chunk_rows=chunk_rows)
     return targets.ids, targets.logprobs
 
 
+GROUP_ROWS = 512
+"""Positions whose top-k is selected at once (the selection's working memory: GROUP_ROWS x k x BLOCK values)."""
+
+
 @torch.inference_mode()
 def extract_targets(
-    logits: torch.Tensor, k: int, temperature: float = 1.0, labels: torch.Tensor | None = None, chunk_rows: int = 64
+    logits: torch.Tensor, k: int, temperature: float = 1.0, labels: torch.Tensor | None = None,
+    chunk_rows: int | None = None
 ) -> Targets:
     """Top-k log-probabilities of ``softmax(logits / temperature)``, sorted descending, and optionally
     the teacher's log-probability of the true next token (its cross-entropy, at temperature 1).
 
-    Equal to ``log_softmax(logits / temperature).topk(k)`` but cheaper: the top-k is taken on the
-    logits themselves (the order is the same), in two levels (:func:`_top_rows`), and the
-    log-normaliser reuses the row maximum that top-k already found (on a CPU, where the maxima allow it,
-    it is not even subtracted: exp(z / T) directly, one pass fewer), and nothing of size V is kept.
-    Chunks are small so that the later reads come from cache. ``logits`` is not modified. Runs under
-    ``torch.inference_mode``: clone the outputs before using them in autograd (e.g. online KD).
+    Equal to ``log_softmax(logits / temperature).topk(k)`` but cheaper. The top-k is taken on the logits
+    themselves (the order is the same). One pass over each row, a few rows at a time so that they stay in
+    the core's cache, finds its block maxima and then its log-normaliser, which reuses the row maximum
+    the block maxima give. (On a CPU, where the maxima allow it, that maximum is not even subtracted:
+    exp(z / T) directly.) The top-k of a group of rows is then found from their block maxima
+    (:func:`_top_of_blocks`), reading only the candidate blocks again. Nothing of size V is kept.
+    ``logits`` is not modified. Runs under ``torch.inference_mode``: clone the outputs before using them
+    in autograd (e.g. online KD).
 
     Args:
         logits: [..., V] teacher logits, any float dtype.
         k: entries to keep per position, 1 <= k <= V.
         temperature: divides the logits before normalising.
         labels: [...] int64 true next tokens (-100: none), or None.
-        chunk_rows: positions handled at once (bounds the float32 working memory to chunk_rows x V).
+        chunk_rows: positions per step of the pass over the rows (the float32 working memory is
+            chunk_rows x V). Default: 8 on a CPU, where 8 rows of a large vocabulary still fit in a
+            core's cache for the reads after the first (the passes over the rows are bound by memory
+            there), else 64.
     """
     vocab = logits.shape[-1]
     assert 1 <= k <= vocab, f"k={k} outside 1..{vocab}"
+    cpu = logits.device.type == "cpu"
+    chunk_rows = chunk_rows or (8 if cpu else 64)
     flat = logits.reshape(-1, vocab)
     n = flat.shape[0]
     ids = torch.empty(n, k, dtype=torch.int64, device=logits.device)
     values = torch.empty(n, k, dtype=torch.float32, device=logits.device)
-    flat_labels = None if labels is None else labels.reshape(-1)
     label_values = None if labels is None else torch.zeros(n, dtype=torch.float32, device=logits.device)
+    # Blocks where they save work (k well below V / BLOCK, V a multiple of BLOCK), else torch.topk itself.
+    blocked = vocab % BLOCK == 0 and k * BLOCK * 4 <= vocab
+    group_rows = max(GROUP_ROWS, chunk_rows)
     work = torch.empty(min(chunk_rows, n), vocab, dtype=torch.float32, device=logits.device)
+    per_group = min(group_rows, n)
+    maxima = torch.empty(per_group, vocab // BLOCK, dtype=torch.float32, device=logits.device) if blocked else None
+    shift = torch.empty(per_group, 1, dtype=torch.float32, device=logits.device)  # subtracted before exp (or 0)
+    log_normaliser = torch.empty_like(shift)  # log sum exp((z - shift) / T)
+    lse_1 = torch.empty(per_group, dtype=torch.float32, device=logits.device) if labels is not None else None
     # On a CPU, where asking for a value costs no device sync, a chunk whose scaled maxima lie between
     # UNSHIFTED_FLOOR and this ceiling takes exp(z / T) unshifted (the sum of V of them stays finite in
-    # float32): one pass over the rows fewer.
-    cpu, ceiling = logits.device.type == "cpu", 88.0 - math.log(vocab)
-    for start in range(0, n, chunk_rows):
-        rows = flat[start : start + chunk_rows].float()
-        top_values, top_ids = _top_rows(rows, k)
-        peak = top_values[:, :1]
-        if cpu and UNSHIFTED_FLOOR < ceiling:
-            lowest, highest = (peak / temperature).aminmax()
-            unshifted = UNSHIFTED_FLOOR < lowest.item() and highest.item() < ceiling
-        else:
+    # float32): no subtraction over the rows.
+    ceiling = 88.0 - math.log(vocab)
+    for first in range(0, n, group_rows):
+        group = flat[first : first + group_rows]
+        for start in range(0, len(group), chunk_rows):
+            rows = group[start : start + chunk_rows].float()
+            stop = start + len(rows)
+            if blocked:
+                block_maxima = torch.amax(rows.view(len(rows), -1, BLOCK), -1, out=maxima[start:stop])
+                peak = block_maxima.amax(-1, keepdim=True)
+            else:
+                top_values, top_ids = rows.topk(k, dim=-1, sorted=True)
+                values[first + start : first + stop], ids[first + start : first + stop] = top_values, top_ids
+                peak = top_values[:, :1]
             unshifted = False
-        if unshifted:
-            log_normaliser = _unshifted_weights(rows, temperature, work[: len(rows)]).sum(-1, keepdim=True).log_()
-            values[start : start + chunk_rows] = top_values / temperature - log_normaliser
-            lse_of = log_normaliser  # log-sum-exp of z / T
+            if cpu and UNSHIFTED_FLOOR < ceiling:
+                lowest, highest = (peak / temperature).aminmax()
+                unshifted = UNSHIFTED_FLOOR < lowest.item() and highest.item() < ceiling
+            if unshifted:
+                weights = _unshifted_weights(rows, temperature, work[: len(rows)])
+                shift[start:stop] = 0.0
+            else:
+                weights = _shifted_weights(rows, peak, temperature, work)
+                shift[start:stop] = peak
+            torch.sum(weights, -1, keepdim=True, out=log_normaliser[start:stop]).log_()
+            if labels is not None and temperature != 1.0:
+                lse_1[start:stop] = torch.logsumexp(rows, dim=-1)
+        size = len(group)
+        if blocked:
+            top_values, top_ids = _top_of_blocks(group, maxima[:size], k)
+            ids[first : first + size] = top_ids
         else:
-            log_normaliser = _shifted_weights(rows, peak, temperature, work).sum(-1, keepdim=True).log_()
-            values[start : start + chunk_rows] = (top_values - peak) / temperature - log_normaliser
-            lse_of = peak + log_normaliser
-        ids[start : start + chunk_rows] = top_ids
-        if flat_labels is not None:
-            y = flat_labels[start : start + chunk_rows]
-            lse_1 = lse_of if temperature == 1.0 else torch.logsumexp(rows, dim=-1, keepdim=True)
-            picked = rows.gather(-1, y.clamp_min(0)[:, None]) - lse_1
-            label_values[start : start + chunk_rows] = torch.where(y >= 0, picked.squeeze(-1), 0.0)
+            top_values = values[first : first + size]
+        values[first : first + size] = (top_values - shift[:size]) / temperature - log_normaliser[:size]
+        if labels is not None:
+            y = labels.reshape(-1)[first : first + size]
+            lse = (shift[:size] + log_normaliser[:size]).squeeze(-1) if temperature == 1.0 else lse_1[:size]
+            picked = group.gather(-1, y.clamp_min(0)[:, None]).squeeze(-1).float() - lse
+            label_values[first : first + size] = torch.where(y >= 0, picked, 0.0)
     shape = (*logits.shape[:-1], k)
     label_shape = logits.shape[:-1]
     return Targets(ids.reshape(shape), values.reshape(shape),
@@ -147,7 +177,7 @@ def extract_targets(
 
 @torch.inference_mode()
 def topp_targets(logits: torch.Tensor, k: int, p: float, temperature: float = 1.0,
-                 labels: torch.Tensor | None = None, chunk_rows: int = 64) -> Targets:
+                 labels: torch.Tensor | None = None, chunk_rows: int | None = None) -> Targets:
     """Top-p-k targets: per position, the smallest set of most probable ids whose probability
     reaches ``p``, at most ``k`` of them (at least 1). Padded to k as described in the module."""
     top = extract_targets(logits, k, temperature, labels, chunk_rows)

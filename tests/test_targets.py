@@ -177,10 +177,17 @@ def test_systematic_draws_have_less_error_than_independent_ones():
 
 
 @pytest.mark.parametrize(("vocab", "k"), [(4096, 1), (4096, 16), (49152, 64), (49152, 300), (1000, 5)])
-def test_two_level_top_k_is_torch_topk(vocab, k, monkeypatch):
+@pytest.mark.parametrize(("group_rows", "chunk_rows"), [(512, None), (4, 3)])  # 21 rows: one group, or six
+def test_block_search_top_k_is_torch_topk(vocab, k, group_rows, chunk_rows, monkeypatch):
     logits = torch.randn(3, 7, vocab, generator=torch.Generator().manual_seed(k)) * 3
     logits[0, 0, :200] = 5.0  # ties with the top, spread over several blocks
-    fast = extract_targets(logits, k)
+    monkeypatch.setattr(softcache.targets, "GROUP_ROWS", group_rows)
+    labels = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(1))
+    labels[1, 2] = -100
+    fast = extract_targets(logits, k, labels=labels, chunk_rows=chunk_rows)
+    want = -torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none",
+                                              ignore_index=-100).reshape(3, 7)
+    torch.testing.assert_close(fast.label_logprobs, want)
     monkeypatch.setattr(softcache.targets, "BLOCK", vocab + 1)  # never a multiple: torch.topk itself
     slow = extract_targets(logits, k)
     assert torch.equal(fast.logprobs, slow.logprobs)
