@@ -6,6 +6,7 @@ One process, one loaded teacher, the same packed batches. Each round runs, back 
   zarr, packed -- the same, given the corpus packed in memory (as the job read it before it streamed),
             so that what streaming the corpus costs the job is a ratio of the same round;
   arrow  -- the same into an arrow store;
+  topp   -- top-p targets (p 0.95, at most k ids) into zarr;
   sampled -- the cache job into zarr stores of sampled targets: 16 systematic draws per position
             (softcache cache's default), and 50 independent ones (how sampled stores drew before).
 Every job runs between two bare forwards, and its ratio is to their mean, so that a machine whose
@@ -61,6 +62,7 @@ MODES = {  # mode: (label, CacheConfig fields); "packed" is given the corpus pac
     "zarr": ("zarr, top-64", {}),
     "packed": ("zarr, top-64, corpus packed in memory (before streaming)", {}),
     "arrow": ("arrow, top-64", {"format": "arrow"}),
+    "topp": ("zarr, top-p 0.95, at most 64 ids", {"targets": "topp", "top_p": 0.95}),
     "sampled16": ("zarr, sampled N = 16, systematic (the default)", {"targets": "sampled", "samples": 16}),
     "independent50": ("zarr, sampled N = 50, independent (the draws before)",
                       {"targets": "sampled", "samples": 50, "draws": "independent"}),
