@@ -35,7 +35,7 @@ class Targets(NamedTuple):
 
 
 BLOCK = 64
-"""Ids per block of the two-level searches below: a row of V logits is seen as V / BLOCK blocks."""
+"""Ids per block of the block searches below: a row of V logits is seen as V / BLOCK blocks."""
 
 SUB_BLOCK = 8
 """Values per sub-block of top-k's third level, inside the k blocks that the second level chose."""

@@ -28,7 +28,7 @@ GROUP = "data.zarr"
 CHUNK_BYTES = 1 << 24  # largest chunk before compression (blosc caps a chunk at 2 GB)
 # Measured on SmolLM2 targets (benchmarks/results/cache_job.md, benchmarks/results/encodings.md): zstd at
 # level 9 inside blosc, which first splits each array's values into byte planes ("shuffle"), is the smallest
-# codec tried: 4.5% under plain zstd-9 for a ranked top-64 store, cache_job.md (the high bytes of ids and gaps
+# codec tried: 4.4% under plain zstd-9 for a ranked top-64 store, cache_job.md (the high bytes of ids and gaps
 # are mostly zero, and a plane of them compresses to almost nothing). Its compression costs the writer well under
 # 1% of a CPU teacher's time (the writer's CPU seconds per 1,000 tokens in cache_job.md).
 DEFAULT_CODEC = {"name": "blosc", "cname": "zstd", "level": 9, "shuffle": "shuffle"}
