@@ -180,7 +180,9 @@ def main() -> None:
     bare_forward(model, input_ids[: args.batch_size], args.batch_size, device)  # warm-up
     clock = BatchClock(model)
     batches = -(-len(input_ids) // args.batch_size)
-    assert batches >= 3, "--sequences: at least three batches a pass, to tell the steady pace from the fixed cost"
+    if batches < 3:
+        parser.error(f"--sequences {args.sequences}: at least 3 batches of --batch-size {args.batch_size} a pass, "
+                     "to tell the steady pace from the fixed cost")
     packed = pack_corpus(base, teacher.tokenizer)
     assert np.array_equal(packed.input_ids, input_ids), "the streamed shards are the packed rows"
     runs = {mode: [] for mode in ("bare", *MODES)}  # per round: seconds, cpu_seconds and the job's stats
