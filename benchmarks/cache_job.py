@@ -54,6 +54,7 @@ import torch
 
 from softcache.cache_job import TeacherJob, load_teacher, pack_corpus, stream_corpus
 from softcache.config import CacheConfig
+from softcache.errors import SoftcacheError
 from softcache.store import open_store
 from softcache.store.convert import convert_store
 
@@ -166,9 +167,21 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
 
+    def enough_batches(sequences: int) -> None:
+        if -(-sequences // args.batch_size) < 3:
+            parser.error(f"--sequences {sequences}: at least 3 batches of --batch-size {args.batch_size} a pass "
+                         "(the corpus's sequences, if fewer), to tell the steady pace from the fixed cost")
+
     base = CacheConfig(teacher=args.teacher, data="builtin:python-docs", out=str(work / "unused"), seq_len=args.seq_len,
                        max_sequences=args.sequences, targets="topk", k=args.k, batch_size=args.batch_size, shard_size=args.shard_size,
                        device=args.device, progress=False)
+    try:
+        base.validate()
+    except SoftcacheError as err:
+        parser.error(str(err))
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
+    enough_batches(args.sequences)
     teacher = load_teacher(base)
     corpus = TimedShards(stream_corpus(base, teacher.tokenizer))
     input_ids = np.concatenate([corpus.shard(first, min(args.shard_size, corpus.num_sequences - first))[0]
@@ -179,10 +192,8 @@ def main() -> None:
 
     bare_forward(model, input_ids[: args.batch_size], args.batch_size, device)  # warm-up
     clock = BatchClock(model)
+    enough_batches(len(input_ids))  # a corpus shorter than --sequences
     batches = -(-len(input_ids) // args.batch_size)
-    if batches < 3:
-        parser.error(f"--sequences {args.sequences}: at least 3 batches of --batch-size {args.batch_size} a pass, "
-                     "to tell the steady pace from the fixed cost")
     packed = pack_corpus(base, teacher.tokenizer)
     assert np.array_equal(packed.input_ids, input_ids), "the streamed shards are the packed rows"
     runs = {mode: [] for mode in ("bare", *MODES)}  # per round: seconds, cpu_seconds and the job's stats
