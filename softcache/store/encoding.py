@@ -365,7 +365,7 @@ def _decode_ids(encoding: Encoding, column: Ragged, entry_offsets, lengths, star
     if encoding.ids == "plain":
         return flat.astype(np.int64)
     if encoding.ids in SORTED_IDS:
-        return _undo_gaps(flat, starts)[0]
+        return _undo_gaps(flat, starts, lengths)
     bits = encoding.bits
     per_sequence = np.diff(entry_offsets)
     sequence = np.repeat(np.arange(len(per_sequence)), per_sequence)
@@ -391,15 +391,12 @@ def _decode_values(encoding: Encoding, flat: np.ndarray, log_tail: np.ndarray | 
     return (relative + np.repeat(shift, lengths)).astype(np.float32)
 
 
-def _undo_gaps(gaps: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, position)``, int64, of positions coded as first value and gaps, each position's entries
-    from its ``starts`` (strictly increasing: every position holds at least one entry) to the next."""
-    position = np.zeros(len(gaps), dtype=np.int64)  # each entry's position: a running count of starts
-    position[starts[1:]] = 1
-    np.cumsum(position, out=position)
+def _undo_gaps(gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The int64 values of positions coded as first value and gaps, each position's ``lengths`` entries
+    from its ``starts`` on (every position holds at least one entry)."""
     total = np.cumsum(gaps, dtype=np.int64)
     before = total[starts] - gaps[starts].astype(np.int64)  # running sum before each position
-    return total - before[position], position
+    return total - np.repeat(before, lengths)
 
 
 def position_lengths(encoding: Encoding, columns: dict) -> np.ndarray:
@@ -447,7 +444,8 @@ def _recoded(encoding: Encoding, columns: dict, mapping: np.ndarray) -> dict:
     np.cumsum(lengths[:-1], out=starts[1:])
     gaps, offsets = columns["target_ids"]
     values = columns["target_values"]
-    stored, position = _undo_gaps(gaps, starts)
+    stored = _undo_gaps(gaps, starts, lengths)
+    position = np.repeat(np.arange(len(lengths)), lengths)  # each entry's position
     vocab = encoding.vocab_size
     if stored.size and (stored.min() < 0 or stored.max() >= vocab):
         raise ValueError(f"has target_ids whose ranks fall outside the vocabulary of {vocab}")
